@@ -1,0 +1,43 @@
+"""The Flower ClientApp: identifies itself, and trains a LoRA when asked."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedapp.client import run_round
+from fedapp.instructions import TrainInstructions
+
+app = ClientApp()
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node config, with a clear error if absent."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(
+            f"node config lacks {err}: start the SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'"
+        ) from None
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server who this client is, by something stabler than the node id."""
+    partition_id, num_partitions = node_partition(context)
+    name = str(context.node_config.get("client-name", f"partition-{partition_id}"))
+    reply = ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions,
+                          "client-name": name})
+    return Message(RecordDict({"identity": reply}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Fine-tune a fresh LoRA on the local partition and reply with its factors."""
+    inst = TrainInstructions.from_config(msg.content["config"])
+    partition_id, num_partitions = node_partition(context)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    state, metrics = run_round(inst, partition_id, num_partitions, global_state)
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)

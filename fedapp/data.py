@@ -1,0 +1,196 @@
+"""Instruction data: load, hold out a test split, partition, tokenise, batch.
+
+Every client and the server call the same `load_split` with the same seed, so the held-out
+test split is identical everywhere and no client ever trains on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+DEFAULT_DATASET = "zaragoza-faq"
+PARTITIONERS = ("iid", "dirichlet", "natural")
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which records, which columns, and how the held-out split is drawn."""
+
+    path: str = DEFAULT_DATASET
+    instruction_column: str = "q"
+    input_column: str = ""
+    response_column: str = "a"
+    label_column: str = "category"
+    test_fraction: float = 0.1
+    seed: int = 0
+
+
+def _resolve_data_files(path: str) -> str:
+    if path == DEFAULT_DATASET:
+        spec = importlib.util.find_spec("zaragoza_construction_faq")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(
+                "the default dataset needs the package 'zaragoza-construction-faq' "
+                "(run scripts/setup.sh), or set dataset.path to a local file or Hub dataset"
+            )
+        return str(Path(spec.submodule_search_locations[0]) / "data" / "faq-en.jsonl")
+    return path
+
+
+def load_records(spec: DataSpec):  # -> datasets.Dataset
+    """All records of the dataset named by `spec.path`, columns checked.
+
+    `spec.path` is the packaged default, a local .json/.jsonl/.csv/.parquet file, or a
+    Hugging Face Hub dataset name (its 'train' split).
+    """
+    import datasets
+
+    source = _resolve_data_files(spec.path)
+    suffix = Path(source).suffix.lower()
+    if suffix in _FILE_BUILDERS:
+        if not Path(source).exists():
+            raise ValueError(f"dataset.path={spec.path!r}: no such file")
+        ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=source, split="train")
+    elif Path(source).exists():
+        raise ValueError(
+            f"dataset.path={spec.path!r} has suffix {suffix!r}; allowed: "
+            f"{sorted(_FILE_BUILDERS)}, a Hub dataset name, or {DEFAULT_DATASET!r}"
+        )
+    else:
+        ds = datasets.load_dataset(source, split="train")
+    wanted = {
+        "dataset.instruction_column": spec.instruction_column,
+        "dataset.input_column": spec.input_column,
+        "dataset.response_column": spec.response_column,
+        "dataset.label_column": spec.label_column,
+    }
+    for key, column in wanted.items():
+        if column and column not in ds.column_names:
+            raise ValueError(f"{key}={column!r} is not a column of {spec.path!r}; "
+                             f"its columns are {ds.column_names}")
+    return ds
+
+
+@cache
+def load_split(spec: DataSpec):  # -> tuple[datasets.Dataset, datasets.Dataset]
+    """(train, test): the test split is held out by `spec.seed`, the same everywhere."""
+    ds = load_records(spec)
+    if not 0 < spec.test_fraction < 1:
+        raise ValueError(f"dataset.test_fraction={spec.test_fraction}; allowed: 0 < x < 1")
+    split = ds.train_test_split(test_size=spec.test_fraction, seed=spec.seed)
+    return split["train"], split["test"]
+
+
+def make_partitioner(name: str, num_partitions: int, label_column: str, alpha: float,
+                     num_labels: int, seed: int):
+    """A flwr-datasets partitioner: IID, Dirichlet(α) over labels, or natural label groups."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        GroupedNaturalIdPartitioner,
+        IidPartitioner,
+    )
+
+    if name not in PARTITIONERS:
+        raise ValueError(f"partitioner.name={name!r}; allowed: {list(PARTITIONERS)}")
+    if name == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if not label_column:
+        raise ValueError(f"partitioner.name={name!r} needs dataset.label_column to be set")
+    if name == "dirichlet":
+        if alpha <= 0:
+            raise ValueError(f"partitioner.alpha={alpha}; allowed: > 0")
+        return DirichletPartitioner(num_partitions=num_partitions, partition_by=label_column,
+                                    alpha=alpha, min_partition_size=1, self_balancing=True,
+                                    seed=seed)
+    # Natural: consecutive groups of labels, one group per client.
+    group_size = math.ceil(num_labels / num_partitions)
+    if math.ceil(num_labels / group_size) != num_partitions:
+        raise ValueError(
+            f"partitioner.name='natural' cannot split {num_labels} labels into "
+            f"{num_partitions} groups; use at most {num_labels} clients with a count that "
+            f"divides the labels evenly, or partitioner.name='dirichlet'"
+        )
+    return GroupedNaturalIdPartitioner(partition_by=label_column, group_size=group_size,
+                                       sort_unique_ids=True)
+
+
+def load_partition(spec: DataSpec, partitioner: str, num_partitions: int, partition_id: int,
+                   alpha: float = 0.5):  # -> datasets.Dataset
+    """The training records of one client (never any of the held-out test records)."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id={partition_id} outside 0..{num_partitions - 1}")
+    train, _ = load_split(spec)
+    if num_partitions > len(train):
+        raise ValueError(f"{num_partitions} clients but only {len(train)} training examples; "
+                         f"allowed: at most one client per example")
+    num_labels = len(set(train[spec.label_column])) if spec.label_column else 0
+    part = make_partitioner(partitioner, num_partitions, spec.label_column, alpha, num_labels,
+                            spec.seed)
+    part.dataset = train
+    return part.load_partition(partition_id)
+
+
+def format_example(record: dict, spec: DataSpec, tokenizer, max_length: int) -> dict:
+    """Tokenise one record; labels cover only the response (prompt tokens are ignored).
+
+    Uses the tokenizer's chat template when it has one, else an Alpaca-style prompt.
+    """
+    instruction = str(record[spec.instruction_column])
+    if spec.input_column and record.get(spec.input_column):
+        instruction = f"{instruction}\n\n{record[spec.input_column]}"
+    response = str(record[spec.response_column])
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": instruction}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=True)
+    else:
+        prompt = f"### Instruction:\n{instruction}\n\n### Response:\n"
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    response_ids = response_ids + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_records(records, spec: DataSpec, tokenizer, max_length: int) -> list[dict]:
+    """Tokenise every record, dropping those whose response was truncated away."""
+    examples = [format_example(r, spec, tokenizer, max_length) for r in records]
+    return [e for e in examples if any(t != IGNORE_INDEX for t in e["labels"][1:])]
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: (batch, max_len) input_ids, attention_mask, labels."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train_batches(examples: list[dict], batch_size: int, pad_token_id: int,
+                  seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches: a client's local steps may exceed one epoch."""
+    if not examples:
+        raise ValueError("this client's partition has no usable training examples")
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield collate([examples[i] for i in order[start:start + batch_size]], pad_token_id)

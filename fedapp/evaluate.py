@@ -1,0 +1,69 @@
+"""Server side of the model: held-out evaluation and export of the global adapter.
+
+The global model is always expressed as one standard peft LoRA (state, r, lora_alpha), so
+what the server evaluates is exactly what `PeftModel.from_pretrained` loads from the export.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from fedapp.adapters import PEFT_PREFIX, with_lora
+from fedapp.data import DataSpec, load_split, tokenize_records
+from fedapp.train import eval_loss
+from strategies.lora_math import LORA_A
+
+
+def heldout_examples(spec: DataSpec, tokenizer, max_length: int, max_examples: int) -> list[dict]:
+    """The tokenised held-out test split (the first `max_examples`, 0 = all)."""
+    _, test = load_split(spec)
+    if max_examples:
+        test = test.select(range(min(max_examples, len(test))))
+    return tokenize_records(test, spec, tokenizer, max_length)
+
+
+def target_module_shapes(base: torch.nn.Module,
+                         target_modules: list[str]) -> dict[str, tuple[int, int]]:
+    """{peft module key: (out, in)} for every Linear a LoRA on `target_modules` would wrap."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in base.named_modules():
+        if name.rsplit(".", 1)[-1] in target_modules and hasattr(module, "in_features"):
+            shapes[PEFT_PREFIX + name] = (module.out_features, module.in_features)
+    if not shapes:
+        raise ValueError(f"lora.target_modules={target_modules} matches no Linear layer of "
+                         "the model")
+    return shapes
+
+
+def _global_lora(base: torch.nn.Module, state: Mapping[str, torch.Tensor], r: int,
+                 lora_alpha: float):
+    if not state:
+        return nullcontext(base)
+    modules = sorted({k.removeprefix(PEFT_PREFIX)[: -len(LORA_A)].rsplit(".", 1)[-1]
+                      for k in state if k.endswith(LORA_A)})
+    return with_lora(base, r, lora_alpha, modules, seed=0, init_state=state)
+
+
+def evaluate_adapter(base: torch.nn.Module, state: Mapping[str, torch.Tensor], r: int,
+                     lora_alpha: float, examples: list[dict], batch_size: int,
+                     pad_token_id: int) -> dict[str, float]:
+    """Held-out loss and perplexity of base + adapter (an empty state means the base)."""
+    with _global_lora(base, state, r, lora_alpha) as model:
+        loss = eval_loss(model, examples, batch_size, pad_token_id)
+    return {"eval-loss": loss, "eval-ppl": math.exp(min(loss, 50.0))}
+
+
+def export_adapter(base: torch.nn.Module, state: Mapping[str, torch.Tensor], r: int,
+                   lora_alpha: float, out_dir: Path, base_name: str) -> Path:
+    """Write the global adapter as a standard peft folder; `PeftModel.from_pretrained` loads it."""
+    if not state:
+        raise ValueError("no global adapter to export: no round produced an update")
+    with _global_lora(base, state, r, lora_alpha) as model:
+        model.peft_config["default"].base_model_name_or_path = base_name
+        model.save_pretrained(out_dir)
+    return out_dir

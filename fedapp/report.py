@@ -1,0 +1,74 @@
+"""The run directory: composed config, metrics.jsonl (one line per round) and plots."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+MB = 1024 * 1024
+
+
+class RunRecorder:
+    """Appends one JSON line per evaluated round and keeps cumulative traffic."""
+
+    def __init__(self, run_dir: Path, strategy: str) -> None:
+        self.run_dir = run_dir
+        self.strategy = strategy
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.start = time.monotonic()
+        self.cum_up = 0
+        self.cum_down = 0
+        self.rows: list[dict] = []
+
+    def record(self, server_round: int, eval_metrics: dict[str, float],
+               round_log: dict | None) -> dict:
+        round_log = round_log or {}
+        up, down = int(round_log.get("bytes-up", 0)), int(round_log.get("bytes-down", 0))
+        self.cum_up += up
+        self.cum_down += down
+        row = {
+            "round": server_round,
+            "strategy": self.strategy,
+            "train-loss": round_log.get("train-loss"),
+            **eval_metrics,
+            "bytes-up": up,
+            "bytes-down": down,
+            "cum-mb": (self.cum_up + self.cum_down) / MB,
+            "wall-seconds": round(time.monotonic() - self.start, 2),
+            **{k: v for k, v in round_log.items()
+               if k not in ("bytes-up", "bytes-down", "train-loss")},
+        }
+        self.rows.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_eval_loss(rows: list[dict], out: Path, label: str) -> Path:
+    """Eval loss against round and against cumulative MB on the wire, side by side."""
+    fig, (ax_round, ax_mb) = plt.subplots(1, 2, figsize=(10, 4))
+    rounds = [r["round"] for r in rows]
+    losses = [r["eval-loss"] for r in rows]
+    mbs = [r["cum-mb"] for r in rows]
+    ax_round.plot(rounds, losses, marker="o", label=label)
+    ax_round.set(xlabel="round", ylabel="held-out loss", title="Held-out loss per round")
+    ax_mb.plot(mbs, losses, marker="o", label=label)
+    ax_mb.set(xlabel="cumulative MB (up + down)", ylabel="held-out loss",
+              title="Held-out loss vs communication")
+    for ax in (ax_round, ax_mb):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,89 @@
+"""The Flower ServerApp: compose the config, run the strategy, evaluate, write the run dir."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+
+from fedapp.adapters import lora_state, with_lora
+from fedapp.config import build_strategy, compose_config, data_spec
+from fedapp.data import load_split
+from fedapp.evaluate import evaluate_adapter, export_adapter, heldout_examples
+from fedapp.evaluate import target_module_shapes
+from fedapp.model import cached_base, cached_tokenizer, default_device, resolve_model_path
+from fedapp.report import RunRecorder, plot_eval_loss
+
+app = ServerApp()
+
+
+def make_run_dir(cfg: DictConfig, requested: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(requested or Path.cwd() / "runs" / f"{stamp}-{cfg.strategy.name}")
+    run_dir = run_dir.expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(f"run-dir={str(run_dir)!r} already holds a run; choose another")
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return run_dir
+
+
+def check_federation_fits_data(cfg: DictConfig) -> None:
+    """More clients than training examples cannot be partitioned: say so before training."""
+    train, _ = load_split(data_spec(cfg))
+    if cfg.scenario.num_clients > len(train):
+        raise ValueError(f"scenario.num_clients={cfg.scenario.num_clients} but the dataset has "
+                         f"only {len(train)} training examples; allowed: at most {len(train)}")
+
+
+def run(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
+    """Everything after the config: returns the last metrics row."""
+    check_federation_fits_data(cfg)
+    device = default_device()
+    base = cached_base(cfg.model.path, cfg.model.quantization, device)
+    tokenizer = cached_tokenizer(cfg.model.path)
+    targets = list(cfg.lora.target_modules)
+    examples = heldout_examples(data_spec(cfg), tokenizer, cfg.train.max_length,
+                                cfg.eval.max_examples)
+    strategy = build_strategy(cfg, target_module_shapes(base, targets))
+    recorder = RunRecorder(run_dir, strategy.name)
+
+    initial = ArrayRecord()
+    if strategy.needs_initial_adapter:  # FedIT: every client starts from the same factors
+        r = strategy.ranks[0]
+        with with_lora(base, r, strategy.alpha_ratio * r, targets, int(cfg.seed)) as model:
+            initial = ArrayRecord(lora_state(model))
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        state, r, alpha = strategy.global_adapter(arrays)
+        metrics = evaluate_adapter(base, state, r, alpha, examples, cfg.eval.batch_size,
+                                   tokenizer.pad_token_id)
+        row = recorder.record(server_round, metrics, strategy.round_log.get(server_round))
+        log(INFO, "Round %d: held-out loss %.4f (ppl %.2f), %.2f MB on the wire so far",
+            server_round, row["eval-loss"], row["eval-ppl"], row["cum-mb"])
+        return MetricRecord(metrics)
+
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(cfg.num_rounds),
+                            timeout=float(cfg.round_timeout), evaluate_fn=evaluate_fn)
+    state, r, alpha = strategy.global_adapter(result.arrays or initial)
+    export_adapter(base, state, r, alpha, run_dir / "adapter",
+                   resolve_model_path(cfg.model.path))
+    plot_eval_loss(recorder.rows, run_dir / "eval_loss.png", strategy.name)
+    first, last = recorder.rows[0], recorder.rows[-1]
+    log(INFO, "Held-out loss %.4f -> %.4f over %d rounds; %.2f MB exchanged; results in %s",
+        first["eval-loss"], last["eval-loss"], last["round"], last["cum-mb"], run_dir)
+    return last
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point of `flwr run`: run config carries Hydra overrides and the run dir."""
+    cfg = compose_config(str(context.run_config.get("overrides", "")))
+    run_dir = make_run_dir(cfg, str(context.run_config.get("run-dir", "")))
+    log(INFO, "Run directory: %s", run_dir)
+    run(grid, cfg, run_dir)

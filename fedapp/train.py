@@ -1,0 +1,69 @@
+"""Local LoRA training steps and held-out evaluation: plain PyTorch loops."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from logging import INFO
+
+import torch
+from flwr.common.logger import log
+
+from fedapp.data import IGNORE_INDEX, collate
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    seconds: float
+    steps: int
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_steps(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]],
+                steps: int, lr: float, log_every: int = 10) -> TrainResult:
+    """`steps` AdamW steps on the parameters that require grad; mean loss over steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: attach a LoRA first")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device = params[0].device
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if log_every and step % log_every == 0:
+            log(INFO, "  step %d/%d  loss %.4f  (%.2f s/step)", step, steps, losses[-1],
+                (time.perf_counter() - start) / step)
+    seconds = time.perf_counter() - start
+    return TrainResult(loss=sum(losses) / len(losses), seconds=seconds, steps=steps)
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, examples: list[dict], batch_size: int,
+              pad_token_id: int) -> float:
+    """Mean next-token loss over all response tokens of `examples` (token-weighted)."""
+    if not examples:
+        raise ValueError("no evaluation examples")
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += float(model(**batch).loss) * n_tokens
+        count += n_tokens
+    return total / count

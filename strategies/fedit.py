@@ -1,0 +1,42 @@
+"""FedIT: FedAvg over the LoRA factors A and B (one rank for all clients).
+
+Clients start each round from the global A and B and train them; the server averages each
+factor weighted by `num-examples`. The product of averages is not the average of products:
+we log that aggregation noise (`lora_math.fedavg_noise`) every round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedapp.instructions import TrainInstructions
+from strategies.base import ClientIdentity, LoraStrategy
+from strategies.lora_math import LoraUpdate, fedavg_factors, fedavg_noise, join_factors
+
+
+class FedIT(LoraStrategy):
+    name = "fedit"
+    needs_initial_adapter = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if len(set(self.ranks)) != 1:
+            raise ValueError(f"strategy.ranks={self.ranks}: fedit averages factors of one rank; "
+                             "allowed: a single rank (use flora for heterogeneous ranks)")
+
+    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
+        inst = super().client_instructions(server_round, client)
+        return dataclasses.replace(inst, global_mode="init")
+
+    def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
+                          ) -> tuple[ArrayRecord, dict[str, float]]:
+        averaged = fedavg_factors(updates)
+        noise = fedavg_noise(updates)
+        return ArrayRecord(join_factors(averaged)), {"aggregation-noise": noise}
+
+    def global_adapter(self, arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], int, float]:
+        r = self.ranks[0]
+        return arrays.to_torch_state_dict(), r, self.alpha_ratio * r

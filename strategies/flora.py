@@ -1,0 +1,58 @@
+"""FLoRA: exact aggregation of heterogeneous-rank LoRA by stacking.
+
+Each round's update ΔW = Σ p_k s_k B_k A_k is stacked into low-rank factors (exact for any
+mix of ranks) and appended to the server-held global update G, kept as factors of rank R.
+Selected clients receive G and train a fresh LoRA beside it (G stays frozen, the 4-bit base
+is never requantised). Past `rank_budget`, G is re-compressed by a truncated SVD and the
+relative error dropped is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedapp.instructions import TrainInstructions
+from strategies.base import ClientIdentity, LoraStrategy
+from strategies.lora_math import (
+    Factors,
+    LoraUpdate,
+    append_factors,
+    join_factors,
+    split_factors,
+    stack_factors,
+    truncate_factors,
+)
+
+
+class FLoRA(LoraStrategy):
+    name = "flora"
+
+    def __init__(self, *args, rank_budget: int = 64, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if rank_budget <= 0:
+            raise ValueError(f"strategy.rank_budget={rank_budget}; allowed: a positive integer")
+        self.rank_budget = rank_budget
+        self.global_factors: Factors = {}
+
+    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
+        inst = super().client_instructions(server_round, client)
+        return dataclasses.replace(inst, global_mode="frozen", global_scaling=1.0)
+
+    def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
+                          ) -> tuple[ArrayRecord, dict[str, float]]:
+        stacked = stack_factors(updates)
+        grown = append_factors(self.global_factors, stacked)
+        self.global_factors, dropped = truncate_factors(grown, self.rank_budget)
+        rank = next(iter(self.global_factors.values()))[0].shape[0]
+        return ArrayRecord(join_factors(self.global_factors)), {
+            "global-rank": float(rank), "svd-dropped-error": dropped}
+
+    def global_adapter(self, arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], int, float]:
+        state = arrays.to_torch_state_dict()
+        if not state:
+            return {}, 0, 0.0
+        rank = next(iter(split_factors(state).values()))[0].shape[0]
+        return state, rank, float(rank)  # lora_alpha = R: scaling 1, G = B @ A exactly

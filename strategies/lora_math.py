@@ -1,0 +1,177 @@
+"""Pure tensor math behind the LoRA aggregation strategies.
+
+Everything here takes and returns plain tensors / dicts so it can be tested without a
+federation. Conventions follow peft: for a Linear W of shape (out, in) an adapter adds
+ΔW = scaling · B @ A with A = lora_A (r, in) and B = lora_B (out, r).
+
+State dicts are keyed the way `peft.get_peft_model_state_dict` keys them, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+LORA_A = ".lora_A.weight"
+LORA_B = ".lora_B.weight"
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Per target module: (lora_A (r, in), lora_B (out, r))."""
+
+
+@dataclass(frozen=True)
+class LoraUpdate:
+    """One client's adapter: its factors, its peft scaling and its aggregation weight."""
+
+    factors: Factors
+    scaling: float
+    weight: float
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.factors.values()))[0].shape[0]
+
+
+def split_factors(state: Mapping[str, torch.Tensor]) -> Factors:
+    """Group a peft LoRA state dict into {module: (lora_A, lora_B)}.
+
+    Raises ValueError naming the module when one of its two factors is missing or when
+    the factors' shapes do not chain (A's rank must equal B's rank).
+    """
+    modules = sorted({k[: -len(LORA_A)] for k in state if k.endswith(LORA_A)}
+                     | {k[: -len(LORA_B)] for k in state if k.endswith(LORA_B)})
+    factors: Factors = {}
+    for module in modules:
+        a, b = state.get(module + LORA_A), state.get(module + LORA_B)
+        if a is None or b is None:
+            missing = LORA_A if a is None else LORA_B
+            raise ValueError(f"adapter for '{module}' lacks '{missing.strip('.')}'")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"adapter for '{module}' has lora_A {tuple(a.shape)} and lora_B "
+                f"{tuple(b.shape)}: expected (r, in) and (out, r) with the same r"
+            )
+        factors[module] = (a, b)
+    return factors
+
+
+def join_factors(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Inverse of `split_factors`."""
+    state: dict[str, torch.Tensor] = {}
+    for module, (a, b) in factors.items():
+        state[module + LORA_A] = a
+        state[module + LORA_B] = b
+    return state
+
+
+def normalized_weights(weights: Sequence[float]) -> list[float]:
+    """p_k = n_k / Σ n, refusing an empty or all-zero list."""
+    total = float(sum(weights))
+    if not weights or total <= 0:
+        raise ValueError(f"aggregation weights must have a positive sum, got {list(weights)}")
+    return [float(w) / total for w in weights]
+
+
+def fedavg_factors(updates: Sequence[LoraUpdate]) -> Factors:
+    """FedIT: A = Σ p_k A_k and B = Σ p_k B_k, for clients that share one rank."""
+    ps = normalized_weights([u.weight for u in updates])
+    ranks = {u.rank for u in updates}
+    if len(ranks) != 1:
+        raise ValueError(f"FedIT averages factors of one rank only, got ranks {sorted(ranks)}")
+    out: Factors = {}
+    for module in updates[0].factors:
+        a = sum(p * u.factors[module][0].float() for p, u in zip(ps, updates))
+        b = sum(p * u.factors[module][1].float() for p, u in zip(ps, updates))
+        out[module] = (a, b)  # type: ignore[assignment]
+    return out
+
+
+def exact_delta(updates: Sequence[LoraUpdate], module: str) -> torch.Tensor:
+    """The update every LoRA aggregation aims at: Σ p_k s_k B_k A_k, dense (out, in)."""
+    ps = normalized_weights([u.weight for u in updates])
+    delta = None
+    for p, u in zip(ps, updates):
+        a, b = u.factors[module]
+        term = p * u.scaling * (b.float() @ a.float())  # (out, r) @ (r, in) -> (out, in)
+        delta = term if delta is None else delta + term
+    assert delta is not None
+    return delta
+
+
+def fedavg_noise(updates: Sequence[LoraUpdate]) -> float:
+    """FedIT's aggregation noise: ‖s (Σ p B)(Σ p A) − Σ p s B A‖_F / ‖Σ p s B A‖_F.
+
+    Summed over modules before the ratio. Zero when one client participates; grows with
+    the clients' disagreement. Requires one shared scaling (FedIT's homogeneous setting).
+    """
+    scaling = updates[0].scaling
+    avg = fedavg_factors(updates)
+    err_sq, ref_sq = 0.0, 0.0
+    for module, (a, b) in avg.items():
+        exact = exact_delta(updates, module)
+        err_sq += float(torch.linalg.matrix_norm(scaling * (b @ a) - exact) ** 2)
+        ref_sq += float(torch.linalg.matrix_norm(exact) ** 2)
+    return (err_sq / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
+
+
+def stack_factors(updates: Sequence[LoraUpdate]) -> Factors:
+    """FLoRA stacking: A_s = cat_k(p_k s_k A_k) on dim 0, B_s = cat_k(B_k) on dim 1.
+
+    Then B_s @ A_s = Σ p_k s_k B_k A_k exactly, whatever the mix of ranks. The result has
+    scaling 1 and rank Σ r_k.
+    """
+    ps = normalized_weights([u.weight for u in updates])
+    out: Factors = {}
+    for module in updates[0].factors:
+        a_s = torch.cat([p * u.scaling * u.factors[module][0].float()
+                         for p, u in zip(ps, updates)], dim=0)  # (Σr, in)
+        b_s = torch.cat([u.factors[module][1].float() for u in updates], dim=1)  # (out, Σr)
+        out[module] = (a_s, b_s)
+    return out
+
+
+def append_factors(global_factors: Factors, new: Factors) -> Factors:
+    """G + ΔG as factors: stack the round's update beside the running global update."""
+    if not global_factors:
+        return {m: (a.clone(), b.clone()) for m, (a, b) in new.items()}
+    out: Factors = {}
+    for module, (a_new, b_new) in new.items():
+        a_g, b_g = global_factors[module]
+        out[module] = (torch.cat([a_g, a_new], dim=0), torch.cat([b_g, b_new], dim=1))
+    return out
+
+
+def truncate_lowrank(a: torch.Tensor, b: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`budget` approximation of B @ A, without forming the dense matrix.
+
+    QR both factors (B = Q_b R_b, Aᵀ = Q_a R_a), SVD the small core R_b R_aᵀ (R×R), keep
+    the top `budget` singular triplets and split √σ to each side. Cost O((out+in)·R²).
+    Returns (A', B', dropped) with dropped = ‖BA − B'A'‖_F / ‖BA‖_F (Eckart–Young: this is
+    the optimal rank-`budget` error). Exact (dropped 0) when rank R ≤ budget.
+    """
+    rank = a.shape[0]
+    if rank <= budget:
+        return a, b, 0.0
+    q_b, r_b = torch.linalg.qr(b.double())  # (out, R), (R, R)
+    q_a, r_a = torch.linalg.qr(a.double().T)  # (in, R), (R, R)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # (R, R) core
+    root = s[:budget].sqrt()
+    b_new = (q_b @ u[:, :budget]) * root  # (out, R) @ (R, k) -> (out, k)
+    a_new = root[:, None] * (vh[:budget] @ q_a.T)  # (k, R) @ (R, in) -> (k, in)
+    total = float((s**2).sum())
+    dropped = float((s[budget:] ** 2).sum() / total) ** 0.5 if total > 0 else 0.0
+    return a_new.to(a.dtype), b_new.to(b.dtype), dropped
+
+
+def truncate_factors(factors: Factors, budget: int) -> tuple[Factors, float]:
+    """Apply `truncate_lowrank` per module; return the worst relative error dropped."""
+    out: Factors = {}
+    worst = 0.0
+    for module, (a, b) in factors.items():
+        a_t, b_t, dropped = truncate_lowrank(a, b, budget)
+        out[module] = (a_t, b_t)
+        worst = max(worst, dropped)
+    return out, worst

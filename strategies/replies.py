@@ -1,0 +1,60 @@
+"""Checking a client's reply before it may touch the aggregate.
+
+A reply is accepted only if it carries every expected adapter array with the shape the
+assigned rank implies, finite values, and a positive finite `num-examples`. Anything else
+is rejected with a reason that names what was wrong; the round goes on without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from flwr.app import RecordDict
+
+from strategies.lora_math import LORA_A, LORA_B, LoraUpdate, split_factors
+
+
+class RejectedReply(ValueError):
+    """A client reply that must not be aggregated; the message says why."""
+
+
+def expected_shapes(module_shapes: Mapping[str, tuple[int, int]],
+                    r: int) -> dict[str, tuple[int, int]]:
+    """{peft key: shape} of a rank-r adapter over modules of shape (out, in)."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for module, (out_features, in_features) in module_shapes.items():
+        shapes[module + LORA_A] = (r, in_features)
+        shapes[module + LORA_B] = (out_features, r)
+    return shapes
+
+
+def parse_reply(content: RecordDict, module_shapes: Mapping[str, tuple[int, int]], r: int,
+                scaling: float, weight_key: str = "num-examples") -> LoraUpdate:
+    """Validate a train reply against the rank-r adapter that was asked for.
+
+    Raises RejectedReply with the reason.
+    """
+    if "arrays" not in content.array_records:
+        raise RejectedReply("reply has no ArrayRecord 'arrays'")
+    if "metrics" not in content.metric_records:
+        raise RejectedReply("reply has no MetricRecord 'metrics'")
+    metrics = content.metric_records["metrics"]
+    weight = metrics.get(weight_key)
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise RejectedReply(f"metric '{weight_key}' is {weight!r}; expected a positive number")
+    state = content.array_records["arrays"].to_torch_state_dict()
+    wanted = expected_shapes(module_shapes, r)
+    missing = sorted(set(wanted) - set(state))
+    extra = sorted(set(state) - set(wanted))
+    if missing or extra:
+        raise RejectedReply(f"adapter keys differ from the rank-{r} adapter asked for: "
+                            f"missing {missing[:2]}, unexpected {extra[:2]}")
+    for key, shape in wanted.items():
+        tensor = state[key]
+        if tuple(tensor.shape) != shape:
+            raise RejectedReply(f"'{key}' has shape {tuple(tensor.shape)}; expected {shape}")
+        if not torch.isfinite(tensor).all():
+            raise RejectedReply(f"'{key}' holds NaN or Inf")
+    return LoraUpdate(factors=split_factors(state), scaling=scaling, weight=float(weight))
