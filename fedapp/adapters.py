@@ -10,8 +10,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from peft import set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 
 from strategies.lora_math import split_factors
 

@@ -18,6 +18,7 @@ from fedapp.data import DataSpec, load_partition, tokenize_records, train_batche
 from fedapp.instructions import GLOBAL_MODES, WIRE_DTYPES, TrainInstructions
 from fedapp.model import cached_base, cached_tokenizer, default_device
 from fedapp.train import peak_rss_mb, train_steps
+from strategies.lora_math import LORA_A
 
 
 @cache
@@ -62,10 +63,16 @@ def run_round(inst: TrainInstructions, partition_id: int, num_partitions: int,
             stack.enter_context(frozen_delta(base, global_state, inst.global_scaling))
         model = stack.enter_context(with_lora(base, inst.lora_r, inst.lora_alpha,
                                               list(inst.target_modules), inst.seed, init))
+        if not inst.train_lora_a:
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.requires_grad_(False)
         log(INFO, "Client %d: %d examples, r=%d, %d steps", partition_id, len(examples),
             inst.lora_r, inst.local_steps)
         result = train_steps(model, batches, inst.local_steps, inst.lr)
         state = lora_state(model, getattr(torch, inst.wire_dtype))
+        if not inst.train_lora_a:  # the server already holds A: send B only
+            state = {k: v for k, v in state.items() if LORA_A not in k}
     metrics = {
         "num-examples": float(len(examples)),
         "train-loss": result.loss,

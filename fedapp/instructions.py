@@ -39,6 +39,8 @@ class TrainInstructions:
     # term beside the base, FLoRA), "init" (the trainable LoRA starts from them, FedIT).
     global_mode: str = "none"
     global_scaling: float = 1.0
+    # False: lora_A stays at its initial value and only lora_B is trained and sent (FFA-LoRA).
+    train_lora_a: bool = True
     num_threads: int = 0
     data: DataSpec = field(default_factory=DataSpec)
 

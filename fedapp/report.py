@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no screen on servers
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 MB = 1024 * 1024
 
@@ -17,9 +17,13 @@ MB = 1024 * 1024
 class RunRecorder:
     """Appends one JSON line per evaluated round and keeps cumulative traffic."""
 
-    def __init__(self, run_dir: Path, strategy: str) -> None:
+    def __init__(self, run_dir: Path, strategy: str, up_mbps: float = 20.0,
+                 down_mbps: float = 100.0) -> None:
         self.run_dir = run_dir
         self.strategy = strategy
+        self.up_bytes_per_s = up_mbps * 1e6 / 8
+        self.down_bytes_per_s = down_mbps * 1e6 / 8
+        self.sim_seconds = 0.0
         self.metrics_path = run_dir / "metrics.jsonl"
         self.start = time.monotonic()
         self.cum_up = 0
@@ -32,6 +36,7 @@ class RunRecorder:
         up, down = int(round_log.get("bytes-up", 0)), int(round_log.get("bytes-down", 0))
         self.cum_up += up
         self.cum_down += down
+        self.sim_seconds += self.simulated_round_seconds(round_log)
         row = {
             "round": server_round,
             "strategy": self.strategy,
@@ -41,6 +46,7 @@ class RunRecorder:
             "bytes-down": down,
             "cum-mb": (self.cum_up + self.cum_down) / MB,
             "wall-seconds": round(time.monotonic() - self.start, 2),
+            "sim-seconds": round(self.sim_seconds, 2),
             **{k: v for k, v in round_log.items()
                if k not in ("bytes-up", "bytes-down", "train-loss")},
         }
@@ -48,6 +54,15 @@ class RunRecorder:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         return row
+
+
+    def simulated_round_seconds(self, round_log: dict) -> float:
+        """Clients train in parallel: a round lasts as long as its slowest client, whose time
+        is its measured training time plus its bytes over the scenario's bandwidth."""
+        times = [c.get("train-seconds", 0.0) + c.get("bytes-up", 0) / self.up_bytes_per_s
+                 + c.get("bytes-down", 0) / self.down_bytes_per_s
+                 for c in round_log.get("clients", {}).values() if c.get("status") == "ok"]
+        return max(times, default=0.0)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from logging import INFO
 from pathlib import Path
@@ -14,8 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedapp.adapters import lora_state, with_lora
 from fedapp.config import build_strategy, compose_config, data_spec
 from fedapp.data import load_split
-from fedapp.evaluate import evaluate_adapter, export_adapter, heldout_examples
-from fedapp.evaluate import target_module_shapes
+from fedapp.evaluate import evaluate_adapter, export_adapter, heldout_examples, target_module_shapes
 from fedapp.model import cached_base, cached_tokenizer, default_device, resolve_model_path
 from fedapp.report import RunRecorder, plot_eval_loss
 
@@ -51,7 +51,8 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     examples = heldout_examples(data_spec(cfg), tokenizer, cfg.train.max_length,
                                 cfg.eval.max_examples)
     strategy = build_strategy(cfg, target_module_shapes(base, targets))
-    recorder = RunRecorder(run_dir, strategy.name)
+    recorder = RunRecorder(run_dir, strategy.name, float(cfg.scenario.bandwidth_up_mbps),
+                           float(cfg.scenario.bandwidth_down_mbps))
 
     initial = ArrayRecord()
     if strategy.needs_initial_adapter:  # FedIT: every client starts from the same factors
@@ -68,11 +69,13 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             server_round, row["eval-loss"], row["eval-ppl"], row["cum-mb"])
         return MetricRecord(metrics)
 
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(cfg.num_rounds),
+    result = strategy.start(grid=grid, initial_arrays=initial,
+                            num_rounds=strategy.num_rounds(int(cfg.num_rounds)),
                             timeout=float(cfg.round_timeout), evaluate_fn=evaluate_fn)
     state, r, alpha = strategy.global_adapter(result.arrays or initial)
     export_adapter(base, state, r, alpha, run_dir / "adapter",
                    resolve_model_path(cfg.model.path))
+    (run_dir / "aggregate.json").write_text(json.dumps(strategy.export_metadata(), indent=2))
     plot_eval_loss(recorder.rows, run_dir / "eval_loss.png", strategy.name)
     first, last = recorder.rows[0], recorder.rows[-1]
     log(INFO, "Held-out loss %.4f -> %.4f over %d rounds; %.2f MB exchanged; results in %s",

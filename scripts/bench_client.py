@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from fedapp.submit import flower_env, run_submit
 
 
 def worker_steps(quantization: str, steps: int) -> dict:
@@ -91,26 +91,12 @@ def run_worker(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def flwr_wall(overrides: str, clients: int) -> float:
     """Wall seconds of `flwr run` (local simulation SuperLink started and stopped by us)."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, FLWR_HOME=f"{tmp}/flwr-home", FLWR_TELEMETRY_ENABLED="0",
-                   FLWR_DISABLE_UPDATE_CHECK="1",
-                   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-                   FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-                   FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-                   PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        env = flower_env(f"{tmp}/flwr-home", isolated_ports=True)
         start = time.perf_counter()
-        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "flwr_submit.py"),
-                              "--app", str(ROOT), "--num-supernodes", str(clients),
-                              "--overrides", overrides, "--run-dir", f"{tmp}/run"],
-                             env=env, cwd=tmp, capture_output=True, text=True, check=False)
+        out = run_submit(ROOT, clients, overrides, f"{tmp}/run", env)
         wall = time.perf_counter() - start
         if out.returncode != 0:
             sys.exit(f"flwr run failed:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}")

@@ -2,8 +2,22 @@
 
 from strategies.base import LoraStrategy
 from strategies.fedit import FedIT
+from strategies.ffa import FFALoRA
+from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
+from strategies.oneshot import OneShot
+from strategies.zeropad import ZeroPad
 
-STRATEGIES: dict[str, type[LoraStrategy]] = {"fedit": FedIT, "flora": FLoRA}
+STRATEGIES: dict[str, type[LoraStrategy]] = {
+    s.name: s for s in (FedIT, FLoRA, ZeroPad, FlexLoRA, FFALoRA, OneShot)}
 
-__all__ = ["STRATEGIES", "FedIT", "FLoRA", "LoraStrategy"]
+__all__ = [
+    "STRATEGIES",
+    "FFALoRA",
+    "FLoRA",
+    "FedIT",
+    "FlexLoRA",
+    "LoraStrategy",
+    "OneShot",
+    "ZeroPad",
+]

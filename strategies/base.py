@@ -177,8 +177,7 @@ class LoraStrategy(FedAvg):
                     raise RejectedReply("reply from a node that was not asked")
                 inst = assignment.instructions
                 entry["bytes-up"] = sum(r.count_bytes() for r in msg.content.array_records.values())
-                update = parse_reply(msg.content, self.module_shapes, inst.lora_r,
-                                     inst.lora_alpha / inst.lora_r)
+                update = self.parse_update(msg.content, inst)
             except RejectedReply as err:
                 log(WARNING, "Round %d: rejected %s: %s", server_round, name, err)
                 entry["status"] = f"rejected: {err}"
@@ -211,6 +210,18 @@ class LoraStrategy(FedAvg):
         metrics = MetricRecord({"train-loss": summary["train-loss"],
                                 "num-examples": float(total), **extra})
         return arrays, metrics
+
+    def parse_update(self, content: RecordDict, inst: TrainInstructions) -> LoraUpdate:
+        """Check one reply against its orders (raises RejectedReply)."""
+        return parse_reply(content, self.module_shapes, inst.lora_r, inst.lora_alpha / inst.lora_r)
+
+    def num_rounds(self, configured: int) -> int:
+        """Rounds to run for `num_rounds` in the config (one-shot runs one)."""
+        return configured
+
+    def export_metadata(self) -> dict:
+        """Facts saved beside the exported adapter (e.g. what a late merge needs)."""
+        return {"strategy": self.name}
 
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:

@@ -11,7 +11,6 @@ State dicts are keyed the way `peft.get_peft_model_state_dict` keys them, e.g.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -183,3 +182,80 @@ def truncate_factors(factors: Factors, budget: int) -> tuple[Factors, float]:
         out[module] = (a_t, b_t)
         worst = max(worst, dropped)
     return out, worst
+
+
+def zeropad_factors(updates: Sequence[LoraUpdate]) -> Factors:
+    """HetLoRA-style zero-padding: pad every client to the largest rank, then average.
+
+    Each client's scaling is folded into its A first, so the result has scaling 1:
+    A = Σ p_k pad(s_k A_k), B = Σ p_k pad(B_k). Lossy: B @ A ≠ Σ p_k s_k B_k A_k in general.
+    """
+    ps = normalized_weights([u.weight for u in updates])
+    r_max = max(u.rank for u in updates)
+    out: Factors = {}
+    for module in updates[0].factors:
+        a_sum, b_sum = None, None
+        for p, u in zip(ps, updates):
+            a, b = u.factors[module]
+            pad = r_max - a.shape[0]
+            a_pad = torch.cat([u.scaling * a.float(), a.new_zeros(pad, a.shape[1]).float()])
+            b_pad = torch.cat([b.float(), b.new_zeros(b.shape[0], pad).float()], dim=1)
+            a_sum = p * a_pad if a_sum is None else a_sum + p * a_pad  # (r_max, in)
+            b_sum = p * b_pad if b_sum is None else b_sum + p * b_pad  # (out, r_max)
+        out[module] = (a_sum, b_sum)  # type: ignore[assignment]
+    return out
+
+
+def relative_error(factors: Factors, updates: Sequence[LoraUpdate]) -> float:
+    """‖Σ_modules (B @ A − Σ p s B_k A_k)‖_F / ‖Σ p s B_k A_k‖_F for scaling-1 `factors`."""
+    err_sq, ref_sq = 0.0, 0.0
+    for module, (a, b) in factors.items():
+        exact = exact_delta(updates, module)
+        err_sq += float(torch.linalg.matrix_norm(b.float() @ a.float() - exact) ** 2)
+        ref_sq += float(torch.linalg.matrix_norm(exact) ** 2)
+    return (err_sq / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
+
+
+def factors_for_client(global_factors: Factors, r: int, scaling: float) -> Factors:
+    """FlexLoRA's download: the best rank-r approximation of the global update, split so that
+    a client with peft scaling s reproduces it (s · B @ A = truncation)."""
+    out: Factors = {}
+    root = scaling ** 0.5
+    for module, (a, b) in global_factors.items():
+        a_r, b_r, _ = truncate_lowrank(a, b, r)
+        if a_r.shape[0] < r:  # the global update has lower rank than the client's LoRA
+            a_r = torch.cat([a_r, a_r.new_zeros(r - a_r.shape[0], a_r.shape[1])])
+            b_r = torch.cat([b_r, b_r.new_zeros(b_r.shape[0], r - b_r.shape[1])], dim=1)
+        out[module] = (a_r / root, b_r / root)
+    return out
+
+
+def average_b(updates: Sequence[LoraUpdate]) -> dict[str, torch.Tensor]:
+    """FFA-LoRA: every client shares one frozen A, so averaging B alone is exact:
+    (Σ p_k B_k) @ A = Σ p_k B_k @ A."""
+    ps = normalized_weights([u.weight for u in updates])
+    return {module: sum(p * u.factors[module][1].float() for p, u in zip(ps, updates))
+            for module in updates[0].factors}  # type: ignore[misc]
+
+
+def fold_in(global_factors: Factors, total_weight: float, late: LoraUpdate) -> Factors:
+    """Add a late client to a stacked aggregate of clients whose weights summed to
+    `total_weight`: the result equals stacking everyone at once (aggregation is a sum)."""
+    new_total = total_weight + late.weight
+    keep, share = total_weight / new_total, late.weight / new_total
+    out: Factors = {}
+    for module, (a_g, b_g) in global_factors.items():
+        a_l, b_l = late.factors[module]
+        out[module] = (torch.cat([keep * a_g.float(), share * late.scaling * a_l.float()]),
+                       torch.cat([b_g.float(), b_l.float()], dim=1))
+    return out
+
+
+def fold_in_average(global_factors: Factors, total_weight: float, late: LoraUpdate) -> Factors:
+    """The averaging counterpart of `fold_in`: A and B re-averaged with the late client's
+    weight, equal to averaging all clients at once (same rank and scaling required)."""
+    new_total = total_weight + late.weight
+    keep, share = total_weight / new_total, late.weight / new_total
+    return {m: (keep * a.float() + share * late.factors[m][0].float(),
+                keep * b.float() + share * late.factors[m][1].float())
+            for m, (a, b) in global_factors.items()}

@@ -31,10 +31,12 @@ def expected_shapes(module_shapes: Mapping[str, tuple[int, int]],
 
 
 def parse_reply(content: RecordDict, module_shapes: Mapping[str, tuple[int, int]], r: int,
-                scaling: float, weight_key: str = "num-examples") -> LoraUpdate:
+                scaling: float, weight_key: str = "num-examples",
+                fixed_a: Mapping[str, torch.Tensor] | None = None) -> LoraUpdate:
     """Validate a train reply against the rank-r adapter that was asked for.
 
-    Raises RejectedReply with the reason.
+    With `fixed_a` ({module: lora_A}, FFA-LoRA) the reply must hold lora_B only, and the
+    update is completed with the server's A. Raises RejectedReply with the reason.
     """
     if "arrays" not in content.array_records:
         raise RejectedReply("reply has no ArrayRecord 'arrays'")
@@ -46,6 +48,8 @@ def parse_reply(content: RecordDict, module_shapes: Mapping[str, tuple[int, int]
         raise RejectedReply(f"metric '{weight_key}' is {weight!r}; expected a positive number")
     state = content.array_records["arrays"].to_torch_state_dict()
     wanted = expected_shapes(module_shapes, r)
+    if fixed_a is not None:
+        wanted = {k: v for k, v in wanted.items() if k.endswith(LORA_B)}
     missing = sorted(set(wanted) - set(state))
     extra = sorted(set(state) - set(wanted))
     if missing or extra:
@@ -57,4 +61,6 @@ def parse_reply(content: RecordDict, module_shapes: Mapping[str, tuple[int, int]
             raise RejectedReply(f"'{key}' has shape {tuple(tensor.shape)}; expected {shape}")
         if not torch.isfinite(tensor).all():
             raise RejectedReply(f"'{key}' holds NaN or Inf")
+    if fixed_a is not None:
+        state = {**state, **{m + LORA_A: a for m, a in fixed_a.items()}}
     return LoraUpdate(factors=split_factors(state), scaling=scaling, weight=float(weight))

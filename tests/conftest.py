@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from tests.tiny import build_tiny_model  # noqa: E402
+from tests.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,8 @@ started by pid, pass or fail.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,48 +17,24 @@ from fedapp.config import compose_config, data_spec
 from fedapp.evaluate import heldout_examples
 from fedapp.model import load_base, load_tokenizer
 from fedapp.report import read_metrics
+from fedapp.submit import flower_env, local_superlink_pids, run_submit
 from fedapp.train import eval_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBMIT = ROOT / "scripts" / "flwr_submit.py"
-spec = importlib.util.spec_from_file_location("flwr_submit", SUBMIT)
-flwr_submit = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(flwr_submit)
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def flwr_env(tmp_path):
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = flower_env(tmp_path / "flwr-home", isolated_ports=True)
     yield env
-    os.environ["FLWR_HOME"], saved = env["FLWR_HOME"], os.environ.get("FLWR_HOME")
-    try:
-        for pid in flwr_submit.local_superlink_pids():  # only ours: matched by our FLWR_HOME
-            os.kill(pid, signal.SIGTERM)
-    finally:
-        if saved is None:
-            del os.environ["FLWR_HOME"]
-        else:
-            os.environ["FLWR_HOME"] = saved
+    for pid in local_superlink_pids(env["FLWR_HOME"]):  # only ours, even if a test failed
+        os.kill(pid, signal.SIGTERM)
 
 
 def submit(env: dict, overrides: str, run_dir: Path, clients: int = 2):
-    return subprocess.run(
-        [sys.executable, str(SUBMIT), "--app", str(ROOT), "--num-supernodes", str(clients),
-         "--overrides", overrides, "--run-dir", str(run_dir)],
-        env=env, cwd=run_dir.parent, capture_output=True, text=True, timeout=900)
+    return run_submit(ROOT, clients, overrides, run_dir, env, timeout=900)
 
 
 @pytest.mark.parametrize("strategy", ["flora", "fedit"])

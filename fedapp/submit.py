@@ -1,0 +1,138 @@
+"""Submit a run with `flwr run`, stream its logs, and exit non-zero if it failed.
+
+`flwr run --stream` exits 0 even when the run ends `finished:failed`, so this wrapper asks
+the SuperLink for the run's final status and turns it into the exit code.
+
+    python -m fedapp.submit --app . --superlink local --num-supernodes 4 \
+        --overrides "strategy=fedit" --run-dir runs/try1
+
+For the auto-started local simulation SuperLink (`--superlink local`), the wrapper stops that
+SuperLink at the end if it was not running before (it is found by pid through its database
+under $FLWR_HOME, so no other process is touched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FINAL_OK = "finished:completed"
+
+
+def flower_env(flwr_home: str | Path, isolated_ports: bool = False) -> dict[str, str]:
+    """Environment for the `flwr` CLI: a private Flower home, no telemetry, no per-run
+    dependency install (it would pull CUDA torch), offline hubs. `isolated_ports` picks free
+    loopback ports for the local SuperLink so that several can coexist (tests, sweeps)."""
+    env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    if isolated_ports:
+        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+        env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_submit(app: str | Path, num_supernodes: int, overrides: str, run_dir: str | Path,
+               env: dict[str, str], superlink: str = "local",
+               timeout: float | None = None) -> subprocess.CompletedProcess:
+    """This module's CLI in a subprocess (its own environment): submit, stream, wait."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedapp.submit", "--app", str(app), "--superlink", superlink,
+         "--num-supernodes", str(num_supernodes), "--overrides", overrides,
+         "--run-dir", str(run_dir)],
+        env=env, cwd=Path(run_dir).parent, capture_output=True, text=True, timeout=timeout,
+        check=False)
+
+
+def flwr(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["flwr", *args], capture_output=capture, text=True, check=False)
+
+
+def local_superlink_pids(flwr_home: str | None = None) -> list[int]:
+    """Pids of the local simulation SuperLink tied to `flwr_home` (default $FLWR_HOME)."""
+    home = flwr_home or os.environ.get("FLWR_HOME", str(Path.home() / ".flwr"))
+    db = str(Path(home) / "local-superlink" / "state.db")
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"flower-superlink" in c for c in cmd) and db.encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def run_status(run_id: str, superlink: str) -> str:
+    out = flwr("ls", superlink, "--run-id", run_id, "--format", "json")
+    try:
+        return json.loads(out.stdout)["runs"][0]["status"]
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return "unknown"
+
+
+def submit(app: str, superlink: str, run_config: str, federation_config: str) -> str:
+    args = ["run", app, superlink, "--run-config", run_config, "--format", "json"]
+    if federation_config:
+        args += ["--federation-config", federation_config]
+    out = flwr(*args)
+    try:
+        reply = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        sys.exit(f"flwr run failed:\n{out.stdout}\n{out.stderr}")
+    if not reply.get("success"):
+        sys.exit(f"flwr run was refused: {reply}")
+    return str(reply["run-id"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--app", default=".")
+    parser.add_argument("--superlink", default="local")
+    parser.add_argument("--num-supernodes", type=int, default=0,
+                        help="simulation only: number of simulated clients")
+    parser.add_argument("--overrides", default="", help="Hydra overrides, space-separated")
+    parser.add_argument("--run-dir", default="", help="where the server writes results")
+    args = parser.parse_args()
+
+    was_running = set(local_superlink_pids())
+    run_config = f'overrides="{args.overrides}" run-dir="{args.run_dir}"'
+    federation = f"num-supernodes={args.num_supernodes}" if args.num_supernodes else ""
+    run_id = submit(args.app, args.superlink, run_config, federation)
+    print(f"[submit] run {run_id} submitted to '{args.superlink}'", flush=True)
+    try:
+        flwr("log", run_id, args.superlink, "--stream", capture=False)
+        status = run_status(run_id, args.superlink)
+        for _ in range(30):  # the log stream can end a moment before the status is final
+            if status.startswith("finished"):
+                break
+            time.sleep(1)
+            status = run_status(run_id, args.superlink)
+    finally:
+        if args.superlink == "local":
+            for pid in set(local_superlink_pids()) - was_running:
+                os.kill(pid, signal.SIGTERM)
+    print(f"[submit] run {run_id}: {status}", flush=True)
+    return 0 if status == FINAL_OK else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""FlexLoRA: the dense weighted sum of the clients' adapters, SVD-truncated back to each
+client's rank when sent.
+
+The server keeps the global update G = Σ p_k s_k B_k A_k as low-rank factors (exact up to
+`rank_budget`); client k starts its next round from the best rank-r_k approximation of G
+(Eckart–Young, `lora_math.factors_for_client`) and returns its whole adapter, which replaces G.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedapp.instructions import TrainInstructions
+from strategies.base import ClientIdentity
+from strategies.flora import FLoRA
+from strategies.lora_math import (
+    LoraUpdate,
+    factors_for_client,
+    join_factors,
+    split_factors,
+    stack_factors,
+    truncate_factors,
+)
+
+
+class FlexLoRA(FLoRA):
+    name = "flexlora"
+
+    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
+        return dataclasses.replace(super().client_instructions(server_round, client),
+                                   global_mode="init")
+
+    def client_arrays(self, client: ClientIdentity, arrays: ArrayRecord) -> ArrayRecord:
+        state = arrays.to_torch_state_dict()
+        if not state:
+            return ArrayRecord()
+        dtype = getattr(torch, self.template.wire_dtype)
+        mine = factors_for_client(split_factors(state), self.rank_for(client), self.alpha_ratio)
+        return ArrayRecord({k: v.to(dtype) for k, v in join_factors(mine).items()})
+
+    def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
+                          ) -> tuple[ArrayRecord, dict[str, float]]:
+        self.global_factors, dropped = truncate_factors(stack_factors(updates), self.rank_budget)
+        rank = next(iter(self.global_factors.values()))[0].shape[0]
+        return ArrayRecord(join_factors(self.global_factors)), {
+            "global-rank": float(rank), "svd-dropped-error": dropped}

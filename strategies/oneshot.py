@@ -1,0 +1,78 @@
+"""One-shot federated fine-tuning: one round, each client trains its whole local budget.
+
+With `num_rounds: R` in the config, each client trains R × `train.local_steps` steps from
+the same base, once; the server aggregates once, by stacking (`combine: stack`, exact, any
+ranks) or by averaging the factors (`combine: average`, one rank), and broadcasts nothing.
+Aggregation is a weighted sum, so a client that answers late can be folded in afterwards
+(`fold_in` / `fold_in_average`, and `python -m fedapp.late_merge`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedapp.instructions import TrainInstructions
+from strategies.base import ClientIdentity, LoraStrategy
+from strategies.lora_math import (
+    LoraUpdate,
+    fedavg_factors,
+    join_factors,
+    split_factors,
+    stack_factors,
+)
+
+COMBINES = ("stack", "average")
+
+
+class OneShot(LoraStrategy):
+    name = "oneshot"
+
+    def __init__(self, *args, combine: str = "stack", budget_rounds: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if combine not in COMBINES:
+            raise ValueError(f"strategy.combine={combine!r}; allowed: {list(COMBINES)}")
+        if combine == "average" and len(set(self.ranks)) != 1:
+            raise ValueError(f"strategy.combine='average' needs one rank, got strategy.ranks="
+                             f"{self.ranks}; allowed: a single rank, or combine='stack'")
+        self.combine = combine
+        self.budget_rounds = budget_rounds
+        self.total_weight = 0.0
+        self.scaling = 1.0
+
+    def num_rounds(self, configured: int) -> int:
+        self.budget_rounds = configured  # the rounds whose local steps one round replaces
+        return 1
+
+    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
+        inst = super().client_instructions(server_round, client)
+        return dataclasses.replace(inst, global_mode="none",
+                                   local_steps=inst.local_steps * self.budget_rounds)
+
+    def client_arrays(self, client: ClientIdentity, arrays: ArrayRecord) -> ArrayRecord:
+        return ArrayRecord()  # everyone starts from the base: nothing to download
+
+    def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
+                          ) -> tuple[ArrayRecord, dict[str, float]]:
+        self.total_weight = sum(u.weight for u in updates)
+        if self.combine == "stack":
+            factors = stack_factors(updates)
+            self.scaling = 1.0
+        else:
+            factors = fedavg_factors(updates)
+            self.scaling = updates[0].scaling
+        return ArrayRecord(join_factors(factors)), {"budget-steps": float(
+            self.template.local_steps * self.budget_rounds)}
+
+    def global_adapter(self, arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], int, float]:
+        state = arrays.to_torch_state_dict()
+        if not state:
+            return {}, 0, 0.0
+        rank = next(iter(split_factors(state).values()))[0].shape[0]
+        return state, rank, self.scaling * rank
+
+    def export_metadata(self) -> dict:
+        return {"strategy": self.name, "combine": self.combine,
+                "total-weight": self.total_weight, "scaling": self.scaling}

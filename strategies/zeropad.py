@@ -1,0 +1,54 @@
+"""Zero-padding (HetLoRA-style): pad heterogeneous-rank factors to the largest rank, average.
+
+The baseline FLoRA is measured against: B @ A of the padded averages is not the average
+update, and we log how far off it is (`zeropad-error`) every round. Clients start from the
+first r_k rows of A / columns of B of the global factors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedapp.instructions import TrainInstructions
+from strategies.base import ClientIdentity, LoraStrategy
+from strategies.lora_math import (
+    LoraUpdate,
+    join_factors,
+    relative_error,
+    split_factors,
+    zeropad_factors,
+)
+
+
+class ZeroPad(LoraStrategy):
+    name = "zeropad"
+
+    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
+        return dataclasses.replace(super().client_instructions(server_round, client),
+                                   global_mode="init")
+
+    def client_arrays(self, client: ClientIdentity, arrays: ArrayRecord) -> ArrayRecord:
+        state = arrays.to_torch_state_dict()
+        if not state:
+            return ArrayRecord()
+        r, scaling = self.rank_for(client), self.alpha_ratio  # scaling = lora_alpha / r
+        dtype = getattr(torch, self.template.wire_dtype)
+        truncated = {m: ((a[:r] / scaling).to(dtype), b[:, :r].to(dtype))
+                     for m, (a, b) in split_factors(state).items()}  # s·B[:, :r]·A[:r]/s
+        return ArrayRecord(join_factors(truncated))
+
+    def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
+                          ) -> tuple[ArrayRecord, dict[str, float]]:
+        padded = zeropad_factors(updates)
+        return ArrayRecord(join_factors(padded)), {
+            "zeropad-error": relative_error(padded, updates)}
+
+    def global_adapter(self, arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], int, float]:
+        state = arrays.to_torch_state_dict()
+        if not state:
+            return {}, 0, 0.0
+        rank = next(iter(split_factors(state).values()))[0].shape[0]
+        return state, rank, float(rank)  # scaling folded into A: lora_alpha = r
