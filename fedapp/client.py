@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from functools import cache
@@ -69,6 +70,7 @@ def run_round(inst: TrainInstructions, partition_id: int, num_partitions: int,
                     param.requires_grad_(False)
         log(INFO, "Client %d: %d examples, r=%d, %d steps", partition_id, len(examples),
             inst.lora_r, inst.local_steps)
+        training_started = time.time()
         result = train_steps(model, batches, inst.local_steps, inst.lr)
         state = lora_state(model, getattr(torch, inst.wire_dtype))
         if not inst.train_lora_a:  # the server already holds A: send B only
@@ -79,5 +81,6 @@ def run_round(inst: TrainInstructions, partition_id: int, num_partitions: int,
         "train-seconds": result.seconds,
         "peak-rss-mb": peak_rss_mb(),
         "lora-r": float(inst.lora_r),
+        "training-started": training_started,  # wall clock, for the caller's overhead figure
     }
     return state, metrics

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -35,9 +38,15 @@ def identify(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune a fresh LoRA on the local partition and reply with its factors."""
+    received = time.time()
     inst = TrainInstructions.from_config(msg.content["config"])
     partition_id, num_partitions = node_partition(context)
     global_state = msg.content["arrays"].to_torch_state_dict()
     state, metrics = run_round(inst, partition_id, num_partitions, global_state)
+    # Overhead before training starts: process start-up (deployment starts a fresh process
+    # per message) and, within the handler, model/data loading.
+    process_age = received - psutil.Process().create_time()
+    metrics["setup-seconds"] = metrics.pop("training-started") - received
+    metrics["process-start-seconds"] = max(process_age, 0.0)
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)

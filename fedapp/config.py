@@ -88,6 +88,17 @@ def validate(cfg: DictConfig) -> None:
              cfg.scenario.fraction_train, "0 < x <= 1")
     _require(0 < cfg.dataset.test_fraction < 1, "dataset.test_fraction",
              cfg.dataset.test_fraction, "0 < x < 1")
+    if cfg.eval.accuracy_examples:
+        _require(bool(cfg.dataset.label_column), "eval.accuracy_examples",
+                 cfg.eval.accuracy_examples, "0 unless dataset.label_column is set")
+    _require(cfg.scenario.min_replies >= 1, "scenario.min_replies", cfg.scenario.min_replies,
+             "a positive integer")
+    _require(cfg.scenario.round_retries >= 0, "scenario.round_retries",
+             cfg.scenario.round_retries, "an integer >= 0")
+    if cfg.dp.enabled:
+        _require(cfg.strategy.name == "flora", "dp.enabled", True,
+                 "only with strategy=flora (other strategies average factors, which the "
+                 "clipping and noise here do not cover)")
     if cfg.partitioner.name == "dirichlet":
         _require(cfg.partitioner.alpha > 0, "partitioner.alpha", cfg.partitioner.alpha, "> 0")
 
@@ -126,4 +137,5 @@ def build_strategy(cfg: DictConfig, module_shapes: Mapping[str, tuple[int, int]]
         fraction_train=float(cfg.scenario.fraction_train),
         min_train_nodes=int(cfg.scenario.min_train_nodes),
         min_available_nodes=int(cfg.scenario.num_clients),
-        wait_seconds=float(cfg.scenario.wait_seconds), **extra)
+        wait_seconds=float(cfg.scenario.wait_seconds), **extra,
+        **({"dp": OmegaConf.to_container(cfg.dp)} if cfg.dp.enabled else {}))

@@ -140,27 +140,33 @@ def load_partition(spec: DataSpec, partitioner: str, num_partitions: int, partit
     return part.load_partition(partition_id)
 
 
-def format_example(record: dict, spec: DataSpec, tokenizer, max_length: int) -> dict:
-    """Tokenise one record; labels cover only the response (prompt tokens are ignored).
-
-    Uses the tokenizer's chat template when it has one, else an Alpaca-style prompt.
-    """
+def prompt_text(record: dict, spec: DataSpec, tokenizer) -> str:
+    """The prompt a response follows: the chat template when the tokenizer has one, else an
+    Alpaca-style prompt."""
     instruction = str(record[spec.instruction_column])
     if spec.input_column and record.get(spec.input_column):
         instruction = f"{instruction}\n\n{record[spec.input_column]}"
-    response = str(record[spec.response_column])
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": instruction}]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False,
-                                               add_generation_prompt=True)
-    else:
-        prompt = f"### Instruction:\n{instruction}\n\n### Response:\n"
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def prompt_and_response(prompt: str, response: str, tokenizer,
+                        max_length: int) -> dict[str, list[int]]:
+    """Token ids of prompt + response + eos, with labels only over the response."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     response_ids = response_ids + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
     return {"input_ids": input_ids, "labels": labels}
+
+
+def format_example(record: dict, spec: DataSpec, tokenizer, max_length: int) -> dict:
+    """Tokenise one record; labels cover only the response (prompt tokens are ignored)."""
+    return prompt_and_response(prompt_text(record, spec, tokenizer),
+                               str(record[spec.response_column]), tokenizer, max_length)
 
 
 def tokenize_records(records, spec: DataSpec, tokenizer, max_length: int) -> list[dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fedapp.accuracy import ChoiceItem, build_choice_items, choice_accuracy
 from fedapp.adapters import PEFT_PREFIX, with_lora
 from fedapp.data import DataSpec, load_split, tokenize_records
 from fedapp.train import eval_loss
@@ -49,13 +50,28 @@ def _global_lora(base: torch.nn.Module, state: Mapping[str, torch.Tensor], r: in
     return with_lora(base, r, lora_alpha, modules, seed=0, init_state=state)
 
 
+def heldout_choice_items(spec: DataSpec, tokenizer, max_length: int,
+                         max_examples: int) -> list[ChoiceItem]:
+    """Held-out records paired with every label of the training split, for accuracy."""
+    train, test = load_split(spec)
+    labels = sorted({str(v) for v in train[spec.label_column]})
+    test = test.select(range(min(max_examples, len(test))))
+    return build_choice_items(test, spec, labels, tokenizer, max_length)
+
+
 def evaluate_adapter(base: torch.nn.Module, state: Mapping[str, torch.Tensor], r: int,
                      lora_alpha: float, examples: list[dict], batch_size: int,
-                     pad_token_id: int) -> dict[str, float]:
-    """Held-out loss and perplexity of base + adapter (an empty state means the base)."""
+                     pad_token_id: int,
+                     choice_items: list[ChoiceItem] | None = None) -> dict[str, float]:
+    """Held-out loss and perplexity of base + adapter (an empty state means the base), and
+    label accuracy when `choice_items` are given."""
     with _global_lora(base, state, r, lora_alpha) as model:
         loss = eval_loss(model, examples, batch_size, pad_token_id)
-    return {"eval-loss": loss, "eval-ppl": math.exp(min(loss, 50.0))}
+        metrics = {"eval-loss": loss, "eval-ppl": math.exp(min(loss, 50.0))}
+        if choice_items:
+            metrics["eval-accuracy"] = choice_accuracy(model, choice_items, pad_token_id,
+                                                       batch_size)
+    return metrics
 
 
 def export_adapter(base: torch.nn.Module, state: Mapping[str, torch.Tensor], r: int,

@@ -49,6 +49,11 @@ def merge_late(adapter_dir: Path, aggregate: dict, late: LoraUpdate, out_dir: Pa
         raise ValueError(f"aggregate.json has combine={combine!r}: late merging needs a "
                          "one-shot run (combine 'stack' or 'average')")
     factors = split_factors(state)
+    if set(factors) != set(late.factors):
+        raise ValueError(
+            f"the late adapter's modules differ from the run's: missing "
+            f"{sorted(set(factors) - set(late.factors))[:3]}, extra "
+            f"{sorted(set(late.factors) - set(factors))[:3]}; it must target the same modules")
     if combine == "stack":
         merged = fold_in(factors, aggregate["total-weight"], late)
         rank = next(iter(merged.values()))[0].shape[0]
@@ -109,6 +114,9 @@ def main() -> None:
         if args.num_examples is None or args.num_examples <= 0:
             parser.error("--late-adapter needs --num-examples > 0")
         state, config = read_adapter(args.late_adapter)
+        if config.get("use_rslora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+            parser.error("the late adapter uses rsLoRA or per-module ranks/alphas, which late "
+                         "merging does not support; allowed: one r and lora_alpha")
         late = LoraUpdate(split_factors(state), config["lora_alpha"] / config["r"],
                           args.num_examples)
     elif args.train_partition is not None and args.num_partitions:

@@ -30,6 +30,20 @@ class RunRecorder:
         self.cum_down = 0
         self.rows: list[dict] = []
 
+    def state_dict(self) -> dict:
+        return {"cum_up": self.cum_up, "cum_down": self.cum_down,
+                "sim_seconds": self.sim_seconds,
+                "wall_seconds": time.monotonic() - self.start}
+
+    def load_state(self, state: dict, last_round: int) -> None:
+        """Continue a checkpointed run: counters back, metrics.jsonl cut after `last_round`
+        (a crash between writing metrics and the checkpoint leaves a line too many)."""
+        self.cum_up, self.cum_down = state["cum_up"], state["cum_down"]
+        self.sim_seconds = state["sim_seconds"]
+        self.start = time.monotonic() - state["wall_seconds"]
+        self.rows = [r for r in read_metrics(self.metrics_path) if r["round"] <= last_round]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
     def record(self, server_round: int, eval_metrics: dict[str, float],
                round_log: dict | None) -> dict:
         round_log = round_log or {}

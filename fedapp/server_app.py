@@ -7,17 +7,26 @@ import time
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+import torch
+from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
 from fedapp.adapters import lora_state, with_lora
-from fedapp.config import build_strategy, compose_config, data_spec
+from fedapp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedapp.config import build_strategy, compose_config, data_spec, validate
 from fedapp.data import load_split
-from fedapp.evaluate import evaluate_adapter, export_adapter, heldout_examples, target_module_shapes
+from fedapp.evaluate import (
+    evaluate_adapter,
+    export_adapter,
+    heldout_choice_items,
+    heldout_examples,
+    target_module_shapes,
+)
 from fedapp.model import cached_base, cached_tokenizer, default_device, resolve_model_path
 from fedapp.report import RunRecorder, plot_eval_loss
+from fedapp.rounds import run_rounds
 
 app = ServerApp()
 
@@ -41,8 +50,8 @@ def check_federation_fits_data(cfg: DictConfig) -> None:
                          f"only {len(train)} training examples; allowed: at most {len(train)}")
 
 
-def run(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
-    """Everything after the config: returns the last metrics row."""
+def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = None) -> dict:
+    """Everything after the config (from a checkpoint when resuming): the last metrics row."""
     check_federation_fits_data(cfg)
     device = default_device()
     base = cached_base(cfg.model.path, cfg.model.quantization, device)
@@ -50,29 +59,52 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     targets = list(cfg.lora.target_modules)
     examples = heldout_examples(data_spec(cfg), tokenizer, cfg.train.max_length,
                                 cfg.eval.max_examples)
+    choice_items = []
+    if cfg.eval.accuracy_examples:
+        choice_items = heldout_choice_items(data_spec(cfg), tokenizer, cfg.train.max_length,
+                                            cfg.eval.accuracy_examples)
     strategy = build_strategy(cfg, target_module_shapes(base, targets))
     recorder = RunRecorder(run_dir, strategy.name, float(cfg.scenario.bandwidth_up_mbps),
                            float(cfg.scenario.bandwidth_down_mbps))
 
-    initial = ArrayRecord()
-    if strategy.needs_initial_adapter:  # FedIT: every client starts from the same factors
-        r = strategy.ranks[0]
-        with with_lora(base, r, strategy.alpha_ratio * r, targets, int(cfg.seed)) as model:
-            initial = ArrayRecord(lora_state(model))
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate(server_round: int, arrays: ArrayRecord) -> None:
         state, r, alpha = strategy.global_adapter(arrays)
         metrics = evaluate_adapter(base, state, r, alpha, examples, cfg.eval.batch_size,
-                                   tokenizer.pad_token_id)
+                                   tokenizer.pad_token_id, choice_items)
         row = recorder.record(server_round, metrics, strategy.round_log.get(server_round))
         log(INFO, "Round %d: held-out loss %.4f (ppl %.2f), %.2f MB on the wire so far",
             server_round, row["eval-loss"], row["eval-ppl"], row["cum-mb"])
-        return MetricRecord(metrics)
 
-    result = strategy.start(grid=grid, initial_arrays=initial,
-                            num_rounds=strategy.num_rounds(int(cfg.num_rounds)),
-                            timeout=float(cfg.round_timeout), evaluate_fn=evaluate_fn)
-    state, r, alpha = strategy.global_adapter(result.arrays or initial)
+    def after_round(server_round: int, arrays: ArrayRecord) -> None:
+        evaluate(server_round, arrays)
+        save_checkpoint(run_dir, Checkpoint(
+            server_round, arrays.to_torch_state_dict(), strategy.state_dict(),
+            recorder.state_dict(), torch.get_rng_state()))
+
+    num_rounds = strategy.num_rounds(int(cfg.num_rounds))
+    if ckpt is None:
+        arrays = ArrayRecord()
+        if strategy.needs_initial_adapter:  # FedIT, FFA: every client starts from one init
+            r = strategy.ranks[0]
+            with with_lora(base, r, strategy.alpha_ratio * r, targets, int(cfg.seed)) as model:
+                arrays = ArrayRecord(lora_state(model))
+        evaluate(0, arrays)
+        first_round = 1
+    else:
+        arrays = ArrayRecord(ckpt.arrays)
+        strategy.load_state(ckpt.strategy_state, arrays)
+        recorder.load_state(ckpt.recorder_state, ckpt.server_round)
+        if ckpt.torch_rng is not None:
+            torch.set_rng_state(ckpt.torch_rng)
+        first_round = ckpt.server_round + 1
+        log(INFO, "Resuming %s after round %d of %d", run_dir, ckpt.server_round, num_rounds)
+
+    log(INFO, "Starting %s: rounds %d..%d", strategy.name, first_round, num_rounds)
+    strategy.summary()
+    arrays = run_rounds(strategy, grid, arrays, first_round, num_rounds,
+                        float(cfg.round_timeout), int(cfg.scenario.min_replies),
+                        int(cfg.scenario.round_retries), after_round)
+    state, r, alpha = strategy.global_adapter(arrays)
     export_adapter(base, state, r, alpha, run_dir / "adapter",
                    resolve_model_path(cfg.model.path))
     (run_dir / "aggregate.json").write_text(json.dumps(strategy.export_metadata(), indent=2))
@@ -85,8 +117,16 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point of `flwr run`: run config carries Hydra overrides and the run dir."""
+    """Entry point of `flwr run`: the run config carries Hydra overrides and the run dir;
+    `resume=<run dir>` (an override) continues that run from its checkpoint."""
     cfg = compose_config(str(context.run_config.get("overrides", "")))
-    run_dir = make_run_dir(cfg, str(context.run_config.get("run-dir", "")))
+    ckpt = None
+    if cfg.resume:
+        run_dir = Path(cfg.resume).expanduser().resolve()
+        ckpt = load_checkpoint(run_dir)
+        cfg = OmegaConf.load(run_dir / "config.yaml")  # the run's own config, unchanged
+        validate(cfg)
+    else:
+        run_dir = make_run_dir(cfg, str(context.run_config.get("run-dir", "")))
     log(INFO, "Run directory: %s", run_dir)
-    run(grid, cfg, run_dir)
+    run(grid, cfg, run_dir, ckpt)

@@ -17,11 +17,11 @@ from peft import PeftModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedapp.config import data_spec  # noqa: E402
-from fedapp.evaluate import heldout_examples  # noqa: E402
-from fedapp.model import load_base, load_tokenizer  # noqa: E402
-from fedapp.report import read_metrics  # noqa: E402
-from fedapp.train import eval_loss  # noqa: E402
+from fedapp.config import data_spec
+from fedapp.evaluate import heldout_examples
+from fedapp.model import load_base, load_tokenizer
+from fedapp.report import read_metrics
+from fedapp.train import eval_loss
 
 
 def main(run_dir: Path) -> int:

@@ -215,6 +215,13 @@ class LoraStrategy(FedAvg):
         """Check one reply against its orders (raises RejectedReply)."""
         return parse_reply(content, self.module_shapes, inst.lora_r, inst.lora_alpha / inst.lora_r)
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep beyond the global arrays (e.g. bandit statistics)."""
+        return {}
+
+    def load_state(self, state: dict, arrays: ArrayRecord) -> None:
+        """Restore `state_dict()` and the global arrays of a checkpoint (resume)."""
+
     def num_rounds(self, configured: int) -> int:
         """Rounds to run for `num_rounds` in the config (one-shot runs one)."""
         return configured

@@ -10,12 +10,14 @@ relative error dropped is logged.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 from flwr.app import ArrayRecord
 
 from fedapp.instructions import TrainInstructions
 from strategies.base import ClientIdentity, LoraStrategy
+from strategies.dp import make_accountant, private_aggregate, spend
 from strategies.lora_math import (
     Factors,
     LoraUpdate,
@@ -30,12 +32,36 @@ from strategies.lora_math import (
 class FLoRA(LoraStrategy):
     name = "flora"
 
-    def __init__(self, *args, rank_budget: int = 64, **kwargs) -> None:
+    def __init__(self, *args, rank_budget: int = 64, dp: Mapping | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if rank_budget <= 0:
             raise ValueError(f"strategy.rank_budget={rank_budget}; allowed: a positive integer")
         self.rank_budget = rank_budget
         self.global_factors: Factors = {}
+        self.dp = dict(dp) if dp else None
+        self.accountant = make_accountant(self.dp, self.min_available_nodes) if self.dp else None
+
+    def load_state(self, state: dict, arrays: ArrayRecord) -> None:
+        self.global_factors = split_factors(arrays.to_torch_state_dict())
+        if self.accountant is not None and state.get("accountant"):
+            self.accountant.load_state_dict(state["accountant"])
+
+    def state_dict(self) -> dict:
+        return {"accountant": self.accountant.state_dict()} if self.accountant else {}
+
+    def round_update(self, server_round: int, updates: list[LoraUpdate]
+                     ) -> tuple[Factors, dict[str, float]]:
+        """This round's ΔW as factors: exact stacking, or its differentially private version."""
+        if self.dp is None:
+            return stack_factors(updates), {}
+        generator = torch.Generator().manual_seed(self.seed * 7919 + server_round)
+        factors, info = private_aggregate(updates, float(self.dp["clip_norm"]),
+                                          float(self.dp["noise_multiplier"]), self.rank_budget,
+                                          generator)
+        info["dp-epsilon"] = spend(self.accountant, float(self.dp["noise_multiplier"]),
+                                   len(updates), float(self.dp["delta"]))
+        return factors, info
 
     def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
         inst = super().client_instructions(server_round, client)
@@ -43,12 +69,12 @@ class FLoRA(LoraStrategy):
 
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:
-        stacked = stack_factors(updates)
-        grown = append_factors(self.global_factors, stacked)
+        delta, info = self.round_update(server_round, updates)
+        grown = append_factors(self.global_factors, delta)
         self.global_factors, dropped = truncate_factors(grown, self.rank_budget)
         rank = next(iter(self.global_factors.values()))[0].shape[0]
         return ArrayRecord(join_factors(self.global_factors)), {
-            "global-rank": float(rank), "svd-dropped-error": dropped}
+            "global-rank": float(rank), "svd-dropped-error": dropped, **info}
 
     def global_adapter(self, arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], int, float]:
         state = arrays.to_torch_state_dict()

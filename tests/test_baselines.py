@@ -140,7 +140,8 @@ def test_zeropad_strategy_truncates_downloads_and_logs_its_error():
     # (scaling undone) and first column of B, in fp16
     assert metrics["zeropad-error"] == pytest.approx(
         relative_error(zeropad_factors(updates), updates), rel=1e-5)
-    global_state = arrays.to_torch_state_dict()
+    global_state, rank, alpha = strategy.global_adapter(arrays)
+    assert (rank, alpha) == (2, 2.0)  # scaling folded into A: a peft LoRA with scaling 1
     for module, (a, b) in zeropad_factors(updates).items():
         torch.testing.assert_close(global_state[module + LORA_A], a)
         torch.testing.assert_close(global_state[module + LORA_B], b)
@@ -311,7 +312,8 @@ def oneshot_round(combine: str, ranks: list[int], weights: dict[int, float]):
     strategy = OneShot(dataclasses.replace(TEMPLATE, local_steps=5), MODULES, ranks=ranks,
                        alpha_ratio=2.0, min_available_nodes=len(ranks), combine=combine)
     rounds = strategy.num_rounds(3)
-    msgs = by_rank(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    server_state = ArrayRecord(adapter(2, 69))  # whatever the server holds, none is sent
+    msgs = by_rank(strategy.configure_train(1, server_state, ConfigRecord(), grid))
     states = {r: adapter(r, 70 + r) for r in msgs}
     arrays, _ = strategy.aggregate_train(1, [reply(msgs[r], states[r], weights[r])
                                              for r in msgs])
@@ -407,16 +409,16 @@ def test_fold_in_twice_equals_stacking_everyone_at_once():
 
 def test_fold_in_average_equals_averaging_everyone_at_once():
     # Prepare: three rank-2 clients of one scaling; the third is late
-    updates = [random_update(2, 2.0, w, seed=100 + i) for i, w in enumerate((1.0, 3.0, 4.0))]
+    updates = [random_update(2, 2.0, w, seed=100 + i) for i, w in enumerate((1.0, 3.0, 2.0))]
     early = fedavg_factors(updates[:2])
 
     # Execute
     folded = fold_in_average(early, 4.0, updates[2])
 
-    # Assert: same factors as averaging all three (p = 1/8, 3/8, 1/2)
+    # Assert: same factors as averaging all three (p = 1/6, 3/6, 2/6)
     at_once = fedavg_factors(updates)
     for module in MODULES:
-        by_hand = [sum(p * u.factors[module][i] for p, u in zip((1 / 8, 3 / 8, 1 / 2), updates))
+        by_hand = [sum(p * u.factors[module][i] for p, u in zip((1 / 6, 3 / 6, 2 / 6), updates))
                    for i in (0, 1)]
         torch.testing.assert_close(folded[module][0], at_once[module][0])
         torch.testing.assert_close(folded[module][1], at_once[module][1])
