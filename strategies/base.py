@@ -85,6 +85,7 @@ class LoraStrategy(FedAvg):
         self.identities: dict[int, ClientIdentity] = {}
         self.assignments: dict[int, Assignment] = {}
         self.round_log: dict[int, dict] = {}
+        self.sent: list[Message] = []
 
     # ------------------------------------------------------------------ who the clients are
     def wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -154,6 +155,7 @@ class LoraStrategy(FedAvg):
                                     message_type=MessageType.TRAIN, dst_node_id=node_id))
         chosen = ", ".join(f"{a.client.name}(r={a.instructions.lora_r})"
                            for a in self.assignments.values())
+        self.sent = messages  # their message ids are filled in when the grid pushes them
         log(INFO, "configure_train: round %d, %d of %d clients: %s", server_round,
             len(node_ids), len(self.identities), chosen)
         return messages
@@ -164,8 +166,12 @@ class LoraStrategy(FedAvg):
         updates: list[LoraUpdate] = []
         clients: dict[str, dict] = {}
         train_losses: list[tuple[float, float]] = []
+        # An error reply made by the SuperLink (e.g. for a vanished node) comes from node 1:
+        # find who it stands for through the message it answers.
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent
+                if m.metadata.message_id}
         for msg in replies:
-            node_id = msg.metadata.src_node_id
+            node_id = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             assignment = self.assignments.get(node_id)
             name = assignment.client.name if assignment else f"node-{node_id}"
             entry: dict = {"bytes-down": assignment.bytes_down if assignment else 0}
