@@ -164,7 +164,8 @@ def load_base(path: str, quantization: str, device: str | None = None) -> torch.
     Non-quantised parts (embeddings, norms) stay fp32; 4-bit layers compute in bf16 where
     the hardware supports it. Every parameter is frozen: only LoRA factors train. The first
     4-bit load saves the quantised model under the cache; later loads (a deployed client
-    starts a fresh process every round) read that ≈4× smaller copy instead.
+    starts a fresh process every round) read that smaller copy instead. FEDAPP_PREPARED=0
+    turns this off (to measure what it saves).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -173,11 +174,12 @@ def load_base(path: str, quantization: str, device: str | None = None) -> torch.
     device = device or default_device()
     source = resolve_model_path(path)
     kwargs: dict = {"dtype": torch.float32, "device_map": device}
-    prepared = prepared_dir(source, device) if quantization == "nf4" else None
+    use_prepared = quantization == "nf4" and os.environ.get("FEDAPP_PREPARED", "1") != "0"
+    prepared = prepared_dir(source, device) if use_prepared else None
     if prepared is not None and (prepared / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(prepared, **kwargs)
     else:
-        if prepared is not None:
+        if quantization == "nf4":
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",

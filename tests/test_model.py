@@ -1,0 +1,49 @@
+"""Base model loading: the prepared 4-bit copy is the same model, only faster to load."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fedapp.model import load_base, prepared_dir
+
+
+def logits(model) -> torch.Tensor:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return model(input_ids=torch.randint(0, 1024, (2, 12))).logits
+
+
+def test_prepared_copy_is_written_once_and_gives_the_same_model(tiny_model_dir, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("FEDAPP_CACHE", str(tmp_path))
+    target = prepared_dir(str(tiny_model_dir), "cpu")
+
+    first = load_base(str(tiny_model_dir), "nf4", "cpu")  # quantises, then saves
+    written = (target / "config.json").stat().st_mtime_ns
+    second = load_base(str(tiny_model_dir), "nf4", "cpu")  # reads the prepared copy
+    monkeypatch.setenv("FEDAPP_PREPARED", "0")
+    unprepared = load_base(str(tiny_model_dir), "nf4", "cpu")
+
+    assert target.parent == tmp_path / "prepared"
+    assert (target / "config.json").stat().st_mtime_ns == written
+    assert type(second.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert not second.model.layers[0].mlp.up_proj.support_avx512bf16_for_cpu  # bnb fix on
+    torch.testing.assert_close(logits(second), logits(first))
+    torch.testing.assert_close(logits(unprepared), logits(first))
+
+
+def test_a_changed_model_folder_is_prepared_again(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDAPP_CACHE", str(tmp_path))
+    before = prepared_dir(str(tiny_model_dir), "cpu")
+    weights = tiny_model_dir / "model.safetensors"
+    stat = weights.stat()
+
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    try:
+        after = prepared_dir(str(tiny_model_dir), "cpu")
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    assert before != after
