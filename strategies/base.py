@@ -1,8 +1,9 @@
 """What every LoRA strategy here shares: who the clients are, what each is told, what is
 accepted back, and a per-round log of bytes and losses.
 
-Subclasses override `client_instructions` / `client_arrays` (what one client receives) and
-`aggregate_updates` (the math, delegated to pure functions in `lora_math`).
+Subclasses set `global_mode`, override `client_state` / `client_instructions` where a client
+receives something particular, and `aggregate_updates` (the math, delegated to pure functions
+in `lora_math`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class LoraStrategy(FedAvg):
 
     name = "lora"
     needs_initial_adapter = False  # True: round 1 sends a seeded fresh adapter (FedIT)
+    # How clients use the global arrays: "none", "frozen" (beside the base) or "init"
+    # (their trainable LoRA starts from them). See TrainInstructions.global_mode.
+    global_mode = "none"
 
     def __init__(self, template: TrainInstructions, module_shapes: Mapping[str, tuple[int, int]],
                  ranks: list[int], alpha_ratio: float, seed: int = 0,
@@ -131,12 +135,21 @@ class LoraStrategy(FedAvg):
     def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
         r = self.rank_for(client)
         return dataclasses.replace(self.template, lora_r=r, lora_alpha=self.alpha_ratio * r,
-                                   seed=self.seed * 1000 + server_round)
+                                   seed=self.seed * 1000 + server_round,
+                                   global_mode=self.global_mode)
+
+    def client_state(self, client: ClientIdentity,
+                     state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What of the (non-empty) global state this client needs; default: all of it."""
+        return state
 
     def client_arrays(self, client: ClientIdentity, arrays: ArrayRecord) -> ArrayRecord:
-        """What of the global state this client needs (default: all of it, wire dtype)."""
+        """`client_state` of the global arrays, in the wire dtype."""
+        state = arrays.to_torch_state_dict()
+        if not state:
+            return ArrayRecord()
         dtype = getattr(torch, self.template.wire_dtype)
-        return ArrayRecord({k: v.to(dtype) for k, v in arrays.to_torch_state_dict().items()})
+        return ArrayRecord({k: v.to(dtype) for k, v in self.client_state(client, state).items()})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

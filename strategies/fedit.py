@@ -7,19 +7,17 @@ we log that aggregation noise (`lora_math.fedavg_noise`) every round.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from flwr.app import ArrayRecord
 
-from fedapp.instructions import TrainInstructions
-from strategies.base import ClientIdentity, LoraStrategy
+from strategies.base import LoraStrategy
 from strategies.lora_math import LoraUpdate, fedavg_factors, fedavg_noise, join_factors
 
 
 class FedIT(LoraStrategy):
     name = "fedit"
     needs_initial_adapter = True
+    global_mode = "init"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -27,9 +25,6 @@ class FedIT(LoraStrategy):
             raise ValueError(f"strategy.ranks={self.ranks}: fedit averages factors of one rank; "
                              "allowed: a single rank (use flora for heterogeneous ranks)")
 
-    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
-        inst = super().client_instructions(server_round, client)
-        return dataclasses.replace(inst, global_mode="init")
 
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:

@@ -8,12 +8,9 @@ The server keeps the global update G = Σ p_k s_k B_k A_k as low-rank factors (e
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from flwr.app import ArrayRecord
 
-from fedapp.instructions import TrainInstructions
 from strategies.base import ClientIdentity
 from strategies.flora import FLoRA
 from strategies.lora_math import (
@@ -28,18 +25,13 @@ from strategies.lora_math import (
 
 class FlexLoRA(FLoRA):
     name = "flexlora"
+    global_mode = "init"
 
-    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
-        return dataclasses.replace(super().client_instructions(server_round, client),
-                                   global_mode="init")
 
-    def client_arrays(self, client: ClientIdentity, arrays: ArrayRecord) -> ArrayRecord:
-        state = arrays.to_torch_state_dict()
-        if not state:
-            return ArrayRecord()
-        dtype = getattr(torch, self.template.wire_dtype)
-        mine = factors_for_client(split_factors(state), self.rank_for(client), self.alpha_ratio)
-        return ArrayRecord({k: v.to(dtype) for k, v in join_factors(mine).items()})
+    def client_state(self, client: ClientIdentity,
+                     state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return join_factors(factors_for_client(split_factors(state), self.rank_for(client),
+                                               self.alpha_ratio))
 
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:

@@ -9,14 +9,12 @@ relative error dropped is logged.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 import torch
 from flwr.app import ArrayRecord
 
-from fedapp.instructions import TrainInstructions
-from strategies.base import ClientIdentity, LoraStrategy
+from strategies.base import LoraStrategy
 from strategies.dp import make_accountant, private_aggregate, spend
 from strategies.lora_math import (
     Factors,
@@ -31,6 +29,7 @@ from strategies.lora_math import (
 
 class FLoRA(LoraStrategy):
     name = "flora"
+    global_mode = "frozen"  # G = B @ A with scaling 1 (the template's global_scaling)
 
     def __init__(self, *args, rank_budget: int = 64, dp: Mapping | None = None,
                  **kwargs) -> None:
@@ -63,9 +62,6 @@ class FLoRA(LoraStrategy):
                                    len(updates), float(self.dp["delta"]))
         return factors, info
 
-    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
-        inst = super().client_instructions(server_round, client)
-        return dataclasses.replace(inst, global_mode="frozen", global_scaling=1.0)
 
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:

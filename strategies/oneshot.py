@@ -48,11 +48,10 @@ class OneShot(LoraStrategy):
 
     def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
         inst = super().client_instructions(server_round, client)
-        return dataclasses.replace(inst, global_mode="none",
-                                   local_steps=inst.local_steps * self.budget_rounds)
+        return dataclasses.replace(inst, local_steps=inst.local_steps * self.budget_rounds)
 
     def client_arrays(self, client: ClientIdentity, arrays: ArrayRecord) -> ArrayRecord:
-        return ArrayRecord()  # everyone starts from the base: nothing to download
+        return ArrayRecord()  # everyone starts from the base (global_mode "none")
 
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:

@@ -7,12 +7,9 @@ first r_k rows of A / columns of B of the global factors.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from flwr.app import ArrayRecord
 
-from fedapp.instructions import TrainInstructions
 from strategies.base import ClientIdentity, LoraStrategy
 from strategies.lora_math import (
     LoraUpdate,
@@ -25,20 +22,15 @@ from strategies.lora_math import (
 
 class ZeroPad(LoraStrategy):
     name = "zeropad"
+    global_mode = "init"
 
-    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
-        return dataclasses.replace(super().client_instructions(server_round, client),
-                                   global_mode="init")
 
-    def client_arrays(self, client: ClientIdentity, arrays: ArrayRecord) -> ArrayRecord:
-        state = arrays.to_torch_state_dict()
-        if not state:
-            return ArrayRecord()
+    def client_state(self, client: ClientIdentity,
+                     state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         r, scaling = self.rank_for(client), self.alpha_ratio  # scaling = lora_alpha / r
-        dtype = getattr(torch, self.template.wire_dtype)
-        truncated = {m: ((a[:r] / scaling).to(dtype), b[:, :r].to(dtype))
-                     for m, (a, b) in split_factors(state).items()}  # s·B[:, :r]·A[:r]/s
-        return ArrayRecord(join_factors(truncated))
+        truncated = {m: (a[:r] / scaling, b[:, :r])  # s · B[:, :r] · A[:r] / s
+                     for m, (a, b) in split_factors(state).items()}
+        return join_factors(truncated)
 
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:
