@@ -1,0 +1,297 @@
+"""Structured pruning of a Llama-family causal LM: FedSpine's client-side prune-and-tune.
+
+Units: a KV group (one key/value head with the `num_key_value_groups` query heads sharing it:
+q/k/v rows + o columns; removing whole groups keeps `head_dim` and `num_key_value_groups`,
+all that attention's forward reads, valid), an MLP channel (gate/up rows + down column), and
+a whole block (a layer's `self_attn` or `mlp`, replaced by `DroppedBlock`, which adds zeros
+to the residual stream). Layers really shrink: plain Linears are sliced, 4-bit ones
+dequantised, sliced and re-quantised once. A peft LoRA on a sliced Linear is sliced with it
+(lora_A columns, lora_B rows), so training goes on with the same adapter.
+
+Prunable parameters: weights and biases of q/k/v/o/gate/up/down in the decoder layers
+(embeddings, norms, lm_head are never pruned). A plan for `ratio` removes about `ratio` ×
+the prunable parameters present when the model was scored.
+
+Scoring lives in `fedapp.importance`; this module holds the plans (`PrunePlan`,
+`plan_pruning`), the structural surgery (`slice_linear`, `prune_model`, `compose`),
+parameter counts and `iterative_prune`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from math import floor
+
+import torch
+from torch import nn
+
+from fedapp.importance import (
+    UNIT_LINEARS,
+    Block,
+    DroppedBlock,
+    Importance,
+    ImportanceTracker,
+    _layers,
+    _linear_params,
+    _live_blocks,
+    _num_units,
+    dense_weight,
+    score,
+)
+from fedapp.model import disable_bnb_cpu_repack
+
+
+@dataclass(frozen=True)
+class KeptIndices:
+    """Rows and columns of the full (unpruned) weight that a pruned Linear kept."""
+    out_idx: torch.Tensor  # (out',) LongTensor
+    in_idx: torch.Tensor  # (in',) LongTensor
+
+
+@dataclass
+class PrunePlan:
+    """What to remove, as positions in the layers' current shapes."""
+    kv_groups: dict[int, list[int]] = field(default_factory=dict)  # layer -> KV groups
+    channels: dict[int, list[int]] = field(default_factory=dict)  # layer -> MLP channels
+    blocks: list[Block] = field(default_factory=list)  # dropped whole
+
+
+@dataclass
+class PruneResult:
+    """`kept` is keyed by module name in the transformers model (peft wrapper unwrapped,
+    e.g. "model.layers.0.self_attn.q_proj"); `dropped` names the blocks dropped whole."""
+    kept: dict[str, KeptIndices]
+    dropped: list[str]
+    params_before: int
+    params_after: int
+
+
+def parameter_count(model: nn.Module) -> int:
+    """All parameters (tied ones once); 4-bit weights count out × in values, not bytes."""
+    return sum(int(torch.Size(p.quant_state.shape).numel()) if getattr(p, "quant_state", None)
+               is not None else p.numel() for p in model.parameters())
+
+
+def prunable_parameter_count(model: nn.Module) -> int:
+    """Weights and biases of the attention and MLP Linears of all live blocks."""
+    return sum(_linear_params(getattr(block, name)) for (_, kind), block in
+               _live_blocks(model).items() for names in UNIT_LINEARS[kind] for name in names)
+
+
+def expected_parameter_count(config: object, plan: PrunePlan) -> int:
+    """Parameters of an unpruned bias-free Llama built from `config` after `plan`."""
+    c = config
+    hidden, layers = c.hidden_size, c.num_hidden_layers
+    hd = getattr(c, "head_dim", None) or hidden // c.num_attention_heads
+    n_rep = c.num_attention_heads // c.num_key_value_heads
+    attn = (2 * c.num_attention_heads + 2 * c.num_key_value_heads) * hd * hidden
+    mlp = 3 * c.intermediate_size * hidden
+    total = c.vocab_size * hidden * (1 if c.tie_word_embeddings else 2) + hidden \
+        + layers * (attn + mlp + 2 * hidden)  # embeddings, final norm, layers with 2 norms
+    total -= sum((2 * n_rep + 2) * hd * hidden * len(g) for g in plan.kv_groups.values())
+    total -= sum(3 * hidden * len(ch) for ch in plan.channels.values())
+    return total - sum(attn if kind == "self_attn" else mlp for _, kind in plan.blocks)
+
+
+def slice_linear(linear: nn.Module, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Module:
+    """A new Linear holding weight[out_idx][:, in_idx]: plain, or re-quantised once in 4-bit
+    with the original quant type, blocksize, storage and compute dtype."""
+    weight = dense_weight(linear)[out_idx][:, in_idx]  # (out', in')
+    bias = None if linear.bias is None else linear.bias.detach()[out_idx]  # (out',)
+    if getattr(linear.weight, "quant_state", None) is not None:
+        return _requantize(linear, weight, bias)
+    new = nn.Linear(len(in_idx), len(out_idx), bias=bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new.requires_grad_(linear.weight.requires_grad)
+
+
+def _requantize(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    import bitsandbytes as bnb
+
+    state, device, storage = old.weight.quant_state, old.weight.device, old.weight.quant_storage
+    new = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=bias is not None,
+                            compute_dtype=old.compute_dtype, compress_statistics=state.nested,
+                            quant_type=state.quant_type, quant_storage=storage, device=device)
+    new.weight = bnb.nn.Params4bit(  # .to(device) quantises: once, here
+        weight.to(state.dtype), requires_grad=False, blocksize=state.blocksize,
+        compress_statistics=state.nested, quant_type=state.quant_type, quant_storage=storage,
+        module=new).to(device)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.clone(), requires_grad=old.bias.requires_grad)
+    new.compute_type_is_set = old.compute_type_is_set
+    disable_bnb_cpu_repack(new)
+    return new
+
+
+def _slice_module(parent: nn.Module, attr: str, out_idx: torch.Tensor,
+                  in_idx: torch.Tensor) -> None:
+    """Slice `parent.attr` in place; a peft LoRA wrapper keeps its slice of lora_A / lora_B."""
+    module = getattr(parent, attr)
+    if not hasattr(module, "lora_A"):
+        setattr(parent, attr, slice_linear(module, out_idx, in_idx))
+        return
+    if module.merged or getattr(module, "lora_variant", None):
+        raise ValueError(f"{attr}: a merged or DoRA-style LoRA cannot be sliced; allowed: "
+                         "plain unmerged LoRA")
+    module.base_layer = slice_linear(module.base_layer, out_idx, in_idx)
+    for name in module.lora_A:
+        rank = torch.arange(module.lora_A[name].out_features)
+        module.lora_A[name] = slice_linear(module.lora_A[name], rank, in_idx)  # (r, in')
+        module.lora_B[name] = slice_linear(module.lora_B[name], out_idx, rank)  # (out', r)
+    module.in_features, module.out_features = len(in_idx), len(out_idx)
+
+
+def _units(keep: list[int], size: int) -> torch.Tensor:
+    """Flat indices of units `keep`, each `size` wide: [k·size, (k+1)·size) for k in keep."""
+    starts = torch.tensor(keep, dtype=torch.long)[:, None] * size  # (units, 1)
+    return (starts + torch.arange(size)).flatten()  # (units·size,)
+
+
+def _prune_block(block: nn.Module, kind: str, removed: list[int], name: str
+                 ) -> dict[str, KeptIndices]:
+    n, gone = _num_units(block, kind), set(removed)
+    what = f"{name} {'KV groups' if kind == 'self_attn' else 'channels'}"
+    if bad := sorted(u for u in gone if not 0 <= u < n):
+        raise ValueError(f"{what} {bad} out of range; allowed: 0..{n - 1}")
+    if len(gone) >= n:
+        raise ValueError(f"removing all {n} {what}; allowed: at most {n - 1}")
+    keep = [u for u in range(n) if u not in gone]
+    rows, cols = UNIT_LINEARS[kind]
+    cuts = {}
+    for attr in rows + cols:
+        m = getattr(block, attr)
+        cuts[attr] = ((_units(keep, m.out_features // n), torch.arange(m.in_features))
+                      if attr in rows else
+                      (torch.arange(m.out_features), _units(keep, m.in_features // n)))
+        _slice_module(block, attr, *cuts[attr])
+    sizes = {"num_key_value_heads": len(keep), "intermediate_size": len(keep),
+             "num_heads": len(keep) * getattr(block, "num_key_value_groups", 1)}
+    for attr, value in sizes.items():  # not read by forward in transformers 5; kept true
+        if hasattr(block, attr):
+            setattr(block, attr, value)
+    return {f"{name}.{attr}": KeptIndices(o, i) for attr, (o, i) in cuts.items()}
+
+
+def prune_model(model: nn.Module, plan: PrunePlan) -> PruneResult:
+    """Apply `plan` in place: slice KV groups and MLP channels, drop blocks whole. An empty
+    plan touches nothing (no re-quantisation), so ratio 0 is the identity."""
+    before = parameter_count(model)
+    prefix, layers = _layers(model)
+    live = _live_blocks(model)
+    kept: dict[str, KeptIndices] = {}
+    todo = [((i, "self_attn"), u) for i, u in plan.kv_groups.items()] + [
+        ((i, "mlp"), u) for i, u in plan.channels.items()] + [(b, None) for b in plan.blocks]
+    for (i, kind), units in todo:
+        if (i, kind) not in live:
+            raise ValueError(f"layer {i} {kind} is out of range or dropped; allowed: layers "
+                             f"0..{len(layers) - 1}, live blocks")
+        if units is None:
+            setattr(layers[i], kind, DroppedBlock(kind))
+        elif units:
+            kept |= _prune_block(live[i, kind], kind, units, f"{prefix}.{i}.{kind}")
+    dropped = [f"{prefix}.{i}.{kind}" for i, kind in plan.blocks]
+    return PruneResult(_outside(kept, dropped), dropped, before, parameter_count(model))
+
+
+def _outside(kept: dict[str, KeptIndices], dropped: list[str]) -> dict[str, KeptIndices]:
+    """Kept indices of Linears that are not inside a dropped block."""
+    return {n: k for n, k in kept.items() if not any(n.startswith(d + ".") for d in dropped)}
+
+
+def compose(first: PruneResult, then: PruneResult) -> PruneResult:
+    """Two successive prunings as one: kept indices point into the original full shapes."""
+    kept = dict(first.kept)
+    for name, k in then.kept.items():
+        prev = kept.get(name)
+        kept[name] = k if prev is None else KeptIndices(prev.out_idx[k.out_idx],
+                                                         prev.in_idx[k.in_idx])
+    dropped = first.dropped + then.dropped
+    return PruneResult(_outside(kept, dropped), dropped, first.params_before, then.params_after)
+
+
+def _lowest(scores: torch.Tensor, n: int) -> list[int]:
+    return sorted(torch.argsort(scores, stable=True)[:n].tolist())
+
+
+def plan_pruning(importance: Importance, ratio: float) -> PrunePlan:
+    """Remove about `ratio` of the prunable parameters, least important first.
+
+    Block scores (llm-drop): whole blocks in ascending score, each taken if it brings the
+    removed count closer to the target, never both blocks of one layer. Unit scores: per
+    layer (magnitudes are not comparable across layers), round(ratio × groups) KV groups (no
+    more than the layer's target pays for), then MLP channels for the rest of the layer's
+    target; at least one KV group and one channel always stay.
+    """
+    if not 0 <= ratio < 1:
+        raise ValueError(f"prune ratio={ratio}; allowed: 0 <= ratio < 1")
+    if importance.blocks:
+        return PrunePlan(blocks=_plan_blocks(importance, ratio))
+    plan, removed = PrunePlan(), {}
+    for (i, kind) in sorted(importance.units, key=lambda k: (k[0], k[1] == "mlp")):
+        scores, cost = importance.units[i, kind], importance.unit_cost[i, kind]
+        target = ratio * sum(c for (j, _), c in importance.block_cost.items() if j == i)
+        if kind == "self_attn":
+            n = min(len(scores) - 1, floor(ratio * len(scores) + 0.5), floor(target / cost))
+            plan.kv_groups[i], removed[i] = _lowest(scores, n), n * cost
+        else:
+            n = min(len(scores) - 1, max(0, floor((target - removed.get(i, 0)) / cost + 0.5)))
+            plan.channels[i] = _lowest(scores, n)
+    return plan
+
+
+def _plan_blocks(importance: Importance, ratio: float) -> list[Block]:
+    target = ratio * sum(importance.block_cost.values())
+    removed, chosen = 0, []
+    for key in sorted(importance.blocks, key=importance.blocks.__getitem__):
+        cost, layer = importance.block_cost[key], key[0]
+        if all(i != layer for i, _ in chosen) and abs(removed + cost - target) < abs(
+                removed - target):
+            chosen.append(key)
+            removed += cost
+    return sorted(chosen)
+
+
+def _tune(model: nn.Module, tune_fn: Callable[[nn.Module], object], beta: float,
+          track: bool) -> Importance | None:
+    """Run tune_fn; with `track`, return the Taylor scores its backward passes gave."""
+    tracker = ImportanceTracker(model, beta) if track else None
+    try:
+        tune_fn(model)
+    finally:
+        if tracker is not None:
+            tracker.remove()
+    return tracker.importance() if tracker is not None and tracker.observed else None
+
+
+def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
+                    tune_fn: Callable[[nn.Module], object], criterion: str = "taylor",
+                    batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
+                    beta: float = 0.9) -> PruneResult:
+    """Prune in `slices` equal steps to `target_ratio` of the prunable parameters, calling
+    `tune_fn(model)` after each. The attached LoRA is sliced with the base, so tune_fn must
+    build its optimizer from the model's parameters on every call.
+
+    Taylor scores come from the previous tune_fn run's gradients; the first slice scores on
+    `batches`, or, without batches, on an extra tune_fn run before it.
+    """
+    if not 0 <= target_ratio < 1 or slices < 1:
+        raise ValueError(f"target_ratio={target_ratio}, slices={slices}; allowed: "
+                         "0 <= target_ratio < 1 and slices >= 1")
+    taylor = criterion == "taylor"
+    reference = prunable_parameter_count(model)
+    tracked = _tune(model, tune_fn, beta, track=True) if taylor and not batches else None
+    total: PruneResult | None = None
+    for s in range(1, slices + 1):
+        importance = tracked if tracked is not None else score(model, criterion, batches, beta)
+        done = 1 - prunable_parameter_count(model) / reference
+        step = max(0.0, (target_ratio * s / slices - done) / (1 - done))
+        result = prune_model(model, plan_pruning(importance, step))
+        total = result if total is None else compose(total, result)
+        tracked = _tune(model, tune_fn, beta, track=taylor and s < slices)
+    assert total is not None
+    return total
