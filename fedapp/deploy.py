@@ -37,6 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
 from flwr.cli.flower_config import serialize_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
 
@@ -72,7 +73,7 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
 
 def _certificate(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey,
                  signing_key: ec.EllipticCurvePrivateKey, is_ca: bool) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
             .public_key(public_key).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -151,14 +152,17 @@ def write_node_key(private_path: Path) -> Path:
 def write_connection(flwr_home: Path, name: str, address: str,
                      root_certificates: Path | None = None, insecure: bool = False) -> Path:
     """Add (or replace) `[superlink.<name>]` in `$FLWR_HOME/config.toml`, the file the
-    `flwr` CLI reads connections from; other connections are kept. Returns the file."""
+    `flwr` CLI reads connections from; other connections (and flwr's defaults, such as
+    `local`, in a new file) are kept. Returns the file."""
     if (root_certificates is None) == (not insecure):
-        raise ValueError("give either root_certificates (TLS) or insecure=True, not both")
+        raise ValueError(f"connection '{name}': root_certificates={root_certificates}, "
+                         f"insecure={insecure}; allowed: exactly one of a CA certificate "
+                         "(TLS) or insecure=True")
     connection = SuperLinkConnection(
         name=name, address=address, insecure=True if insecure else None,
         root_certificates=str(root_certificates.resolve()) if root_certificates else None)
     path = flwr_home / "config.toml"
-    config = tomli.loads(path.read_text()) if path.exists() else {}
+    config = tomli.loads(path.read_text() if path.exists() else DEFAULT_FLOWER_CONFIG_TOML)
     config.setdefault("superlink", {})[name] = serialize_superlink_connection(connection)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(config))

@@ -93,13 +93,20 @@ class LoraStrategy(FedAvg):
 
     # ------------------------------------------------------------------ who the clients are
     def wait_for_nodes(self, grid: Grid) -> list[int]:
-        """Connected node ids once `min_available_nodes` are there; a clear error if not."""
+        """Connected node ids; a clear error if too few come within `wait_seconds`.
+
+        The first round waits for the whole federation (`min_available_nodes`); later rounds
+        go on with whoever is online as long as `min_train_nodes` are, so a node that died
+        does not stop the run."""
+        needed, key = self.min_available_nodes, "scenario.num_clients"
+        if self.identities:
+            needed, key = self.min_train_nodes, "scenario.min_train_nodes"
         deadline = time.monotonic() + self.wait_seconds
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+        while len(nodes := sorted(grid.get_node_ids())) < needed:
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"only {len(nodes)} client node(s) connected after {self.wait_seconds:.0f} s; "
-                    f"scenario.num_clients asks for at least {self.min_available_nodes}"
+                    f"{key} asks for at least {needed}"
                 )
             time.sleep(1)
         return nodes

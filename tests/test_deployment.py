@@ -1,5 +1,6 @@
 """Real deployment on 127.0.0.1: a SuperLink and SuperNodes as separate processes, TLS and
-SuperNode authentication, started through `scripts/deploy/` and driven by `fedapp.submit`.
+SuperNode authentication, started through `scripts/deploy/` and driven by `fedapp.submit`
+(slow); and the credentials and CLI connection checked against what flwr reads (fast).
 
 Every process a test starts (and the SuperExec/app processes those start) is stopped by pid
 at the end, pass or fail. All state (Flower homes, databases, certificates, run dirs) lives
@@ -18,9 +19,21 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.cli.flower_config import read_superlink_connection
+from flwr.cli.supernode.register import try_load_public_key
 
-from fedapp.deploy import descendants, start_process, stop_process, wait_for_port, write_tls
-from fedapp.deploy import write_node_key
+from fedapp.deploy import (
+    descendants,
+    start_process,
+    stop_process,
+    wait_for_port,
+    write_connection,
+    write_node_key,
+    write_tls,
+)
 from fedapp.report import read_metrics
 from fedapp.submit import flower_env, free_port
 
@@ -30,7 +43,50 @@ CONNECTION = "deploy-test"
 TINY_RUN = ("scenario=two_clients train.max_length=64 eval.max_examples=16 partitioner=iid "
             "strategy.ranks=[2,4]")
 
-pytestmark = pytest.mark.slow
+
+# ---------------------------------------------------------------------- credentials, fast
+def test_superlink_certificate_names_its_hosts_and_is_signed_by_the_ca(tmp_path):
+    tls = write_tls(tmp_path, ["flower.example.org", "10.0.0.5"])
+
+    ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["flower.example.org", "localhost"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5",
+                                                                           "127.0.0.1"]
+    assert tls.server_key.stat().st_mode & 0o077 == 0
+    with pytest.raises(FileExistsError, match="ca.crt"):
+        write_tls(tmp_path)
+
+
+def test_node_key_pair_is_what_flower_accepts(tmp_path):
+    public_path = write_node_key(tmp_path / "supernode-0")
+
+    private = load_ssh_private_key((tmp_path / "supernode-0").read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert private.curve.name == "secp384r1"
+    assert try_load_public_key(public_path)  # what `flwr supernode register` does
+
+
+def test_connections_are_read_back_by_the_flwr_cli(tmp_path, monkeypatch):
+    (tmp_path / "ca.crt").write_text("pem")
+    write_connection(tmp_path, "tls", "flower.example.org:8000", tmp_path / "ca.crt")
+    write_connection(tmp_path, "plain", "127.0.0.1:8000", insecure=True)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+
+    tls, plain = read_superlink_connection("tls"), read_superlink_connection("plain")
+
+    assert (tls.address, tls.root_certificates, tls.insecure) == (
+        "flower.example.org:8000", str((tmp_path / "ca.crt").resolve()), False)
+    assert (plain.address, plain.root_certificates, plain.insecure) == (
+        "127.0.0.1:8000", None, True)
+    assert read_superlink_connection("local").address  # flwr's defaults are kept
+    with pytest.raises(ValueError, match="exactly one"):
+        write_connection(tmp_path, "neither", "127.0.0.1:8000")
+
+
+# ---------------------------------------------------------------------- real processes
 
 
 class Federation:
@@ -137,6 +193,7 @@ def wait_for_line(fed: Federation, name: str, text: str, timeout: float) -> None
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_two_supernodes_fine_tune_over_tls_with_node_auth(tiny_model_dir, tmp_path, federation):
     federation.start_superlink()
     federation.start_supernodes(2)
@@ -157,31 +214,32 @@ def test_two_supernodes_fine_tune_over_tls_with_node_auth(tiny_model_dir, tmp_pa
     assert "finished:completed" in federation.log("submit")
 
 
+@pytest.mark.slow
 def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(
         tiny_model_dir, tmp_path, federation):
     federation.start_superlink()
     federation.start_supernodes(3)
 
     run_dir = tmp_path / "run"
+    # One round: a later round would wait for scenario.num_clients=3 live nodes again.
+    # round_timeout leaves the survivors time on a loaded 2-core machine. The SuperLink gives
+    # up on a dead node 60 s after its last heartbeat (sent every 17-23 s): 37-60 s after it.
     overrides = (f"model.path={tiny_model_dir} {TINY_RUN} num_rounds=1 train.local_steps=8 "
-                 "scenario.num_clients=3 scenario.min_train_nodes=2 round_timeout=60")
+                 "scenario.num_clients=3 scenario.min_train_nodes=2 round_timeout=90")
     federation.submit(overrides, run_dir)
     # The victim's ClientApp logs this line just before its local training starts.
-    wait_for_line(federation, "supernode-2", "Client 2: ", timeout=150)
+    wait_for_line(federation, "supernode-2", "Client 2: ", timeout=240)
     federation.kill("supernode-2")
 
-    assert federation.wait("submit", timeout=180) == 0, federation.logs()
+    assert federation.wait("submit", timeout=240) == 0, federation.logs()
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1]
     clients = rows[1]["clients"]
     assert rows[1]["accepted"] == 2
+    assert sorted(clients) == ["partition-0", "partition-1", "partition-2"]
     assert clients["partition-0"]["status"] == clients["partition-1"]["status"] == "ok"
+    # Either the SuperLink's error reply for a node without heartbeats (mapped back to the
+    # node it stands for), or nothing before round_timeout.
     victim = clients["partition-2"]["status"]
-    assert victim == "no reply" or victim.startswith("rejected: client error"), victim
-    # The SuperLink answers for a node that stopped sending heartbeats with an error reply
-    # from node 1 (itself); until the strategy maps it back by reply_to_message_id it is an
-    # extra entry. Nothing else may appear.
-    others = {n: c["status"] for n, c in clients.items() if not n.startswith("partition-")}
-    assert all(n == "node-1" and s.startswith("rejected: client error")
-               for n, s in others.items()), others
+    assert victim == "no reply" or "Node Unavailable" in victim, victim
     assert (run_dir / "adapter" / "adapter_config.json").exists()

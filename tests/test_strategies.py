@@ -149,3 +149,18 @@ def test_too_few_nodes_ends_with_a_clear_message_within_the_deadline():
 
     with pytest.raises(RuntimeError, match="only 2 client node.* at least 3"):
         list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid({1: 0, 2: 1})))
+
+
+def test_after_the_first_round_a_lost_node_does_not_stop_the_run():
+    grid = FakeGrid({1: 0, 2: 1, 3: 2})
+    strategy = FLoRA(TEMPLATE, MODULES, ranks=[2], alpha_ratio=1.0, min_available_nodes=3,
+                     min_train_nodes=2, wait_seconds=1.0)
+    first = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    del grid.partitions[3]  # node 3 dies
+
+    second = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid))
+    del grid.partitions[2]
+
+    assert len(first) == 3 and sorted(m.metadata.dst_node_id for m in second) == [1, 2]
+    with pytest.raises(RuntimeError, match="only 1 client node.*min_train_nodes asks for at least 2"):
+        list(strategy.configure_train(3, ArrayRecord(), ConfigRecord(), grid))
