@@ -44,9 +44,10 @@ def train(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = node_partition(context)
     global_state = msg.content["arrays"].to_torch_state_dict()
     state, metrics = run_round(inst, partition_id, num_partitions, global_state)
-    # Overhead before training starts: model/data loading within the handler, and the
-    # process start-up, paid once per process (deployment starts one per message; a
-    # simulation actor serves many, so its later messages report 0).
+    # Overhead before training starts: model/data loading within the handler; and how old
+    # the process was when its first message came (a deployed SuperNode starts a ClientApp
+    # process per message, ahead of it, so this includes idle waiting; a simulation actor
+    # serves many messages and reports 0 after its first).
     metrics["setup-seconds"] = metrics.pop("training-started") - received
     metrics["process-start-seconds"] = 0.0
     if not _PROCESS_SEEN_A_MESSAGE:
