@@ -150,9 +150,9 @@ class LoraStrategy(FedAvg):
         """What of the (non-empty) global state this client needs; default: all of it."""
         return state
 
-    def client_arrays(self, client: ClientIdentity, arrays: ArrayRecord) -> ArrayRecord:
-        """`client_state` of the global arrays, in the wire dtype."""
-        state = arrays.to_torch_state_dict()
+    def client_arrays(self, client: ClientIdentity,
+                      state: dict[str, torch.Tensor]) -> ArrayRecord:
+        """`client_state` of the global state, in the wire dtype."""
         if not state:
             return ArrayRecord()
         dtype = getattr(torch, self.template.wire_dtype)
@@ -161,12 +161,13 @@ class LoraStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         node_ids = self.sample(grid, server_round)
+        state = arrays.to_torch_state_dict()  # once per round, not once per client
         self.assignments = {}
         messages = []
         for node_id in node_ids:
             client = self.identities[node_id]
             inst = self.client_instructions(server_round, client)
-            payload = self.client_arrays(client, arrays)
+            payload = self.client_arrays(client, state)
             record = inst.to_config()
             record["server-round"] = server_round
             self.assignments[node_id] = Assignment(client, inst,

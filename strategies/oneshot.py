@@ -50,7 +50,8 @@ class OneShot(LoraStrategy):
         inst = super().client_instructions(server_round, client)
         return dataclasses.replace(inst, local_steps=inst.local_steps * self.budget_rounds)
 
-    def client_arrays(self, client: ClientIdentity, arrays: ArrayRecord) -> ArrayRecord:
+    def client_arrays(self, client: ClientIdentity,
+                      state: dict[str, torch.Tensor]) -> ArrayRecord:
         return ArrayRecord()  # everyone starts from the base (global_mode "none")
 
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
