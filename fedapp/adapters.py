@@ -65,6 +65,13 @@ def with_lora(base: torch.nn.Module, r: int, lora_alpha: float, target_modules: 
         detach_lora(model)
 
 
+def add_low_rank(x: torch.Tensor, output: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 scaling: float) -> torch.Tensor:
+    """output + scaling · x Aᵀ Bᵀ, computed in A's dtype and returned in output's."""
+    delta = (x.to(a.dtype) @ a.T) @ b.T  # (.., in) @ (in, R) @ (R, out) -> (.., out)
+    return output + (scaling * delta).to(output.dtype)
+
+
 @contextmanager
 def frozen_delta(base: torch.nn.Module, state: Mapping[str, torch.Tensor],
                  scaling: float = 1.0) -> Iterator[int]:
@@ -83,9 +90,7 @@ def frozen_delta(base: torch.nn.Module, state: Mapping[str, torch.Tensor],
             a32, b32 = a.float(), b.float()
 
             def hook(_m, inputs, output, a=a32, b=b32):
-                x = inputs[0]
-                delta = (x.to(a.dtype) @ a.T) @ b.T  # (.., in) @ (in, R) @ (R, out) -> (.., out)
-                return output + (scaling * delta).to(output.dtype)
+                return add_low_rank(inputs[0], output, a, b, scaling)
 
             handles.append(modules[name].register_forward_hook(hook))
         yield len(handles)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from functools import cache
 from logging import INFO
@@ -44,20 +44,26 @@ def check_instructions(inst: TrainInstructions) -> None:
         raise ValueError(f"wire-dtype={inst.wire_dtype!r}; allowed: {list(WIRE_DTYPES)}")
 
 
+def local_data(inst: TrainInstructions, partition_id: int, num_partitions: int
+               ) -> tuple[list[dict], Iterator[dict[str, torch.Tensor]], int]:
+    """Apply the thread count; (this client's examples, its endless batches, pad token id)."""
+    if inst.num_threads > 0:
+        torch.set_num_threads(inst.num_threads)
+    examples = partition_examples(inst.data, inst.model_path, inst.max_length, inst.partitioner,
+                                  num_partitions, partition_id, inst.partitioner_alpha)
+    pad = cached_tokenizer(inst.model_path).pad_token_id
+    return examples, train_batches(examples, inst.batch_size, pad,
+                                   seed=inst.seed + 1000 * partition_id), pad
+
+
 def run_round(inst: TrainInstructions, partition_id: int, num_partitions: int,
               global_state: Mapping[str, torch.Tensor],
               device: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train a LoRA on this client's partition; return (adapter state, metrics)."""
     check_instructions(inst)
-    if inst.num_threads > 0:
-        torch.set_num_threads(inst.num_threads)
     device = device or default_device()
-    examples = partition_examples(inst.data, inst.model_path, inst.max_length, inst.partitioner,
-                                  num_partitions, partition_id, inst.partitioner_alpha)
+    examples, batches, _ = local_data(inst, partition_id, num_partitions)
     base = cached_base(inst.model_path, inst.quantization, device)
-    tokenizer = cached_tokenizer(inst.model_path)
-    batches = train_batches(examples, inst.batch_size, tokenizer.pad_token_id,
-                            seed=inst.seed + 1000 * partition_id)
     init = global_state if inst.global_mode == "init" else None
     with ExitStack() as stack:
         if inst.global_mode == "frozen" and global_state:

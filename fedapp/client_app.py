@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 
 from fedapp.client import run_round
 from fedapp.instructions import TrainInstructions
+from fedapp.spine import run_spine_round
 
 app = ClientApp()
 _PROCESS_SEEN_A_MESSAGE = False
@@ -43,7 +44,11 @@ def train(msg: Message, context: Context) -> Message:
     inst = TrainInstructions.from_config(msg.content["config"])
     partition_id, num_partitions = node_partition(context)
     global_state = msg.content["arrays"].to_torch_state_dict()
-    state, metrics = run_round(inst, partition_id, num_partitions, global_state)
+    kept = {}
+    if inst.spine_round:  # FedSpine: prune, tune, and say which units were kept
+        state, metrics, kept = run_spine_round(inst, partition_id, num_partitions, global_state)
+    else:
+        state, metrics = run_round(inst, partition_id, num_partitions, global_state)
     # Overhead before training starts: model/data loading within the handler; and how old
     # the process was when its first message came (a deployed SuperNode starts a ClientApp
     # process per message, ahead of it, so this includes idle waiting; a simulation actor
@@ -54,4 +59,6 @@ def train(msg: Message, context: Context) -> Message:
         metrics["process-start-seconds"] = max(received - psutil.Process().create_time(), 0.0)
         globals()["_PROCESS_SEEN_A_MESSAGE"] = True
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    if kept:
+        content["kept"] = ArrayRecord(kept)
     return Message(content, reply_to=msg)

@@ -99,8 +99,24 @@ def validate(cfg: DictConfig) -> None:
         _require(cfg.strategy.name == "flora", "dp.enabled", True,
                  "only with strategy=flora (other strategies average factors, which the "
                  "clipping and noise here do not cover)")
+    scenario_devices(cfg)  # raises on an unknown device class or a bad value
+    if cfg.strategy.name == "fedspine":
+        from strategies.fedspine import check_fedspine_config
+
+        check_fedspine_config(OmegaConf.to_container(cfg.strategy))
     if cfg.partitioner.name == "dirichlet":
         _require(cfg.partitioner.alpha > 0, "partitioner.alpha", cfg.partitioner.alpha, "> 0")
+
+
+def scenario_devices(cfg: DictConfig) -> list:
+    """The scenario's device profile per partition id (strategies.devices)."""
+    from strategies.devices import device_profiles
+
+    sc = cfg.scenario
+    devices = sc.get("devices")
+    return device_profiles(OmegaConf.to_container(devices) if devices else None,
+                           list(sc.get("device_of_client") or []),
+                           float(sc.bandwidth_up_mbps), float(sc.bandwidth_down_mbps))
 
 
 def data_spec(cfg: DictConfig) -> DataSpec:
@@ -137,5 +153,5 @@ def build_strategy(cfg: DictConfig, module_shapes: Mapping[str, tuple[int, int]]
         fraction_train=float(cfg.scenario.fraction_train),
         min_train_nodes=int(cfg.scenario.min_train_nodes),
         min_available_nodes=int(cfg.scenario.num_clients),
-        wait_seconds=float(cfg.scenario.wait_seconds), **extra,
+        wait_seconds=float(cfg.scenario.wait_seconds), devices=scenario_devices(cfg), **extra,
         **({"dp": OmegaConf.to_container(cfg.dp)} if cfg.dp.enabled else {}))

@@ -42,6 +42,15 @@ class TrainInstructions:
     # False: lora_A stays at its initial value and only lora_B is trained and sent (FFA-LoRA).
     train_lora_a: bool = True
     num_threads: int = 0
+    # FedSpine: prune the local copy structurally to `prune_ratio` of its attention / MLP
+    # parameters in `prune_slices` slices, tuning LoRA `tune_steps` steps after each slice
+    # (within the `local_steps` budget), scoring units by `prune_criterion`; and measure the
+    # loss on a probe batch before and after, for the server's bandit. See fedapp.spine.
+    spine_round: bool = False
+    prune_ratio: float = 0.0
+    prune_criterion: str = "taylor"
+    prune_slices: int = 1
+    tune_steps: int = 20
     data: DataSpec = field(default_factory=DataSpec)
 
     def to_config(self) -> ConfigRecord:

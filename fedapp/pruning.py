@@ -271,13 +271,16 @@ def _tune(model: nn.Module, tune_fn: Callable[[nn.Module], object], beta: float,
 def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
                     tune_fn: Callable[[nn.Module], object], criterion: str = "taylor",
                     batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
-                    beta: float = 0.9) -> PruneResult:
+                    beta: float = 0.9,
+                    on_prune: Callable[[PruneResult], None] | None = None) -> PruneResult:
     """Prune in `slices` equal steps to `target_ratio` of the prunable parameters, calling
     `tune_fn(model)` after each. The attached LoRA is sliced with the base, so tune_fn must
     build its optimizer from the model's parameters on every call.
 
     Taylor scores come from the previous tune_fn run's gradients; the first slice scores on
-    `batches`, or, without batches, on an extra tune_fn run before it.
+    `batches`, or, without batches, on an extra tune_fn run before it. `on_prune(total)` is
+    called after each slice, before tuning, with the pruning so far (indices into the full
+    shapes), e.g. to re-slice something that follows the layers.
     """
     if not 0 <= target_ratio < 1 or slices < 1:
         raise ValueError(f"target_ratio={target_ratio}, slices={slices}; allowed: "
@@ -292,6 +295,8 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
         step = max(0.0, (target_ratio * s / slices - done) / (1 - done))
         result = prune_model(model, plan_pruning(importance, step))
         total = result if total is None else compose(total, result)
+        if on_prune is not None:
+            on_prune(total)
         tracked = _tune(model, tune_fn, beta, track=taylor and s < slices)
     assert total is not None
     return total

@@ -72,8 +72,10 @@ class RunRecorder:
 
     def simulated_round_seconds(self, round_log: dict) -> float:
         """Clients train in parallel: a round lasts as long as its slowest client, whose time
-        is its measured training time plus its bytes over the scenario's bandwidth."""
-        times = [c.get("train-seconds", 0.0) + c.get("bytes-up", 0) / self.up_bytes_per_s
+        is the `completion-seconds` its device profile gives (strategies.devices), or else
+        its measured training time plus its bytes over the scenario's bandwidth."""
+        times = [c["completion-seconds"] if "completion-seconds" in c else
+                 c.get("train-seconds", 0.0) + c.get("bytes-up", 0) / self.up_bytes_per_s
                  + c.get("bytes-down", 0) / self.down_bytes_per_s
                  for c in round_log.get("clients", {}).values() if c.get("status") == "ok"]
         return max(times, default=0.0)

@@ -2,6 +2,7 @@
 
 from strategies.base import LoraStrategy
 from strategies.fedit import FedIT
+from strategies.fedspine import FedSpine
 from strategies.ffa import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
@@ -9,13 +10,14 @@ from strategies.oneshot import OneShot
 from strategies.zeropad import ZeroPad
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {
-    s.name: s for s in (FedIT, FLoRA, ZeroPad, FlexLoRA, FFALoRA, OneShot)}
+    s.name: s for s in (FedIT, FLoRA, ZeroPad, FlexLoRA, FFALoRA, OneShot, FedSpine)}
 
 __all__ = [
     "STRATEGIES",
     "FFALoRA",
     "FLoRA",
     "FedIT",
+    "FedSpine",
     "FlexLoRA",
     "LoraStrategy",
     "OneShot",

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedapp.instructions import TrainInstructions
+from strategies.devices import DeviceProfile
 from strategies.lora_math import LoraUpdate
 from strategies.replies import RejectedReply, parse_reply
 
@@ -64,6 +65,9 @@ class LoraStrategy(FedAvg):
         alpha_ratio: lora_alpha = alpha_ratio · r for each client.
         seed: seeds client sampling and each round's client seeds.
         wait_seconds: how long to wait for `min_available_nodes` before giving up.
+        devices: device profile per partition id (cycled): each accepted client's
+            completion time (`completion-seconds` in the round log) follows its profile;
+            None: measured compute plus transfer at 20 / 100 Mbit/s.
     """
 
     name = "lora"
@@ -75,7 +79,8 @@ class LoraStrategy(FedAvg):
     def __init__(self, template: TrainInstructions, module_shapes: Mapping[str, tuple[int, int]],
                  ranks: list[int], alpha_ratio: float, seed: int = 0,
                  fraction_train: float = 1.0, min_train_nodes: int = 2,
-                 min_available_nodes: int = 2, wait_seconds: float = 300.0) -> None:
+                 min_available_nodes: int = 2, wait_seconds: float = 300.0,
+                 devices: list[DeviceProfile] | None = None) -> None:
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
                          min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes)
         if not ranks or any(int(r) <= 0 for r in ranks):
@@ -86,6 +91,7 @@ class LoraStrategy(FedAvg):
         self.alpha_ratio = alpha_ratio
         self.seed = seed
         self.wait_seconds = wait_seconds
+        self.devices = list(devices) if devices else [DeviceProfile("default")]
         self.identities: dict[int, ClientIdentity] = {}
         self.assignments: dict[int, Assignment] = {}
         self.round_log: dict[int, dict] = {}
@@ -138,6 +144,9 @@ class LoraStrategy(FedAvg):
     # ------------------------------------------------------------------ what each is told
     def rank_for(self, client: ClientIdentity) -> int:
         return self.ranks[client.partition_id % len(self.ranks)]
+
+    def device_for(self, client: ClientIdentity) -> DeviceProfile:
+        return self.devices[client.partition_id % len(self.devices)]
 
     def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
         r = self.rank_for(client)
@@ -211,6 +220,10 @@ class LoraStrategy(FedAvg):
                 continue
             metrics = msg.content.metric_records["metrics"]
             entry.update(status="ok", r=inst.lora_r, **{k: float(v) for k, v in metrics.items()})
+            device = self.device_for(assignment.client)
+            entry["device"] = device.name
+            entry["completion-seconds"] = device.completion_seconds(
+                entry.get("train-seconds", 0.0), entry["bytes-up"], entry["bytes-down"])
             train_losses.append((update.weight, float(metrics.get("train-loss", float("nan")))))
             updates.append(update)
         for node_id, assignment in self.assignments.items():  # asked but never answered

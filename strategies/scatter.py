@@ -31,6 +31,10 @@ import torch
 
 from strategies.lora_math import Factors
 
+# How a pruned client names its kept indices in its reply's "kept" ArrayRecord:
+# "<peft module key>.kept-out" and "<peft module key>.kept-in", int64, empty if dropped.
+KEPT_OUT, KEPT_IN = ".kept-out", ".kept-in"
+
 KeptIndices = tuple[torch.Tensor | None, torch.Tensor | None]
 """Per module: (kept_out, kept_in); each a 1-D integer tensor into the full layer, or None
 when that side keeps every unit."""

@@ -19,7 +19,7 @@ def test_default_config_composes_to_the_documented_run():
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("strategy=nope", "allowed: ['fedit', 'ffa', 'flexlora', 'flora', 'oneshot', 'zeropad']"),
+    ("strategy=nope", "allowed: ['fedit', 'fedspine', 'ffa', 'flexlora', 'flora', 'oneshot', 'zeropad']"),
     ("model=nope", "is not a known model"),
     ("dataset=nope", "is not a known dataset"),
     ("strategy.name=nope", "strategy.name='nope'"),

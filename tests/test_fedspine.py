@@ -1,0 +1,320 @@
+"""FedSpine end to end in pieces: the pruned client round (tiny model), the global term
+following the pruned layers, and the strategy (arms, memory feasibility, pruned replies
+scattered and stacked, rewards, save/load) driven with a fake grid."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedapp.adapters import PEFT_PREFIX, attach_lora
+from fedapp.config import compose_config, train_template
+from fedapp.model import cached_base, load_base
+from fedapp.pruning import iterative_prune, parameter_count
+from fedapp.spine import GlobalTerm, run_spine_round
+from strategies.bandit import estimated_memory_mb
+from strategies.devices import DeviceProfile, device_profiles
+from strategies.fedspine import FedSpine
+from strategies.lora_math import LORA_A, LORA_B, join_factors, split_factors, stack_factors
+from strategies.scatter import KEPT_IN, KEPT_OUT
+from tests.test_strategies import TEMPLATE, FakeGrid, task_identity  # noqa: F401
+
+MODULES = {"base_model.model.layer.q_proj": (6, 5), "base_model.model.layer.v_proj": (3, 5)}
+Q, V = MODULES
+MEMORY = {"fixed_mb": 100.0, "base_mb": 1000.0, "lora_mb_per_rank": 10.0}
+BANDIT = {"prune_ratios": [0.0, 0.25, 0.5], "ranks": [2, 4], "exploration": 0.05,
+          "max_rank": 4, "max_prune_ratio": 0.5}  # refinement only adds rank 3
+PHONE = DeviceProfile("phone", slowdown=4.0, memory_mb=700.0, up_mbps=5.0, down_mbps=20.0)
+EDGE = DeviceProfile("edge", slowdown=1.0, memory_mb=5000.0, up_mbps=100.0, down_mbps=500.0)
+
+
+def spine(**kwargs) -> FedSpine:
+    args = {"ranks": [2], "alpha_ratio": 2.0, "min_available_nodes": 2, "memory": MEMORY,
+            "bandit": BANDIT, "devices": [PHONE, EDGE], "prune": {"slices": 1}, **kwargs}
+    return FedSpine(TEMPLATE, MODULES, **args)
+
+
+def tiny_instructions(tiny_model_dir, **kwargs):
+    cfg = compose_config(f"model.path={tiny_model_dir} train.local_steps=6 "
+                         "train.max_length=48 partitioner=iid")
+    return dataclasses.replace(train_template(cfg), spine_round=True, lora_r=4,
+                               lora_alpha=8.0, global_mode="frozen", **kwargs)
+
+
+def random_global(shapes: dict[str, tuple[int, int]], r: int = 3) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    state = {}
+    for key, (n_out, n_in) in shapes.items():
+        state[key + LORA_A] = 0.1 * torch.randn(r, n_in, generator=gen)
+        state[key + LORA_B] = 0.1 * torch.randn(n_out, r, generator=gen)
+    return state
+
+
+# ---------------------------------------------------------------- client side, tiny model
+def test_global_term_follows_the_pruned_layers_exactly(tiny_model_dir):
+    model = attach_lora(load_base(str(tiny_model_dir), "none", "cpu"), 4, 8,
+                        ["q_proj", "o_proj"], seed=0)
+    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+              if hasattr(m, "lora_A")}
+    g = split_factors(random_global(shapes))
+    term = GlobalTerm(model, g)
+    result = iterative_prune(model, 0.5, 2, lambda m: None, "magnitude",
+                             on_prune=term.reslice)
+    key = PEFT_PREFIX + "model.layers.1.self_attn.o_proj"
+    kept = result.kept["model.layers.1.self_attn.o_proj"]
+    layer = dict(model.named_modules())[key]
+    x = torch.randn(2, 3, layer.in_features)  # (batch, seq, in kept)
+
+    with torch.no_grad():
+        hooked = layer(x)
+        term.remove()
+        plain = layer(x)
+    a, b = g[key]
+    dense = (b @ a)[kept.out_idx][:, kept.in_idx]  # G restricted to the kept units
+
+    assert layer.in_features < shapes[key][1]
+    torch.testing.assert_close(hooked - plain, x @ dense.T, atol=1e-5, rtol=1e-4)
+
+
+def test_pruned_round_replies_factors_that_match_its_kept_indices(tiny_model_dir):
+    inst = tiny_instructions(tiny_model_dir, prune_ratio=0.5, prune_slices=2, tune_steps=2)
+    shapes = {PEFT_PREFIX + n: (m.out_features, m.in_features) for n, m in
+              cached_base(str(tiny_model_dir), "nf4", "cpu").named_modules()
+              if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))}
+    before = parameter_count(cached_base(str(tiny_model_dir), "nf4", "cpu"))
+
+    state, metrics, kept = run_spine_round(inst, 0, 2, random_global(shapes), "cpu")
+
+    factors = split_factors(state)
+    assert set(factors) == set(shapes)
+    pruned = 0
+    for key, (a, b) in factors.items():
+        rows, cols = kept.get(key + KEPT_OUT), kept.get(key + KEPT_IN)
+        n_out = shapes[key][0] if rows is None else rows.numel()
+        n_in = shapes[key][1] if cols is None else cols.numel()
+        assert a.shape == (4, n_in) and b.shape == (n_out, 4)
+        pruned += (n_out, n_in) != shapes[key]
+    assert pruned > 0 and metrics["params-ratio"] < 0.85
+    assert math.isfinite(metrics["loss-before"]) and math.isfinite(metrics["loss-after"])
+    assert metrics["train-seconds"] >= metrics["tune-seconds"] > 0
+    # the process's cached base, which unpruned rounds use, is untouched
+    assert parameter_count(cached_base(str(tiny_model_dir), "nf4", "cpu")) == before
+
+
+def test_ratio_zero_round_prunes_nothing_and_learns(tiny_model_dir):
+    inst = tiny_instructions(tiny_model_dir, prune_ratio=0.0, local_steps=12, lr=0.01)
+
+    _, metrics, kept = run_spine_round(inst, 0, 2, {}, "cpu")
+
+    assert kept == {} and metrics["params-ratio"] == 1.0
+    assert metrics["loss-after"] < metrics["loss-before"]
+
+
+def test_bad_pruning_orders_name_the_key(tiny_model_dir):
+    with pytest.raises(ValueError, match="prune-criterion='l1'"):
+        run_spine_round(tiny_instructions(tiny_model_dir, prune_criterion="l1"), 0, 2, {})
+    with pytest.raises(ValueError, match="prune-slices=7"):
+        run_spine_round(tiny_instructions(tiny_model_dir, prune_ratio=0.5, prune_slices=7),
+                        0, 2, {})
+
+
+# ---------------------------------------------------------------- server side
+def kept_reply(msg: Message, rows: list[int], r: int, seed: int, **metrics) -> Message:
+    """A reply that pruned q_proj to `rows` (all columns) and left v_proj whole."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {Q + LORA_A: torch.randn(r, 5, generator=gen),
+             Q + LORA_B: torch.randn(len(rows), r, generator=gen),
+             V + LORA_A: torch.randn(r, 5, generator=gen),
+             V + LORA_B: torch.randn(3, r, generator=gen)}
+    kept = {Q + KEPT_OUT: torch.tensor(rows), Q + KEPT_IN: torch.arange(5)}
+    values = {"num-examples": 10.0, "train-loss": 1.0, "train-seconds": 10.0,
+              "loss-before": 2.0, "loss-after": 1.8, **metrics}
+    return Message(RecordDict({"arrays": ArrayRecord(state), "kept": ArrayRecord(kept),
+                               "metrics": MetricRecord(values)}), reply_to=msg), state
+
+
+def first_round(strategy: FedSpine) -> tuple[dict[int, Message], dict[int, int]]:
+    """Round 1's train messages and ranks by node id, for nodes 11 (phone), 12 (edge)."""
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+        1, ArrayRecord(), ConfigRecord(), FakeGrid({11: 0, 12: 1}))}
+    return messages, {n: m.content["config"]["lora-r"] for n, m in messages.items()}
+
+
+def test_pruned_replies_are_scattered_and_stacked_exactly():
+    strategy = spine()
+    messages, ranks = first_round(strategy)
+    r1, s1 = kept_reply(messages[11], [0, 2, 5], ranks[11], seed=1)
+    r2, s2 = kept_reply(messages[12], [1, 2, 3, 4], ranks[12], seed=2)
+
+    arrays, _ = strategy.aggregate_train(1, [r1, r2])
+
+    global_ = split_factors(arrays.to_torch_state_dict())
+    dense = global_[Q][1] @ global_[Q][0]  # (6, 5)
+    expected = torch.zeros(6, 5)
+    for state, rows in ((s1, [0, 2, 5]), (s2, [1, 2, 3, 4])):
+        expected[rows] += 2.0 * 0.5 * state[Q + LORA_B] @ state[Q + LORA_A]  # scaling 2, p 1/2
+    torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-5)
+    assert all(m.content["config"]["spine-round"] for m in messages.values())
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (lambda c: c["kept"].__setitem__(Q + KEPT_OUT, ArrayRecord({"x": torch.tensor([0, 9, 2])})
+                                     ["x"]), "kept out indices span"),
+    (lambda c: c["kept"].__delitem__(Q + KEPT_IN), "only one side"),
+    (lambda c: c["kept"].__setitem__(Q + KEPT_OUT, ArrayRecord(
+        {"x": torch.tensor([0, 1])})["x"]), "has shape"),
+    (lambda c: c["metrics"].__delitem__("loss-before"), "loss-before"),
+])
+def test_bad_pruned_replies_are_rejected_and_the_round_goes_on(tamper, reason):
+    strategy = spine()
+    messages, ranks = first_round(strategy)
+    bad, _ = kept_reply(messages[11], [0, 2, 5], ranks[11], seed=1)
+    good, state = kept_reply(messages[12], [0, 1, 2], ranks[12], seed=2)
+    tamper(bad.content)
+
+    arrays, _ = strategy.aggregate_train(1, [bad, good])
+
+    log = strategy.round_log[1]["clients"]
+    assert reason in log["partition-0"]["status"] and log["partition-1"]["status"] == "ok"
+    assert log["partition-0"]["reward"] == pytest.approx(-1.1)  # failure: -1 - λ
+    a, b = split_factors(arrays.to_torch_state_dict())[Q]
+    dense = b @ a
+    expected = torch.zeros(6, 5)
+    expected[[0, 1, 2]] = 2.0 * state[Q + LORA_B] @ state[Q + LORA_A]
+    torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rewards_follow_the_documented_formula():
+    strategy = spine(time_weight=0.5)
+    messages, ranks = first_round(strategy)
+    r1, _ = kept_reply(messages[11], [0, 1, 2], ranks[11], 1, **{"train-seconds": 30.0})
+    r2, _ = kept_reply(messages[12], [0, 1, 2], ranks[12], 2,
+                       **{"train-seconds": 10.0, "loss-after": 1.0})
+
+    strategy.aggregate_train(1, [r1, r2])
+
+    log = strategy.round_log[1]["clients"]
+    t1, t2 = log["partition-0"]["completion-seconds"], log["partition-1"]["completion-seconds"]
+    bytes0 = log["partition-0"]["bytes-up"] * 8 / 5e6 + log["partition-0"]["bytes-down"] * 8 / 20e6
+    assert t1 == pytest.approx(30.0 * 4 + bytes0)  # phone: 4x compute + its slow link
+    median = (t1 + t2) / 2
+    assert log["partition-0"]["reward"] == pytest.approx(0.1 - 0.5 * (t1 / median - 1))
+    assert log["partition-1"]["reward"] == pytest.approx(0.5 - 0.5 * (t2 / median - 1))
+    bandit = strategy.bank["partition-1"]
+    arm = strategy.arms["partition-1"][0]
+    assert bandit.stats[arm].pulls == 1 and bandit.stats[arm].mean == pytest.approx(
+        log["partition-1"]["reward"])
+
+
+def play(strategy: FedSpine, rounds: int, first: int = 1) -> list[dict[str, tuple]]:
+    """Run rounds with synthetic replies: loss improvement grows with rank, time with 1-ratio."""
+    grid, chosen = FakeGrid({11: 0, 12: 1}), []
+    for t in range(first, first + rounds):
+        messages = list(strategy.configure_train(t, ArrayRecord(), ConfigRecord(), grid))
+        replies = []
+        for msg in messages:
+            cfg = msg.content["config"]
+            rows = list(range(6 - round(6 * cfg["prune-ratio"])))
+            replies.append(kept_reply(msg, rows, cfg["lora-r"], t, **{
+                "train-seconds": 10.0 * (1 - cfg["prune-ratio"]),
+                "loss-after": 2.0 - 0.02 * cfg["lora-r"]})[0])
+        strategy.aggregate_train(t, replies)
+        chosen.append({n: (a.prune_ratio, a.rank) for n, (a, _) in strategy.arms.items()})
+    return chosen
+
+
+@pytest.mark.parametrize("policy", ["bandit", "random"])
+def test_memory_infeasible_arms_are_never_assigned(policy):
+    strategy = spine(arm_policy=policy)
+    chosen = play(strategy, 30)
+
+    phone = [c["partition-0"] for c in chosen]
+    for ratio, rank in phone:
+        assert estimated_memory_mb(ratio, rank, base_mb=1000.0, lora_mb_per_rank=10.0,
+                                   activation_mb=100.0) <= PHONE.memory_mb
+    assert {ratio for ratio, _ in phone} == {0.5}  # ratios 0 and 0.25 do not fit 700 MB
+    if policy == "bandit":  # the fast, useful arm wins on the unconstrained edge client
+        late = [c["partition-1"] for c in chosen[-10:]]
+        assert max(set(late), key=late.count) == (0.5, 4)
+
+
+def test_random_policy_is_seeded_and_feasible():
+    assert play(spine(arm_policy="random"), 6) == play(spine(arm_policy="random"), 6)
+
+
+def test_bandit_state_survives_a_checkpoint():
+    straight = spine()
+    play(straight, 12)
+    first = spine()
+    play(first, 7)
+    resumed = spine()
+    resumed.load_state(first.state_dict(), ArrayRecord(join_factors(first.global_factors)))
+
+    assert play(resumed, 5, first=8) == play(first, 5, first=8)
+    assert resumed.bank.state_dict() == straight.bank.state_dict()
+
+
+def test_a_device_that_fits_no_arm_is_refused_before_training():
+    tiny = DeviceProfile("watch", memory_mb=150.0)
+    with pytest.raises(ValueError, match="no arm of the 6-arm grid is feasible"):
+        spine(devices=[tiny, EDGE])
+
+
+def test_scenario_devices_are_checked():
+    with pytest.raises(ValueError, match=r"device_of_client names \['tablet'\]"):
+        device_profiles({"phone": {"slowdown": 2}}, ["phone", "tablet"], 20, 100)
+    with pytest.raises(ValueError, match="devices.phone.slowdown=-1.0"):
+        device_profiles({"phone": {"slowdown": -1}}, ["phone"], 20, 100)
+    with pytest.raises(ValueError, match="strategy.arm_policy='greedy'"):
+        compose_config("strategy=fedspine strategy.arm_policy=greedy")
+    with pytest.raises(ValueError, match="strategy.memory"):
+        compose_config("strategy=fedspine ~strategy.memory.fixed_mb")
+    profiles = device_profiles(None, [], 20, 100)
+    assert profiles == [DeviceProfile("default", up_mbps=20, down_mbps=100)]
+    assert profiles[0].completion_seconds(3.0, 2.5e6, 25e6) == pytest.approx(3 + 1 + 2)
+
+
+def test_stacking_is_unchanged_for_unpruned_replies():
+    # a FedSpine round where nobody pruned is exactly FLoRA's stack
+    strategy = spine()
+    grid = FakeGrid({11: 0, 12: 1})
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    replies, updates = [], []
+    for i, msg in enumerate(messages):
+        r = msg.content["config"]["lora-r"]
+        rep, _ = kept_reply(msg, list(range(6)), r, i)
+        del rep.content["kept"]
+        replies.append(rep)
+        updates.append(strategy.parse_update(rep.content, strategy.assignments[
+            msg.metadata.dst_node_id].instructions))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = stack_factors(updates)
+    got = split_factors(arrays.to_torch_state_dict())
+    for key in MODULES:
+        torch.testing.assert_close(got[key][1] @ got[key][0],
+                                   expected[key][1] @ expected[key][0])
+
+
+@pytest.mark.parametrize("criterion", ["llm-drop", "taylor"])
+def test_a_configuration_is_pruned_once_per_process(tiny_model_dir, criterion):
+    inst = tiny_instructions(tiny_model_dir, prune_ratio=0.5, prune_criterion=criterion,
+                             prune_slices=2, tune_steps=2)
+    shapes = {PEFT_PREFIX + n: (m.out_features, m.in_features) for n, m in
+              cached_base(str(tiny_model_dir), "nf4", "cpu").named_modules()
+              if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))}
+    g = random_global(shapes)
+
+    first = run_spine_round(inst, 1, 2, g, "cpu")
+    again = run_spine_round(dataclasses.replace(inst, seed=5), 1, 2, g, "cpu")
+
+    assert (first[1]["pruned-before"], again[1]["pruned-before"]) == (0.0, 1.0)
+    assert first[2].keys() == again[2].keys()
+    for key, index in first[2].items():
+        assert torch.equal(index, again[2][key])
+    assert {k: v.shape for k, v in first[0].items()} == {k: v.shape for k, v in again[0].items()}
+    assert again[1]["params-ratio"] == first[1]["params-ratio"] < 1
+    assert math.isfinite(again[1]["loss-after"])
