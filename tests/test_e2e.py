@@ -6,6 +6,8 @@ started by pid, pass or fail.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -68,6 +70,31 @@ def test_flwr_run_fine_tunes_the_tiny_model(strategy, tiny_model_dir, tmp_path, 
                                       tmp_path / "run" / "adapter")
     loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
     assert abs(loss - rows[-1]["eval-loss"]) <= 0.01 * rows[-1]["eval-loss"]
+
+
+def test_flwr_run_fedspine_on_unequal_devices(tiny_model_dir, tmp_path, flwr_env):
+    overrides = (f"strategy=fedspine scenario=phones_laptops_edge model.path={tiny_model_dir} "
+                 "num_rounds=2 train.local_steps=6 train.lr=0.01 train.max_length=64 "
+                 "eval.max_examples=16 partitioner=iid strategy.prune.tune_steps=2")
+
+    proc = submit(flwr_env, overrides, tmp_path / "run", clients=4)
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["eval-loss"] < rows[0]["eval-loss"]
+    for row in rows[1:]:
+        assert row["accepted"] == 4
+        for name, client in row["clients"].items():
+            assert client["status"] == "ok" and math.isfinite(client["reward"])
+            phone = client["device"] == "phone"
+            assert not phone or client["arm-prune-ratio"] >= 0.5, name  # memory budget
+            assert client["prune-ratio"] == client["arm-prune-ratio"]
+        slowest = max(c["completion-seconds"] for c in row["clients"].values())
+        assert row["sim-seconds"] >= slowest - 0.01  # rounded to 0.01 s
+    assert any(c["params-ratio"] < 1 for c in rows[1]["clients"].values())
+    saved = json.loads((tmp_path / "run" / "aggregate.json").read_text())
+    assert set(saved["bandits"]["clients"]) == {f"partition-{i}" for i in range(4)}
 
 
 def test_a_failed_run_makes_the_wrapper_exit_non_zero(tiny_model_dir, tmp_path, flwr_env):
