@@ -7,7 +7,7 @@ One round, for orders with `spine_round` set (see `TrainInstructions`):
    slices if the process still holds it (pruning happens once per configuration: steps 4's
    pruning is skipped and all `local_steps` train the small model), else a fresh copy
    (`load_base`), because pruning slices layers in place. A process keeps the last
-   `FEDAPP_PRUNED_CACHE` (default 2) pruned copies; a deployed SuperNode, which starts a
+   `FEDAPP_PRUNED_CACHE` (default 4) pruned copies; a deployed SuperNode, which starts a
    process per message, prunes every round.
 2. A fresh trainable LoRA of the assigned rank, and the server's global low-rank term G
    (full shape) added beside each LoRA wrapper by `GlobalTerm`. Pruning slices a wrapper's
@@ -148,7 +148,7 @@ _PRUNED: OrderedDict[tuple, tuple[torch.nn.Module, PruneResult, list[str]]] = Or
 
 
 def pruned_cache_size() -> int:
-    value = os.environ.get("FEDAPP_PRUNED_CACHE", "2")
+    value = os.environ.get("FEDAPP_PRUNED_CACHE", "4")
     if not value.isdigit():
         raise ValueError(f"FEDAPP_PRUNED_CACHE={value!r}; allowed: an integer >= 0")
     return int(value)
