@@ -318,3 +318,22 @@ def test_a_configuration_is_pruned_once_per_process(tiny_model_dir, criterion):
     assert {k: v.shape for k, v in first[0].items()} == {k: v.shape for k, v in again[0].items()}
     assert again[1]["params-ratio"] == first[1]["params-ratio"] < 1
     assert math.isfinite(again[1]["loss-after"])
+
+
+def test_a_dropped_module_contributes_zero_and_the_rest_is_stacked():
+    strategy = spine()
+    messages, ranks = first_round(strategy)
+    rep, state = kept_reply(messages[11], [0, 2, 5], ranks[11], seed=1)
+    arrays = rep.content["arrays"]
+    del arrays[V + LORA_A], arrays[V + LORA_B]  # v_proj's block was dropped (LLM-Drop)
+    rep.content["kept"][V + KEPT_OUT] = ArrayRecord({"x": torch.zeros(0, dtype=torch.long)})["x"]
+    rep.content["kept"][V + KEPT_IN] = ArrayRecord({"x": torch.zeros(0, dtype=torch.long)})["x"]
+
+    new, _ = strategy.aggregate_train(1, [rep])
+
+    assert strategy.round_log[1]["clients"]["partition-0"]["status"] == "ok"
+    got = split_factors(new.to_torch_state_dict())
+    assert torch.count_nonzero(got[V][1] @ got[V][0]) == 0
+    expected = torch.zeros(6, 5)
+    expected[[0, 2, 5]] = 2.0 * state[Q + LORA_B] @ state[Q + LORA_A]
+    torch.testing.assert_close(got[Q][1] @ got[Q][0], expected, atol=1e-5, rtol=1e-5)
