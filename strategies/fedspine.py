@@ -10,7 +10,8 @@ stays unpruned. Then each bandit learns its arm's reward (`bandit.reward`):
 
     reward_k = clip((L_before − L_after) / L_before, −1, 1) − λ · (T_k / median_j T_j − 1)
 
-with L the client's loss on its own probe batch before pruning and after tuning, T its
+with L the client's loss on its own probe batch before and after its round (before: on the
+model it starts from, unpruned the round a configuration is first pruned), T its
 completion time (`completion-seconds`: compute × its device's slow-down + bytes over its
 links), λ = `time_weight`. A selected client that sends no valid reply earns −1 − λ, as bad
 as the worst loss change at twice the median time.
