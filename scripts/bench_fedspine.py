@@ -96,6 +96,7 @@ def run_worker(*args: str) -> dict:
 def federated(name: str, overrides: str, out_dir: Path) -> list[dict]:
     """One `flwr run` (its own SuperLink, stopped after); its metrics rows."""
     run_dir = out_dir / name
+    out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         env = flower_env(f"{tmp}/flwr-home", isolated_ports=True)
         start = time.perf_counter()
@@ -160,15 +161,6 @@ def main() -> None:
           flush=True)
     cases = [run_worker("--worker", str(r), "8", str(args.steps), "2", "taylor")
              for r in (0.0, args.ratio)]
-    runs = {}
-    if not args.skip_federated:
-        out_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
-        common = (f"{SCENARIO} num_rounds={args.rounds} seed={args.seed} "
-                  f"train.local_steps={args.local_steps}")
-        for name, overrides in VARIANTS.items():
-            print(f"[bench] {name}: {args.rounds} rounds x {args.local_steps} steps", flush=True)
-            runs[name] = federated(name, f"{common} {overrides}", out_dir)
-
     print("\nclient (SmolLM2-135M 4-bit, LoRA r=8 q/k/v/o, batch 4, seq <= 128; taylor, "
           "2 slices)")
     print(f"{'ratio':>6}{'s/step':>9}{'training peak RSS MiB':>23}{'params kept':>13}"
@@ -181,6 +173,15 @@ def main() -> None:
           f"training peak RSS {full['training-peak-rss-mb'] / pruned['training-peak-rss-mb']:.2f}x; "
           f"pruning costs {pruned['prune-seconds'] / full['seconds-per-step']:.1f} unpruned steps "
           f"once per configuration")
+    runs = {}
+    if not args.skip_federated:
+        out_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+        common = (f"{SCENARIO} num_rounds={args.rounds} seed={args.seed} "
+                  f"train.local_steps={args.local_steps}")
+        for name, overrides in VARIANTS.items():
+            print(f"[bench] {name}: {args.rounds} rounds x {args.local_steps} steps", flush=True)
+            runs[name] = federated(name, f"{common} {overrides}", out_dir)
+
     if runs:
         report_federated(runs)
 
