@@ -103,7 +103,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.strategy.name == "fedspine":
         from strategies.fedspine import check_fedspine_config
 
-        check_fedspine_config(OmegaConf.to_container(cfg.strategy))
+        check_fedspine_config({**OmegaConf.to_container(cfg.strategy),
+                               "local_steps": int(cfg.train.local_steps)})
     if cfg.partitioner.name == "dirichlet":
         _require(cfg.partitioner.alpha > 0, "partitioner.alpha", cfg.partitioner.alpha, "> 0")
 

@@ -3,7 +3,8 @@
 `Strategy.start` always counts rounds from 1 and cannot stop a round that got too few
 replies. This loop runs rounds `first_round..num_rounds` (so a resumed run continues where it
 stopped, with the same round numbers and therefore the same seeds), retries a round that got
-fewer than `min_replies` valid replies, stops with a clear message if retries run out, and
+fewer than `min_replies` valid replies (first restoring the strategy's state, so the
+discarded attempt counts for nothing: not in FLoRA's global factors, not in a bandit), stops with a clear message if retries run out, and
 calls `after_round` once a round is complete (evaluation, metrics, checkpoint).
 """
 
@@ -32,6 +33,7 @@ def run_rounds(strategy: LoraStrategy, grid: Grid, arrays: ArrayRecord, first_ro
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]%s", server_round, num_rounds,
                 f" retry {attempt}/{retries}" if attempt else "")
+            before = strategy.state_dict()  # a discarded attempt must leave no trace
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=timeout)
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
@@ -41,6 +43,7 @@ def run_rounds(strategy: LoraStrategy, grid: Grid, arrays: ArrayRecord, first_ro
                 break
             log(WARNING, "Round %d: %d valid replies, scenario.min_replies=%d", server_round,
                 accepted, min_replies)
+            strategy.load_state(before, arrays)
         else:
             raise TooFewReplies(
                 f"round {server_round}: fewer than scenario.min_replies={min_replies} valid "

@@ -7,18 +7,23 @@ One round, for orders with `spine_round` set (see `TrainInstructions`):
    slices if the process still holds it (pruning happens once per configuration: steps 4's
    pruning is skipped and all `local_steps` train the small model), else a fresh copy
    (`load_base`), because pruning slices layers in place. A process keeps the last
-   `FEDAPP_PRUNED_CACHE` (default 4) pruned copies; a deployed SuperNode, which starts a
-   process per message, prunes every round.
+   `FEDAPP_PRUNED_CACHE` (default 8; SmolLM2-135M: about 0.2 GB each) pruned copies; a
+   deployed SuperNode, which starts a process per message, prunes every round.
 2. A fresh trainable LoRA of the assigned rank, and the server's global low-rank term G
    (full shape) added beside each LoRA wrapper by `GlobalTerm`. Pruning slices a wrapper's
    base layer and LoRA in place but keeps the wrapper, so the hooks survive; after every
    slice G is re-sliced to the kept rows and columns ((B[kept_out]) (A[:, kept_in]) =
    G[kept_out][:, kept_in], exact).
 3. The probe loss L_before on a fixed batch of the client's data (the first `batch_size`
-   examples of its partition), before any pruning or training.
+   examples of its partition) of the model the server sent: the unpruned base plus G. With
+   a reused pruned copy this takes one no-grad forward of the process's cached unpruned
+   base, so that every round of every arm is measured against the same reference and the
+   damage pruning does is always charged (measured against the pruned copy instead,
+   repairing that damage would look like progress).
 4. Prune and tune (`fedapp.pruning.iterative_prune`): S = `prune_slices` slices up to
    `prune_ratio`; after each of the first S − 1 slices T = min(`tune_steps`,
-   `local_steps` // S) LoRA steps, after the last one the rest, so a round always takes
+   `local_steps` // S) LoRA steps (`tune_steps` is capped so that every slice gets its
+   share), after the last one the rest, so a round always takes
    `local_steps` optimizer steps, pruned or not. Taylor scores of slice 1 come from one
    backward pass on the probe batch, later ones from the tuning steps' gradients.
 5. The probe loss L_after on the same batch, with the pruned, tuned model.
@@ -42,7 +47,7 @@ import torch
 from flwr.common.logger import log
 from peft import PeftModel
 
-from fedapp.adapters import PEFT_PREFIX, add_low_rank, lora_state, with_lora
+from fedapp.adapters import PEFT_PREFIX, add_low_rank, frozen_delta, lora_state, with_lora
 from fedapp.client import check_instructions, local_data
 from fedapp.data import collate
 from fedapp.importance import CRITERIA
@@ -148,7 +153,7 @@ _PRUNED: OrderedDict[tuple, tuple[torch.nn.Module, PruneResult, list[str]]] = Or
 
 
 def pruned_cache_size() -> int:
-    value = os.environ.get("FEDAPP_PRUNED_CACHE", "4")
+    value = os.environ.get("FEDAPP_PRUNED_CACHE", "8")
     if not value.isdigit():
         raise ValueError(f"FEDAPP_PRUNED_CACHE={value!r}; allowed: an integer >= 0")
     return int(value)
@@ -167,6 +172,16 @@ def probe_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> flo
     loss = float(model(**{k: v.to(device) for k, v in batch.items()}).loss)
     model.train()
     return loss
+
+
+def global_probe_loss(inst: TrainInstructions, device: str,
+                      global_state: Mapping[str, torch.Tensor],
+                      probe: Mapping[str, torch.Tensor]) -> float:
+    """Probe loss of the model the server sent: the cached unpruned base plus G."""
+    base = cached_base(inst.model_path, inst.quantization, device)
+    state = global_state if inst.global_mode == "frozen" else {}
+    with frozen_delta(base, state, inst.global_scaling):
+        return probe_loss(base, probe)
 
 
 def run_spine_round(inst: TrainInstructions, partition_id: int, num_partitions: int,
@@ -206,7 +221,10 @@ def run_spine_round(inst: TrainInstructions, partition_id: int, num_partitions: 
             targets = [name for name, m in model.named_modules() if hasattr(m, "lora_A")]
         training_started = time.time()
         start = time.perf_counter()
-        loss_before = probe_loss(model, probe)
+        if done is None:  # the unpruned model + G, its fresh LoRA still zero
+            loss_before = probe_loss(model, probe)
+        else:
+            loss_before = global_probe_loss(inst, device, global_state, probe)
         kept: dict[str, torch.Tensor] = {}
         params_ratio = 1.0
         if pruning and done is None:

@@ -144,7 +144,8 @@ def reward(loss_before: float, loss_after: float, time_k: float, round_times: It
     """clip((L_before − L_after) / max(|L_before|, ε), −1, 1) − λ · (T_k / median(T) − 1).
 
     Args:
-        loss_before, loss_after: the client's training loss before and after its local steps.
+        loss_before, loss_after: the client's loss before and after its local round (FedSpine:
+            on a fixed probe batch of its own data).
         time_k: the client's completion time this round (compute × slow-down + transfer).
         round_times: completion times of every client of the round, this one included.
         time_weight: λ >= 0, loss-improvement points traded per median-time of slowness.
@@ -172,8 +173,9 @@ def estimated_memory_mb(prune_ratio: float, rank: int, base_mb: float, lora_mb_p
 
     base_mb: the (quantised) frozen model; structured pruning removes that share of it.
     lora_mb_per_rank: adapter weights + gradients + optimiser moments per unit of rank.
-    activation_mb: activations at the training batch size, kept unpruned (conservative: the
-    hidden size, which dominates them, is not pruned).
+    activation_mb: what pruning does not shrink: activations at the training batch size (the
+    hidden size, which dominates them, is not pruned), and in FedSpine's use (`fixed_mb`) also
+    the runtime, the embeddings / LM head and the logits.
     """
     Arm(prune_ratio, rank)  # validates both
     for name, value in (("base_mb", base_mb), ("lora_mb_per_rank", lora_mb_per_rank),

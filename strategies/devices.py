@@ -61,6 +61,10 @@ def device_profiles(devices: Mapping[str, Mapping] | None, device_of_client: Seq
         if unknown:
             raise ValueError(f"scenario.devices.{name} has unknown keys {unknown}; allowed: "
                              "slowdown, memory_mb, up_mbps, down_mbps")
+        for key, value in spec.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(  # noqa: TRY004 - config errors are ValueErrors here
+                    f"scenario.devices.{name}.{key}={value!r}; allowed: a number > 0")
         known[name] = DeviceProfile(str(name), **{k: float(v) for k, v in spec.items()})
     if not device_of_client:
         raise ValueError(f"scenario.devices is set but scenario.device_of_client is empty; "

@@ -3,15 +3,16 @@
 Every round, for each selected client, its bandit (`strategies.bandit`, keyed by the
 client's stable name) picks an arm (prune ratio, rank) among those its device's memory
 budget allows; the client prunes a fresh copy of the base to that ratio, tunes a LoRA of that
-rank beside the frozen global update G (`fedapp.spine`), and replies with its factors at
+rank beside the frozen global update G (`fedapp.spine`; a configuration pruned before is
+reused from the client process's cache), and replies with its factors at
 the pruned shapes plus the rows / columns it kept. The server scatters them back to full
 shape (zeros at pruned units, `strategies.scatter`) and FLoRA-stacks them into G, which
 stays unpruned. Then each bandit learns its arm's reward (`bandit.reward`):
 
     reward_k = clip((L_before − L_after) / L_before, −1, 1) − λ · (T_k / median_j T_j − 1)
 
-with L the client's loss on its own probe batch before and after its round (before: on the
-model it starts from, unpruned the round a configuration is first pruned), T its
+with L the client's loss on its own probe batch: L_before of the model the server sent
+(unpruned base + G), L_after of its pruned, tuned model, so pruning damage is charged; T its
 completion time (`completion-seconds`: compute × its device's slow-down + bytes over its
 links), λ = `time_weight`. A selected client that sends no valid reply earns −1 − λ, as bad
 as the worst loss change at twice the median time.
@@ -64,9 +65,17 @@ def check_fedspine_config(strategy: Mapping) -> None:
     if policy not in POLICIES:
         raise ValueError(f"strategy.arm_policy={policy!r}; allowed: {list(POLICIES)}")
     weight = strategy.get("time_weight", 0.1)
-    if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+    if isinstance(weight, bool) or not (isinstance(weight, int | float) and math.isfinite(weight)
+                                        and weight >= 0):
         raise ValueError(f"strategy.time_weight={weight!r}; allowed: a number >= 0")
-    BanditConfig.from_dict(dict(strategy.get("bandit") or {}))
+    bandit = dict(strategy.get("bandit") or {})
+    allowed = [f.name for f in dataclasses.fields(BanditConfig)]
+    if unknown := sorted(set(bandit) - set(allowed)):
+        raise ValueError(f"strategy.bandit has unknown keys {unknown}; allowed: {allowed}")
+    try:
+        BanditConfig.from_dict(bandit)
+    except ValueError as err:
+        raise ValueError(f"strategy.{err}") from None
     prune = {**PRUNE_DEFAULTS, **(strategy.get("prune") or {})}
     if unknown := sorted(set(prune) - set(PRUNE_DEFAULTS)):
         raise ValueError(f"strategy.prune has unknown keys {unknown}; allowed: "
@@ -75,8 +84,12 @@ def check_fedspine_config(strategy: Mapping) -> None:
         raise ValueError(f"strategy.prune.criterion={prune['criterion']!r}; allowed: "
                          f"{list(CRITERIA)}")
     for key in ("slices", "tune_steps"):
-        if not (isinstance(prune[key], int) and prune[key] >= 1):
+        if isinstance(prune[key], bool) or not (isinstance(prune[key], int) and prune[key] >= 1):
             raise ValueError(f"strategy.prune.{key}={prune[key]!r}; allowed: an int >= 1")
+    steps = strategy.get("local_steps")
+    if steps is not None and prune["slices"] > steps:
+        raise ValueError(f"strategy.prune.slices={prune['slices']}; allowed: at most "
+                         f"train.local_steps={steps} (every slice is tuned at least one step)")
     memory = dict(strategy.get("memory") or {})
     if sorted(memory) != sorted(MEMORY_KEYS) or not all(
             isinstance(v, int | float) and v >= 0 for v in memory.values()):
@@ -170,10 +183,12 @@ class FedSpine(FLoRA):
         update = parse_reply(content, pruned_shapes(self.module_shapes, kept), inst.lora_r,
                              inst.lora_alpha / inst.lora_r)
         metrics = content.metric_records["metrics"]
-        for key in ("loss-before", "loss-after"):
+        for key in ("loss-before", "loss-after", "train-seconds"):
             value = metrics.get(key)
-            if not (isinstance(value, int | float) and math.isfinite(value)):
-                raise RejectedReply(f"metric '{key}' is {value!r}; expected a finite loss")
+            if not (isinstance(value, int | float) and math.isfinite(value)) or (
+                    key == "train-seconds" and value < 0):
+                raise RejectedReply(f"metric '{key}' is {value!r}; expected a finite "
+                                    + ("time >= 0" if key == "train-seconds" else "loss"))
         try:
             factors = scatter_factors(update.factors, kept, self.module_shapes)
         except ValueError as err:
@@ -218,6 +233,8 @@ class FedSpine(FLoRA):
             self.bank = BanditBank.from_state_dict(state["bandits"])
 
     def export_metadata(self) -> dict:
+        if self.arm_policy != "bandit":  # random arms: the bandits learned nothing
+            return {**super().export_metadata(), "arm_policy": self.arm_policy}
         return {**super().export_metadata(), "bandits": self.bank.state_dict()}
 
     def summary(self) -> None:

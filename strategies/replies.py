@@ -46,6 +46,9 @@ def parse_reply(content: RecordDict, module_shapes: Mapping[str, tuple[int, int]
     weight = metrics.get(weight_key)
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         raise RejectedReply(f"metric '{weight_key}' is {weight!r}; expected a positive number")
+    seconds = metrics.get("train-seconds", 0.0)
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        raise RejectedReply(f"metric 'train-seconds' is {seconds!r}; expected a time >= 0")
     state = content.array_records["arrays"].to_torch_state_dict()
     wanted = expected_shapes(module_shapes, r)
     if fixed_a is not None:

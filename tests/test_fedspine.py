@@ -11,15 +11,18 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedapp import spine as spine_client
 from fedapp.adapters import PEFT_PREFIX, attach_lora
 from fedapp.config import compose_config, train_template
 from fedapp.model import cached_base, load_base
 from fedapp.pruning import iterative_prune, parameter_count
+from fedapp.rounds import run_rounds
 from fedapp.spine import GlobalTerm, run_spine_round
 from strategies.bandit import estimated_memory_mb
 from strategies.devices import DeviceProfile, device_profiles
 from strategies.fedspine import FedSpine
-from strategies.lora_math import LORA_A, LORA_B, join_factors, split_factors, stack_factors
+from strategies.flora import FLoRA
+from strategies.lora_math import LORA_A, LORA_B, join_factors, split_factors
 from strategies.scatter import KEPT_IN, KEPT_OUT
 from tests.test_strategies import TEMPLATE, FakeGrid, task_identity  # noqa: F401
 
@@ -168,6 +171,7 @@ def test_pruned_replies_are_scattered_and_stacked_exactly():
     (lambda c: c["kept"].__setitem__(Q + KEPT_OUT, ArrayRecord(
         {"x": torch.tensor([0, 1])})["x"]), "has shape"),
     (lambda c: c["metrics"].__delitem__("loss-before"), "loss-before"),
+    (lambda c: c["metrics"].__setitem__("train-seconds", float("nan")), "train-seconds"),
 ])
 def test_bad_pruned_replies_are_rejected_and_the_round_goes_on(tamper, reason):
     strategy = spine()
@@ -243,7 +247,11 @@ def test_memory_infeasible_arms_are_never_assigned(policy):
 
 
 def test_random_policy_is_seeded_and_feasible():
-    assert play(spine(arm_policy="random"), 6) == play(spine(arm_policy="random"), 6)
+    chosen = play(spine(arm_policy="random"), 6)
+
+    assert chosen == play(spine(arm_policy="random"), 6)
+    assert {c["partition-0"][0] for c in chosen} == {0.5}  # the phone: only 0.5 fits
+    assert len({c["partition-1"] for c in chosen}) > 1  # the edge: any of the 6 arms
 
 
 def test_bandit_state_survives_a_checkpoint():
@@ -273,34 +281,54 @@ def test_scenario_devices_are_checked():
         compose_config("strategy=fedspine strategy.arm_policy=greedy")
     with pytest.raises(ValueError, match="strategy.memory"):
         compose_config("strategy=fedspine ~strategy.memory.fixed_mb")
+    with pytest.raises(ValueError, match=r"strategy.bandit has unknown keys \['arms'\]"):
+        compose_config("strategy=fedspine +strategy.bandit.arms=3")
+    with pytest.raises(ValueError, match="strategy.bandit.exploration=-1"):
+        compose_config("strategy=fedspine strategy.bandit.exploration=-1")
+    with pytest.raises(ValueError, match="strategy.prune.slices=13; allowed: at most "
+                                         "train.local_steps=12"):
+        compose_config("strategy=fedspine strategy.prune.slices=13")
+    with pytest.raises(ValueError, match="devices.phone.slowdown='fast'"):
+        device_profiles({"phone": {"slowdown": "fast"}}, ["phone"], 20, 100)
     profiles = device_profiles(None, [], 20, 100)
     assert profiles == [DeviceProfile("default", up_mbps=20, down_mbps=100)]
     assert profiles[0].completion_seconds(3.0, 2.5e6, 25e6) == pytest.approx(3 + 1 + 2)
 
 
-def test_stacking_is_unchanged_for_unpruned_replies():
-    # a FedSpine round where nobody pruned is exactly FLoRA's stack
+def test_a_round_where_nobody_pruned_is_exactly_floras_stack():
     strategy = spine()
-    grid = FakeGrid({11: 0, 12: 1})
-    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
-    replies, updates = [], []
-    for i, msg in enumerate(messages):
-        r = msg.content["config"]["lora-r"]
-        rep, _ = kept_reply(msg, list(range(6)), r, i)
+    messages, ranks = first_round(strategy)
+    replies = []
+    for i, node in enumerate((11, 12)):
+        rep, _ = kept_reply(messages[node], list(range(6)), ranks[node], i)
         del rep.content["kept"]
         replies.append(rep)
-        updates.append(strategy.parse_update(rep.content, strategy.assignments[
-            msg.metadata.dst_node_id].instructions))
-    arrays, _ = strategy.aggregate_train(1, replies)
-    expected = stack_factors(updates)
-    got = split_factors(arrays.to_torch_state_dict())
+    flora = FLoRA(dataclasses.replace(TEMPLATE, lora_r=ranks[11]), MODULES,
+                  ranks=[ranks[11], ranks[12]], alpha_ratio=2.0, min_available_nodes=2)
+    sent = {m.metadata.dst_node_id: m for m in flora.configure_train(
+        1, ArrayRecord(), ConfigRecord(), FakeGrid({11: 0, 12: 1}))}
+    flora_replies = [Message(r.content, reply_to=sent[n]) for r, n in zip(replies, (11, 12),
+                                                                        strict=True)]
+
+    got = split_factors(strategy.aggregate_train(1, replies)[0].to_torch_state_dict())
+    expected = split_factors(flora.aggregate_train(1, flora_replies)[0].to_torch_state_dict())
+
     for key in MODULES:
         torch.testing.assert_close(got[key][1] @ got[key][0],
                                    expected[key][1] @ expected[key][0])
 
 
+@pytest.fixture()
+def empty_pruned_cache(monkeypatch):
+    monkeypatch.delenv("FEDAPP_PRUNED_CACHE", raising=False)
+    spine_client._PRUNED.clear()
+    yield
+    spine_client._PRUNED.clear()
+
+
 @pytest.mark.parametrize("criterion", ["llm-drop", "taylor"])
-def test_a_configuration_is_pruned_once_per_process(tiny_model_dir, criterion):
+def test_a_configuration_is_pruned_once_per_process(tiny_model_dir, criterion,
+                                                    empty_pruned_cache):
     inst = tiny_instructions(tiny_model_dir, prune_ratio=0.5, prune_criterion=criterion,
                              prune_slices=2, tune_steps=2)
     shapes = {PEFT_PREFIX + n: (m.out_features, m.in_features) for n, m in
@@ -317,6 +345,9 @@ def test_a_configuration_is_pruned_once_per_process(tiny_model_dir, criterion):
         assert torch.equal(index, again[2][key])
     assert {k: v.shape for k, v in first[0].items()} == {k: v.shape for k, v in again[0].items()}
     assert again[1]["params-ratio"] == first[1]["params-ratio"] < 1
+    # both rounds measure L_before on the model the server sent (unpruned base + G), so a
+    # reused pruned copy is still charged its pruning damage
+    assert again[1]["loss-before"] == pytest.approx(first[1]["loss-before"], rel=1e-5)
     assert math.isfinite(again[1]["loss-after"])
 
 
@@ -337,3 +368,34 @@ def test_a_dropped_module_contributes_zero_and_the_rest_is_stacked():
     expected = torch.zeros(6, 5)
     expected[[0, 2, 5]] = 2.0 * state[Q + LORA_B] @ state[Q + LORA_A]
     torch.testing.assert_close(got[Q][1] @ got[Q][0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_discarded_attempt_leaves_no_trace_in_the_stack_or_the_bandits():
+    """min_replies=2: attempt 1 gets one valid reply and is retried; the result must equal a
+    run whose first attempt succeeded with attempt 2's replies."""
+
+    class ScriptedGrid(FakeGrid):
+        def __init__(self, attempts):
+            super().__init__({11: 0, 12: 1})
+            self.attempts = attempts
+
+        def send_and_receive(self, messages, timeout=None):
+            messages = list(messages)
+            if messages[0].metadata.message_type != "train":
+                return super().send_and_receive(messages, timeout)
+            good = self.attempts.pop(0)
+            return [kept_reply(m, [0, 1, 2], m.content["config"]["lora-r"], seed=n)[0]
+                    for n, m in enumerate(messages) if n in good]
+
+    def run(attempts):
+        strategy = spine(prune={"slices": 1})
+        arrays = run_rounds(strategy, ScriptedGrid(attempts), ArrayRecord(), 1, 1, 10.0, 2, 1,
+                            lambda *_: None)
+        return strategy, split_factors(arrays.to_torch_state_dict())
+
+    retried, got = run([[0], [0, 1]])
+    straight, expected = run([[0, 1]])
+
+    for key in MODULES:
+        torch.testing.assert_close(got[key][1] @ got[key][0], expected[key][1] @ expected[key][0])
+    assert retried.bank.state_dict() == straight.bank.state_dict()
