@@ -4,7 +4,9 @@ After every completed round the server writes `<run dir>/checkpoint.pt` atomical
 temporary file, then `os.replace`): the round number, the global arrays, the strategy's own
 state (e.g. bandit statistics), the traffic counters, and the torch RNG state. Randomness
 that decides a run (client sampling, client seeds, batch order) is derived from the config
-seed and the round number, so a resumed run makes exactly the choices the original would.
+seed and the round number, so a resumed run makes exactly the choices the original would
+(FedSpine's bandits also learn from measured compute times, which no two runs repeat
+exactly; their statistics are restored as they were).
 """
 
 from __future__ import annotations
