@@ -17,12 +17,9 @@ MB = 1024 * 1024
 class RunRecorder:
     """Appends one JSON line per evaluated round and keeps cumulative traffic."""
 
-    def __init__(self, run_dir: Path, strategy: str, up_mbps: float = 20.0,
-                 down_mbps: float = 100.0) -> None:
+    def __init__(self, run_dir: Path, strategy: str) -> None:
         self.run_dir = run_dir
         self.strategy = strategy
-        self.up_bytes_per_s = up_mbps * 1e6 / 8
-        self.down_bytes_per_s = down_mbps * 1e6 / 8
         self.sim_seconds = 0.0
         self.metrics_path = run_dir / "metrics.jsonl"
         self.start = time.monotonic()
@@ -72,12 +69,10 @@ class RunRecorder:
 
     def simulated_round_seconds(self, round_log: dict) -> float:
         """Clients train in parallel: a round lasts as long as its slowest client, whose time
-        is the `completion-seconds` its device profile gives (strategies.devices), or else
-        its measured training time plus its bytes over the scenario's bandwidth."""
-        times = [c["completion-seconds"] if "completion-seconds" in c else
-                 c.get("train-seconds", 0.0) + c.get("bytes-up", 0) / self.up_bytes_per_s
-                 + c.get("bytes-down", 0) / self.down_bytes_per_s
-                 for c in round_log.get("clients", {}).values() if c.get("status") == "ok"]
+        is the `completion-seconds` the strategy logged from its device profile (measured
+        compute × slow-down + bytes over its links, strategies.devices)."""
+        times = [c["completion-seconds"] for c in round_log.get("clients", {}).values()
+                 if c.get("status") == "ok"]
         return max(times, default=0.0)
 
 

@@ -64,8 +64,7 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = No
         choice_items = heldout_choice_items(data_spec(cfg), tokenizer, cfg.train.max_length,
                                             cfg.eval.accuracy_examples)
     strategy = build_strategy(cfg, target_module_shapes(base, targets))
-    recorder = RunRecorder(run_dir, strategy.name, float(cfg.scenario.bandwidth_up_mbps),
-                           float(cfg.scenario.bandwidth_down_mbps))
+    recorder = RunRecorder(run_dir, strategy.name)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> None:
         state, r, alpha = strategy.global_adapter(arrays)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_common import run_worker
 
 from fedapp.submit import flower_env, run_submit
 
@@ -83,14 +84,6 @@ def worker_bare(overrides: str) -> dict:
     return {"wall-seconds": time.perf_counter() - start, "eval-losses": losses}
 
 
-def run_worker(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                         check=False)
-    if out.returncode != 0:
-        sys.exit(f"worker {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def flwr_wall(overrides: str, clients: int) -> float:
     """Wall seconds of `flwr run` (local simulation SuperLink started and stopped by us)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,14 +110,14 @@ def main() -> None:
         return
 
     print(f"[bench] 1/3: {args.steps} training steps, 4-bit NF4 base", flush=True)
-    nf4 = run_worker("--steps", str(args.steps), "--worker", "steps", "nf4")
+    nf4 = run_worker(__file__, "--steps", str(args.steps), "--worker", "steps", "nf4")
     print(f"[bench] 2/3: {args.steps} training steps, full-precision base", flush=True)
-    full = run_worker("--steps", str(args.steps), "--worker", "steps", "none")
+    full = run_worker(__file__, "--steps", str(args.steps), "--worker", "steps", "none")
     overrides = (f"scenario.num_clients={args.clients} num_rounds={args.rounds} "
                  f"train.local_steps={args.steps} scenario.min_train_nodes={args.clients}")
     print(f"[bench] 3/3: {args.clients} clients x {args.rounds} rounds: bare loop, then flwr run",
           flush=True)
-    bare = run_worker("--worker", "bare", overrides)
+    bare = run_worker(__file__, "--worker", "bare", overrides)
     flwr = flwr_wall(overrides, args.clients)
 
     print("\nclient training step (SmolLM2-135M, LoRA r=4 on q/k/v/o, batch 4, seq <= 128)")

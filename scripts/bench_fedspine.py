@@ -21,7 +21,6 @@ import argparse
 import itertools
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_common import run_worker
 
 from fedapp.report import read_metrics
 from fedapp.submit import flower_env, run_submit
@@ -83,14 +84,6 @@ def worker_client(ratio: float, rank: int, steps: int, slices: int, criterion: s
     return {"ratio": ratio, "rank": rank, "seconds-per-step": timed.seconds / steps,
             "training-peak-rss-mb": training_peak_rss_mb(), "prune-seconds": prune_s,
             "params-ratio": params}
-
-
-def run_worker(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                         check=False)
-    if out.returncode != 0:
-        sys.exit(f"worker {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def federated(name: str, overrides: str, out_dir: Path) -> list[dict]:
@@ -182,7 +175,7 @@ def main() -> None:
         return
     print(f"[bench] client: unpruned vs prune ratio {args.ratio}, r=8, {args.steps} steps",
           flush=True)
-    cases = [run_worker("--worker", str(r), "8", str(args.steps), "2", "taylor")
+    cases = [run_worker(__file__, "--worker", str(r), "8", str(args.steps), "2", "taylor")
              for r in (0.0, args.ratio)]
     print("\nclient (SmolLM2-135M 4-bit, LoRA r=8 q/k/v/o, batch 4, seq <= 128; taylor, "
           "2 slices)")

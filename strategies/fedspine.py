@@ -153,15 +153,12 @@ class FedSpine(FLoRA):
                                self.memory["lora_mb_per_rank"], self.memory["fixed_mb"])
 
     def choose_arm(self, server_round: int, client: ClientIdentity) -> Arm:
-        bandit = self.bank[client.name]
         feasible = self.feasible_for(self.device_for(client).memory_mb)
-        if self.arm_policy == "random":
-            grid = [Arm(p, r) for p in self.bank.config.prune_ratios
-                    for r in self.bank.config.ranks]
-            allowed = [a for a in grid if feasible(a)]
+        if self.arm_policy == "random":  # the initial grid, never refined
+            allowed = [a for a in ClientBandit(self.bank.config).arms if feasible(a)]
             rng = random.Random(f"{self.seed}/{server_round}/{client.name}")
             return rng.choice(allowed)
-        return bandit.select(server_round, feasible)
+        return self.bank[client.name].select(server_round, feasible)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -182,13 +179,13 @@ class FedSpine(FLoRA):
         kept = read_kept(content, self.module_shapes)
         update = parse_reply(content, pruned_shapes(self.module_shapes, kept), inst.lora_r,
                              inst.lora_alpha / inst.lora_r)
-        metrics = content.metric_records["metrics"]
-        for key in ("loss-before", "loss-after", "train-seconds"):
+        metrics = content.metric_records["metrics"]  # parse_reply checked train-seconds
+        if "train-seconds" not in metrics:
+            raise RejectedReply("metric 'train-seconds' is missing; the reward needs it")
+        for key in ("loss-before", "loss-after"):
             value = metrics.get(key)
-            if not (isinstance(value, int | float) and math.isfinite(value)) or (
-                    key == "train-seconds" and value < 0):
-                raise RejectedReply(f"metric '{key}' is {value!r}; expected a finite "
-                                    + ("time >= 0" if key == "train-seconds" else "loss"))
+            if not (isinstance(value, int | float) and math.isfinite(value)):
+                raise RejectedReply(f"metric '{key}' is {value!r}; expected a finite loss")
         try:
             factors = scatter_factors(update.factors, kept, self.module_shapes)
         except ValueError as err:
