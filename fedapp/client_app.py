@@ -8,9 +8,9 @@ import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedapp.client import run_round
-from fedapp.instructions import TrainInstructions
-from fedapp.spine import run_spine_round
+from fedapp.client.round import run_round
+from strategies.protocol import TrainInstructions
+from fedapp.client.spine import run_spine_round
 
 app = ClientApp()
 _PROCESS_SEEN_A_MESSAGE = False

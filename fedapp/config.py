@@ -15,9 +15,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 import fedapp
-from fedapp.data import PARTITIONERS, DataSpec
-from fedapp.instructions import WIRE_DTYPES, TrainInstructions
-from fedapp.model import QUANTIZATIONS
+from fedapp.llm.data import PARTITIONERS, DataSpec
+from strategies.protocol import WIRE_DTYPES, TrainInstructions
+from fedapp.llm.model import QUANTIZATIONS
 
 GROUPS = ("model", "dataset", "partitioner", "strategy", "scenario")
 

@@ -13,20 +13,20 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from fedapp.adapters import lora_state, with_lora
-from fedapp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedapp.llm.adapters import lora_state, with_lora
+from fedapp.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedapp.config import build_strategy, compose_config, data_spec, validate
-from fedapp.data import load_split
-from fedapp.evaluate import (
+from fedapp.llm.data import load_split
+from fedapp.server.evaluate import (
     evaluate_adapter,
     export_adapter,
     heldout_choice_items,
     heldout_examples,
     target_module_shapes,
 )
-from fedapp.model import cached_base, cached_tokenizer, default_device, resolve_model_path
-from fedapp.report import RunRecorder, plot_eval_loss
-from fedapp.rounds import run_rounds
+from fedapp.llm.model import cached_base, cached_tokenizer, default_device, resolve_model_path
+from fedapp.server.report import RunRecorder, plot_eval_loss
+from fedapp.server.loop import run_rounds
 
 app = ServerApp()
 

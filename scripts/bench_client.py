@@ -25,17 +25,17 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import run_worker
 
-from fedapp.submit import flower_env, run_submit
+from fedapp.tools.submit import flower_env, run_submit
 
 
 def worker_steps(quantization: str, steps: int) -> dict:
     """In a fresh process: load the base, train `steps` LoRA steps, report time and memory."""
     import dataclasses
 
-    from fedapp.client import run_round
+    from fedapp.client.round import run_round
     from fedapp.config import compose_config, train_template
-    from fedapp.model import cached_base
-    from fedapp.train import peak_rss_mb
+    from fedapp.llm.model import cached_base
+    from fedapp.llm.train import peak_rss_mb
 
     cfg = compose_config(f"model.quantization={quantization}")
     inst = dataclasses.replace(train_template(cfg), local_steps=2)
@@ -52,10 +52,10 @@ def worker_bare(overrides: str) -> dict:
     """The federated computation without Flower: same clients, same math, same evaluation."""
     from flwr.app import ArrayRecord
 
-    from fedapp.client import run_round
+    from fedapp.client.round import run_round
     from fedapp.config import build_strategy, compose_config, data_spec
-    from fedapp.evaluate import evaluate_adapter, heldout_examples, target_module_shapes
-    from fedapp.model import cached_base, cached_tokenizer
+    from fedapp.server.evaluate import evaluate_adapter, heldout_examples, target_module_shapes
+    from fedapp.llm.model import cached_base, cached_tokenizer
     from strategies.base import ClientIdentity
     from strategies.lora_math import LoraUpdate, split_factors
 

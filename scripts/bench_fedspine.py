@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import run_worker
 
-from fedapp.report import read_metrics
-from fedapp.submit import flower_env, run_submit
+from fedapp.server.report import read_metrics
+from fedapp.tools.submit import flower_env, run_submit
 
 SCENARIO = "scenario=phones_laptops_edge"
 VARIANTS = {  # name -> strategy overrides
@@ -56,13 +56,13 @@ def reset_peak_rss() -> None:
 
 def worker_client(ratio: float, rank: int, steps: int, slices: int, criterion: str) -> dict:
     """Load (and prune) a client's model, then time `steps` LoRA steps on it."""
-    from fedapp.adapters import attach_lora
-    from fedapp.client import local_data
+    from fedapp.llm.adapters import attach_lora
+    from fedapp.client.round import local_data
     from fedapp.config import compose_config, train_template
-    from fedapp.data import collate
-    from fedapp.model import load_base
-    from fedapp.pruning import iterative_prune
-    from fedapp.train import train_steps
+    from fedapp.llm.data import collate
+    from fedapp.llm.model import load_base
+    from fedapp.pruning.surgery import iterative_prune
+    from fedapp.llm.train import train_steps
 
     inst = train_template(compose_config(""))
     examples, batches, pad = local_data(inst, 0, 4)

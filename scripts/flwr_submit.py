@@ -2,7 +2,7 @@
 
 import sys
 
-from fedapp.submit import main
+from fedapp.tools.submit import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,5 +14,5 @@ overrides="${1:-}"
 num_clients="${NUM_CLIENTS:-4}"
 run_dir="${RUN_DIR:-$root/runs/$(date +%Y%m%d-%H%M%S)}"
 echo "[run] $num_clients simulated clients; overrides: '${overrides}'; results: $run_dir"
-exec "$root/.venv/bin/python" -m fedapp.submit --app "$root" \
+exec "$root/.venv/bin/python" -m fedapp.tools.submit --app "$root" \
   --num-supernodes "$num_clients" --overrides "$overrides" --run-dir "$run_dir"

@@ -29,7 +29,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedapp.instructions import TrainInstructions
+from strategies.protocol import TrainInstructions
 from strategies.devices import DeviceProfile
 from strategies.lora_math import LoraUpdate
 from strategies.replies import RejectedReply, parse_reply

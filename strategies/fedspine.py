@@ -3,7 +3,7 @@
 Every round, for each selected client, its bandit (`strategies.bandit`, keyed by the
 client's stable name) picks an arm (prune ratio, rank) among those its device's memory
 budget allows; the client prunes a fresh copy of the base to that ratio, tunes a LoRA of that
-rank beside the frozen global update G (`fedapp.spine`; a configuration pruned before is
+rank beside the frozen global update G (`fedapp.client.spine`; a configuration pruned before is
 reused from the client process's cache), and replies with its factors at
 the pruned shapes plus the rows / columns it kept. The server scatters them back to full
 shape (zeros at pruned units, `strategies.scatter`) and FLoRA-stacks them into G, which
@@ -38,7 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedapp.importance import CRITERIA
+from fedapp.pruning.importance import CRITERIA
 from strategies.bandit import (
     Arm,
     BanditBank,

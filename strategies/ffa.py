@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedapp.instructions import TrainInstructions
+from strategies.protocol import TrainInstructions
 from strategies.base import ClientIdentity
 from strategies.fedit import FedIT
 from strategies.lora_math import LoraUpdate, average_b, join_factors, split_factors

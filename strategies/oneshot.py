@@ -4,7 +4,7 @@ With `num_rounds: R` in the config, each client trains R × `train.local_steps` 
 the same base, once; the server aggregates once, by stacking (`combine: stack`, exact, any
 ranks) or by averaging the factors (`combine: average`, one rank), and broadcasts nothing.
 Aggregation is a weighted sum, so a client that answers late can be folded in afterwards
-(`fold_in` / `fold_in_average`, and `python -m fedapp.late_merge`).
+(`fold_in` / `fold_in_average`, and `python -m fedapp.tools.late_merge`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 import torch
 from flwr.app import ArrayRecord
 
-from fedapp.instructions import TrainInstructions
+from strategies.protocol import TrainInstructions
 from strategies.base import ClientIdentity, LoraStrategy
 from strategies.lora_math import (
     LoraUpdate,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedapp.adapters import attach_lora
-from fedapp.model import cpu_supports_bf16, load_base
+from fedapp.llm.adapters import attach_lora
+from fedapp.llm.model import cpu_supports_bf16, load_base
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from fedapp.adapters import attach_lora, detach_lora, frozen_delta, lora_state
-from fedapp.client import run_round
-from fedapp.data import DataSpec
-from fedapp.instructions import TrainInstructions
-from fedapp.model import cached_base, load_base
+from fedapp.llm.adapters import attach_lora, detach_lora, frozen_delta, lora_state
+from fedapp.client.round import run_round
+from fedapp.llm.data import DataSpec
+from strategies.protocol import TrainInstructions
+from fedapp.llm.model import cached_base, load_base
 
 TARGETS = ("q_proj", "v_proj")
 

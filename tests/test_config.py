@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedapp.config import build_strategy, compose_config
-from fedapp.model import resolve_model_path
+from fedapp.llm.model import resolve_model_path
 from fedapp.server_app import check_federation_fits_data
 
 

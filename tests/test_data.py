@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from fedapp.data import (
+from fedapp.llm.data import (
     IGNORE_INDEX,
     DataSpec,
     collate,

@@ -1,5 +1,5 @@
 """Real deployment on 127.0.0.1: a SuperLink and SuperNodes as separate processes, TLS and
-SuperNode authentication, started through `scripts/deploy/` and driven by `fedapp.submit`
+SuperNode authentication, started through `scripts/deploy/` and driven by `fedapp.tools.submit`
 (slow); and the credentials and CLI connection checked against what flwr reads (fast).
 
 Every process a test starts (and the SuperExec/app processes those start) is stopped by pid
@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.flower_config import read_superlink_connection
 from flwr.cli.supernode.register import try_load_public_key
 
-from fedapp.deploy import write_connection, write_node_key, write_tls
-from fedapp.loopback import LoopbackFederation
-from fedapp.report import read_metrics
+from fedapp.tools.deploy import write_connection, write_node_key, write_tls
+from fedapp.tools.loopback import LoopbackFederation
+from fedapp.server.report import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ("scenario=two_clients train.max_length=64 eval.max_examples=16 partitioner=iid "

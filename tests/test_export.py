@@ -6,9 +6,9 @@ from flwr.app import ArrayRecord
 from peft import PeftModel
 
 from fedapp.config import compose_config, data_spec
-from fedapp.evaluate import evaluate_adapter, export_adapter, heldout_examples, target_module_shapes
-from fedapp.model import load_base, load_tokenizer
-from fedapp.train import eval_loss
+from fedapp.server.evaluate import evaluate_adapter, export_adapter, heldout_examples, target_module_shapes
+from fedapp.llm.model import load_base, load_tokenizer
+from fedapp.llm.train import eval_loss
 from strategies.flora import FLoRA
 from strategies.lora_math import LoraUpdate, split_factors
 from tests.test_client import random_adapter

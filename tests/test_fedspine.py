@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedapp.config import compose_config
-from fedapp.rounds import run_rounds
+from fedapp.server.loop import run_rounds
 from strategies.bandit import estimated_memory_mb
 from strategies.devices import DeviceProfile, device_profiles
 from strategies.fedspine import FedSpine

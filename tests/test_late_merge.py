@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedapp.late_merge import merge_late, read_adapter
+from fedapp.tools.late_merge import merge_late, read_adapter
 from strategies.lora_math import (
     LoraUpdate,
     exact_delta,
@@ -175,7 +175,7 @@ def test_a_folder_without_adapter_files_is_refused(tmp_path, keep, missing):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedapp.late_merge", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "fedapp.tools.late_merge", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, check=False)
 
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from fedapp.model import load_base, prepared_dir
+from fedapp.llm.model import load_base, prepared_dir
 
 
 def logits(model) -> torch.Tensor:

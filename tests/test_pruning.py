@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedapp.adapters import attach_lora
-from fedapp.importance import (
+from fedapp.llm.adapters import attach_lora
+from fedapp.pruning.importance import (
     DroppedBlock,
     ImportanceTracker,
     dense_weight,
@@ -22,8 +22,8 @@ from fedapp.importance import (
     score,
     taylor_importance,
 )
-from fedapp.model import load_base
-from fedapp.pruning import (
+from fedapp.llm.model import load_base
+from fedapp.pruning.surgery import (
     PrunePlan,
     compose,
     expected_parameter_count,

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedapp.checkpoint import CHECKPOINT
-from fedapp.report import read_metrics
-from fedapp.submit import flower_env, local_superlink_pids, run_submit
+from fedapp.server.checkpoint import CHECKPOINT
+from fedapp.server.report import read_metrics
+from fedapp.tools.submit import flower_env, local_superlink_pids, run_submit
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def test_killed_server_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, env
     env = envs("b")
     run_dir = tmp_path / "crashed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedapp.submit", "--app", str(ROOT), "--num-supernodes", "2",
+        [sys.executable, "-m", "fedapp.tools.submit", "--app", str(ROOT), "--num-supernodes", "2",
          "--overrides", overrides(tiny_model_dir), "--run-dir", str(run_dir)],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -112,7 +112,7 @@ def test_killed_server_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, env
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
-    from fedapp.checkpoint import load_checkpoint
+    from fedapp.server.checkpoint import load_checkpoint
 
     with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
         load_checkpoint(tmp_path)

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from fedapp import spine as spine_client
-from fedapp.adapters import PEFT_PREFIX, attach_lora
+from fedapp.client import spine as spine_client
+from fedapp.llm.adapters import PEFT_PREFIX, attach_lora
 from fedapp.config import compose_config, train_template
-from fedapp.model import cached_base, load_base
-from fedapp.pruning import iterative_prune, parameter_count
-from fedapp.spine import GlobalTerm, run_spine_round
+from fedapp.llm.model import cached_base, load_base
+from fedapp.pruning.surgery import iterative_prune, parameter_count
+from fedapp.client.spine import GlobalTerm, run_spine_round
 from strategies.lora_math import LORA_A, LORA_B, split_factors
 from strategies.scatter import KEPT_IN, KEPT_OUT
 

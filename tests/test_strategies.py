@@ -8,8 +8,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedapp.data import DataSpec
-from fedapp.instructions import TrainInstructions
+from fedapp.llm.data import DataSpec
+from strategies.protocol import TrainInstructions
 from strategies.fedit import FedIT
 from strategies.flora import FLoRA
 from strategies.lora_math import LORA_A, LORA_B, LoraUpdate, exact_delta

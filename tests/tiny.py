@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fedapp.data import DataSpec, load_records
+from fedapp.llm.data import DataSpec, load_records
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:

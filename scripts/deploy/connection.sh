@@ -10,5 +10,5 @@ if (($# != 3)); then
   exit 2
 fi
 if [[ "$3" == --insecure ]]; then security=(--insecure); else security=(--root-certificates "$3"); fi
-python -m fedapp.deploy connection --name "$1" --address "$2" "${security[@]}" \
+python -m fedapp.tools.deploy connection --name "$1" --address "$2" "${security[@]}" \
   --flwr-home "$FLWR_HOME"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fedapp.deploy import main
+from fedapp.tools.deploy import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,10 +1,10 @@
 """Fold a late client into a finished run's global adapter (one-shot aggregation is a sum).
 
     # a late client's own adapter folder (peft format) and its number of examples:
-    python -m fedapp.late_merge runs/<run> --late-adapter /path/adapter --num-examples 120 \
+    python -m fedapp.tools.late_merge runs/<run> --late-adapter /path/adapter --num-examples 120 \
         --out runs/<run>/adapter-merged
     # or train the late client here, with the run's own orders, then fold it in:
-    python -m fedapp.late_merge runs/<run> --train-partition 3 --num-partitions 4 \
+    python -m fedapp.tools.late_merge runs/<run> --train-partition 3 --num-partitions 4 \
         --out runs/<run>/adapter-merged
 
 The result equals aggregating every client at once; `<out>/aggregate.json` records the new
@@ -77,10 +77,10 @@ def train_late_client(run_dir: Path, partition_id: int, num_partitions: int) -> 
     """Run the late client's one-shot training here, with the orders the run gave."""
     from omegaconf import OmegaConf
 
-    from fedapp.client import run_round
+    from fedapp.client.round import run_round
     from fedapp.config import build_strategy, validate
-    from fedapp.evaluate import target_module_shapes
-    from fedapp.model import cached_base, default_device
+    from fedapp.server.evaluate import target_module_shapes
+    from fedapp.llm.model import cached_base, default_device
     from strategies.base import ClientIdentity
 
     cfg = OmegaConf.load(run_dir / "config.yaml")  # the run's composed config

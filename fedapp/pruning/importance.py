@@ -6,7 +6,7 @@ channel's weights), `taylor_importance` and the training-time `ImportanceTracker
 turns the residual stream), and `score`, which picks one by name. Each returns an
 `Importance`: the scores plus what removing each unit / block saves in parameters.
 
-Also here, because both criteria and `fedapp.pruning` need them (pruning imports this
+Also here, because both criteria and `fedapp.pruning.surgery` need them (pruning imports this
 module, never the reverse): the unit layout (`UNIT_LINEARS`, `Block`), `DroppedBlock`,
 decoder-layer and live-block lookup, unit counts, Linear parameter counts and
 `dense_weight` (4-bit weights dequantised).
@@ -22,7 +22,7 @@ from typing import Self
 import torch
 from torch import nn
 
-from fedapp.model import disable_bnb_cpu_repack
+from fedapp.llm.model import disable_bnb_cpu_repack
 
 CRITERIA = ("magnitude", "taylor", "llm-drop")
 BLOCKS = ("self_attn", "mlp")

@@ -8,11 +8,11 @@ needs one EC key pair per SuperNode (OpenSSH format), its public key registered 
 `flwr supernode register`. The scripts in `scripts/deploy/` and the deployment tests share
 this module.
 
-    python -m fedapp.deploy tls --out certs --host flower.example.org --host 10.0.0.5
-    python -m fedapp.deploy node-key --out keys/supernode-0
-    python -m fedapp.deploy connection --name fedlink --address flower.example.org:8000 \
+    python -m fedapp.tools.deploy tls --out certs --host flower.example.org --host 10.0.0.5
+    python -m fedapp.tools.deploy node-key --out keys/supernode-0
+    python -m fedapp.tools.deploy connection --name fedlink --address flower.example.org:8000 \
         --root-certificates certs/ca.crt
-    python -m fedapp.deploy wait-port 127.0.0.1:8000
+    python -m fedapp.tools.deploy wait-port 127.0.0.1:8000
 """
 
 from __future__ import annotations

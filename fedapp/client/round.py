@@ -14,11 +14,11 @@ from logging import INFO
 import torch
 from flwr.common.logger import log
 
-from fedapp.adapters import frozen_delta, lora_state, with_lora
-from fedapp.data import DataSpec, load_partition, tokenize_records, train_batches
-from fedapp.instructions import GLOBAL_MODES, WIRE_DTYPES, TrainInstructions
-from fedapp.model import cached_base, cached_tokenizer, default_device
-from fedapp.train import peak_rss_mb, train_steps
+from fedapp.llm.adapters import frozen_delta, lora_state, with_lora
+from fedapp.llm.data import DataSpec, load_partition, tokenize_records, train_batches
+from strategies.protocol import GLOBAL_MODES, WIRE_DTYPES, TrainInstructions
+from fedapp.llm.model import cached_base, cached_tokenizer, default_device
+from fedapp.llm.train import peak_rss_mb, train_steps
 from strategies.lora_math import LORA_A
 
 

@@ -47,14 +47,14 @@ import torch
 from flwr.common.logger import log
 from peft import PeftModel
 
-from fedapp.adapters import PEFT_PREFIX, add_low_rank, frozen_delta, lora_state, with_lora
-from fedapp.client import check_instructions, local_data
-from fedapp.data import collate
-from fedapp.importance import CRITERIA
-from fedapp.instructions import TrainInstructions
-from fedapp.model import cached_base, default_device, load_base
-from fedapp.pruning import PruneResult, iterative_prune
-from fedapp.train import TrainResult, peak_rss_mb, train_steps
+from fedapp.llm.adapters import PEFT_PREFIX, add_low_rank, frozen_delta, lora_state, with_lora
+from fedapp.client.round import check_instructions, local_data
+from fedapp.llm.data import collate
+from fedapp.pruning.importance import CRITERIA
+from strategies.protocol import TrainInstructions
+from fedapp.llm.model import cached_base, default_device, load_base
+from fedapp.pruning.surgery import PruneResult, iterative_prune
+from fedapp.llm.train import TrainResult, peak_rss_mb, train_steps
 from strategies.lora_math import Factors, split_factors
 from strategies.scatter import KEPT_IN, KEPT_OUT, slice_factors
 

@@ -1,7 +1,7 @@
 """Hydra multirun sweeps: every composed configuration runs as a real Flower simulation.
 
-    python -m fedapp.sweep -m strategy=fedit,flora,flexlora,ffa,zeropad,oneshot seed=0,1
-    python -m fedapp.sweep -m strategy=fedit,flora,oneshot +preset=quick
+    python -m fedapp.tools.sweep -m strategy=fedit,flora,flexlora,ffa,zeropad,oneshot seed=0,1
+    python -m fedapp.tools.sweep -m strategy=fedit,flora,oneshot +preset=quick
 
 Each job submits the app with `flwr run` (the same conf/ the ServerApp composes, the job's
 overrides passed through) into `<sweep dir>/<job>/run`. After every job the sweep directory's
@@ -21,11 +21,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedapp.config import conf_dir
-from fedapp.report import read_metrics
-from fedapp.submit import flower_env, run_submit
-from fedapp.sweep_report import write_comparison
+from fedapp.server.report import read_metrics
+from fedapp.tools.submit import flower_env, run_submit
+from fedapp.tools.sweep_report import write_comparison
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def job_result(run_dir: Path, overrides: list[str], cfg: DictConfig, status: str,

@@ -3,7 +3,7 @@
 `flwr run --stream` exits 0 even when the run ends `finished:failed`, so this wrapper asks
 the SuperLink for the run's final status and turns it into the exit code.
 
-    python -m fedapp.submit --app . --superlink local --num-supernodes 4 \
+    python -m fedapp.tools.submit --app . --superlink local --num-supernodes 4 \
         --overrides "strategy=fedit" --run-dir runs/try1
 
 For the auto-started local simulation SuperLink (`--superlink local`), the wrapper stops that
@@ -53,7 +53,7 @@ def run_submit(app: str | Path, num_supernodes: int, overrides: str, run_dir: st
                timeout: float | None = None) -> subprocess.CompletedProcess:
     """This module's CLI in a subprocess (its own environment): submit, stream, wait."""
     return subprocess.run(
-        [sys.executable, "-m", "fedapp.submit", "--app", str(app), "--superlink", superlink,
+        [sys.executable, "-m", "fedapp.tools.submit", "--app", str(app), "--superlink", superlink,
          "--num-supernodes", str(num_supernodes), "--overrides", overrides,
          "--run-dir", str(run_dir)],
         env=env, cwd=Path(run_dir).parent, capture_output=True, text=True, timeout=timeout,

@@ -11,7 +11,7 @@ from logging import INFO
 import torch
 from flwr.common.logger import log
 
-from fedapp.data import IGNORE_INDEX, collate
+from fedapp.llm.data import IGNORE_INDEX, collate
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
-from fedapp.report import plt, read_metrics
+from fedapp.server.report import plt, read_metrics
 
 COLUMNS = ["strategy", "seed", "status", "rounds", "start-loss", "final-loss", "best-loss",
            "mb-up", "mb-down", "sim-seconds", "wall-seconds", "overrides"]

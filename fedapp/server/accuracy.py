@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedapp.data import IGNORE_INDEX, DataSpec, collate, prompt_and_response, prompt_text
+from fedapp.llm.data import IGNORE_INDEX, DataSpec, collate, prompt_and_response, prompt_text
 
 
 @dataclass(frozen=True)

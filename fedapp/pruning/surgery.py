@@ -12,7 +12,7 @@ Prunable parameters: weights and biases of q/k/v/o/gate/up/down in the decoder l
 (embeddings, norms, lm_head are never pruned). A plan for `ratio` removes about `ratio` ×
 the prunable parameters present when the model was scored.
 
-Scoring lives in `fedapp.importance`; this module holds the plans (`PrunePlan`,
+Scoring lives in `fedapp.pruning.importance`; this module holds the plans (`PrunePlan`,
 `plan_pruning`), the structural surgery (`slice_linear`, `prune_model`, `compose`),
 parameter counts and `iterative_prune`.
 """
@@ -26,7 +26,7 @@ from math import floor
 import torch
 from torch import nn
 
-from fedapp.importance import (
+from fedapp.pruning.importance import (
     UNIT_LINEARS,
     Block,
     DroppedBlock,
@@ -39,7 +39,7 @@ from fedapp.importance import (
     dense_weight,
     score,
 )
-from fedapp.model import disable_bnb_cpu_repack
+from fedapp.llm.model import disable_bnb_cpu_repack
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord
 
-from fedapp.data import DataSpec
+from fedapp.llm.data import DataSpec
 
 GLOBAL_MODES = ("none", "frozen", "init")
 WIRE_DTYPES = ("float16", "float32")
@@ -45,7 +45,7 @@ class TrainInstructions:
     # FedSpine: prune the local copy structurally to `prune_ratio` of its attention / MLP
     # parameters in `prune_slices` slices, tuning LoRA `tune_steps` steps after each slice
     # (within the `local_steps` budget), scoring units by `prune_criterion`; and measure the
-    # loss on a probe batch before and after, for the server's bandit. See fedapp.spine.
+    # loss on a probe batch before and after, for the server's bandit. See fedapp.client.spine.
     spine_round: bool = False
     prune_ratio: float = 0.0
     prune_criterion: str = "taylor"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from fedapp.deploy import (
+from fedapp.tools.deploy import (
     descendants,
     start_process,
     stop_process,
@@ -25,9 +25,9 @@ from fedapp.deploy import (
     write_node_key,
     write_tls,
 )
-from fedapp.submit import flower_env, free_port
+from fedapp.tools.submit import flower_env, free_port
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "deploy"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "deploy"
 CONNECTION = "loopback"
 
 
@@ -76,9 +76,9 @@ class LoopbackFederation:
         return sum(n["status"] == "online" for n in nodes)
 
     def submit(self, overrides: str, run_dir: Path) -> subprocess.Popen:
-        """`python -m fedapp.submit` against this SuperLink; output in submit.log."""
+        """`python -m fedapp.tools.submit` against this SuperLink; output in submit.log."""
         return self._start("submit", [
-            sys.executable, "-m", "fedapp.submit", "--app", self.app, "--superlink", CONNECTION,
+            sys.executable, "-m", "fedapp.tools.submit", "--app", self.app, "--superlink", CONNECTION,
             "--overrides", overrides, "--run-dir", run_dir], env=self.cli_env)
 
     def wait(self, name: str, timeout: float) -> int:
