@@ -1,4 +1,4 @@
-"""The Flower ClientApp: identifies itself, and trains a LoRA when asked."""
+"""The Flower ClientApp: keeps the run's setup, identifies itself, and trains when asked."""
 
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedapp.client.round import run_round
-from strategies.protocol import TrainInstructions
-from fedapp.client.spine import run_spine_round
+from strategies.protocol import (
+    ARRAYS,
+    CONFIG,
+    IDENTITY,
+    KEPT,
+    METRICS,
+    NO_SETUP,
+    SETUP,
+    RunSetup,
+    TrainOrder,
+)
 
 app = ClientApp()
 _PROCESS_SEEN_A_MESSAGE = False
@@ -27,28 +36,40 @@ def node_partition(context: Context) -> tuple[int, int]:
         ) from None
 
 
+def run_setup(context: Context) -> RunSetup:
+    """The RunSetup this node received when the server met it (kept in context.state)."""
+    if SETUP not in context.state.config_records:
+        raise RuntimeError(f"{NO_SETUP}: this node has no RunSetup in its context state (the "
+                           "SuperNode restarted since the server met it?); the server sends it "
+                           "again with its next identification query")
+    return RunSetup.from_dict(context.state.config_records[SETUP])
+
+
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Tell the server who this client is, by something stabler than the node id."""
+    """Keep the run's setup (sent once per client) and tell the server who this client is,
+    by something stabler than the node id."""
     partition_id, num_partitions = node_partition(context)
+    if SETUP in msg.content.config_records:
+        setup = msg.content.config_records[SETUP]
+        RunSetup.from_dict(setup)  # refuse a bad setup now, not at the first round
+        context.state.config_records[SETUP] = setup
     name = str(context.node_config.get("client-name", f"partition-{partition_id}"))
     reply = ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions,
                           "client-name": name})
-    return Message(RecordDict({"identity": reply}), reply_to=msg)
+    return Message(RecordDict({IDENTITY: reply}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Fine-tune a fresh LoRA on the local partition and reply with its factors."""
+    """Carry out the round's order on the local partition; reply with the adapter."""
     received = time.time()
-    inst = TrainInstructions.from_config(msg.content["config"])
+    setup = run_setup(context)
+    order = TrainOrder.from_dict(msg.content[CONFIG])
     partition_id, num_partitions = node_partition(context)
-    global_state = msg.content["arrays"].to_torch_state_dict()
-    kept = {}
-    if inst.spine_round:  # FedSpine: prune, tune, and say which units were kept
-        state, metrics, kept = run_spine_round(inst, partition_id, num_partitions, global_state)
-    else:
-        state, metrics = run_round(inst, partition_id, num_partitions, global_state)
+    global_state = msg.content[ARRAYS].to_torch_state_dict()
+    result = run_round(setup, order, partition_id, num_partitions, global_state)
+    metrics = result.metrics
     # Overhead before training starts: model/data loading within the handler; and how old
     # the process was when its first message came (a deployed SuperNode starts a ClientApp
     # process per message, ahead of it, so this includes idle waiting; a simulation actor
@@ -58,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
     if not _PROCESS_SEEN_A_MESSAGE:
         metrics["process-start-seconds"] = max(received - psutil.Process().create_time(), 0.0)
         globals()["_PROCESS_SEEN_A_MESSAGE"] = True
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
-    if kept:
-        content["kept"] = ArrayRecord(kept)
+    content = RecordDict({ARRAYS: ArrayRecord(result.state), METRICS: MetricRecord(metrics)})
+    if result.kept:
+        content[KEPT] = ArrayRecord(result.kept)
     return Message(content, reply_to=msg)

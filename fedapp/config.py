@@ -1,7 +1,10 @@
-"""The Hydra config: compose it once, check it, and turn it into explicit objects.
+"""The Hydra config: compose it once and turn it into explicit objects.
 
-Nothing below this module reads the config: it builds the clients' `TrainInstructions`
-template and the strategy, and everything else receives plain arguments.
+Nothing below this module reads the config. It builds the run's `RunSetup` (sent once to
+every client) and the strategy (`hydra.utils.instantiate` of `conf/strategy/<name>.yaml`'s
+`_target_`); everything else receives plain arguments. Values are validated by the objects
+that hold them (RunSetup, TrainOrder, the strategy, DeviceProfile, BanditConfig), so
+`validate` just builds them once, before any model is loaded or client trained.
 """
 
 from __future__ import annotations
@@ -9,15 +12,17 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import fedapp
-from fedapp.llm.data import PARTITIONERS, DataSpec
-from strategies.protocol import WIRE_DTYPES, TrainInstructions
-from fedapp.llm.model import QUANTIZATIONS
+from strategies.base import LoraStrategy
+from strategies.devices import DeviceProfile, device_profiles
+from strategies.protocol import DataSpec, RunSetup
 
 GROUPS = ("model", "dataset", "partitioner", "strategy", "scenario")
 
@@ -58,66 +63,22 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check every value a run depends on, before any model is loaded or client trained."""
-    from strategies import STRATEGIES
-
+    """Check every value a run depends on, before any model is loaded or client trained:
+    the server loop's own keys here, the rest by building the objects that hold them."""
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ValueError(f"config keys without a value: {sorted(missing)} (set them as overrides)")
-    _require(cfg.model.quantization in QUANTIZATIONS, "model.quantization",
-             cfg.model.quantization, str(list(QUANTIZATIONS)))
-    _require(cfg.strategy.name in STRATEGIES, "strategy.name", cfg.strategy.name,
-             str(sorted(STRATEGIES)))
-    _require(cfg.partitioner.name in PARTITIONERS, "partitioner.name", cfg.partitioner.name,
-             str(list(PARTITIONERS)))
-    ranks = list(cfg.strategy.ranks)
-    _require(bool(ranks) and all(isinstance(r, int) and r > 0 for r in ranks),
-             "strategy.ranks", ranks, "a non-empty list of positive integers")
-    _require(cfg.train.lr > 0, "train.lr", cfg.train.lr, "a number > 0")
-    for key in ("local_steps", "batch_size", "max_length"):
-        _require(cfg.train[key] > 0, f"train.{key}", cfg.train[key], "a positive integer")
-    _require(cfg.train.wire_dtype in WIRE_DTYPES, "train.wire_dtype", cfg.train.wire_dtype,
-             str(list(WIRE_DTYPES)))
-    _require(cfg.lora.alpha_ratio > 0, "lora.alpha_ratio", cfg.lora.alpha_ratio, "a number > 0")
-    _require(len(cfg.lora.target_modules) > 0, "lora.target_modules",
-             list(cfg.lora.target_modules), "a non-empty list of module names")
-    _require(cfg.num_rounds > 0, "num_rounds", cfg.num_rounds, "a positive integer")
-    _require(cfg.scenario.num_clients >= 1, "scenario.num_clients", cfg.scenario.num_clients,
-             "a positive integer")
-    _require(0 < cfg.scenario.fraction_train <= 1, "scenario.fraction_train",
-             cfg.scenario.fraction_train, "0 < x <= 1")
-    _require(0 < cfg.dataset.test_fraction < 1, "dataset.test_fraction",
-             cfg.dataset.test_fraction, "0 < x < 1")
+    for key, value in (("num_rounds", cfg.num_rounds), ("scenario.num_clients",
+                                                         cfg.scenario.num_clients),
+                       ("scenario.min_replies", cfg.scenario.min_replies),
+                       ("eval.batch_size", cfg.eval.batch_size)):
+        _require(isinstance(value, int) and value >= 1, key, value, "a positive integer")
+    _require(cfg.scenario.round_retries >= 0, "scenario.round_retries",
+             cfg.scenario.round_retries, "an integer >= 0")
     if cfg.eval.accuracy_examples:
         _require(bool(cfg.dataset.label_column), "eval.accuracy_examples",
                  cfg.eval.accuracy_examples, "0 unless dataset.label_column is set")
-    _require(cfg.scenario.min_replies >= 1, "scenario.min_replies", cfg.scenario.min_replies,
-             "a positive integer")
-    _require(cfg.scenario.round_retries >= 0, "scenario.round_retries",
-             cfg.scenario.round_retries, "an integer >= 0")
-    if cfg.dp.enabled:
-        _require(cfg.strategy.name == "flora", "dp.enabled", True,
-                 "only with strategy=flora (other strategies average factors, which the "
-                 "clipping and noise here do not cover)")
-    scenario_devices(cfg)  # raises on an unknown device class or a bad value
-    if cfg.strategy.name == "fedspine":
-        from strategies.fedspine import check_fedspine_config
-
-        check_fedspine_config({**OmegaConf.to_container(cfg.strategy),
-                               "local_steps": int(cfg.train.local_steps)})
-    if cfg.partitioner.name == "dirichlet":
-        _require(cfg.partitioner.alpha > 0, "partitioner.alpha", cfg.partitioner.alpha, "> 0")
-
-
-def scenario_devices(cfg: DictConfig) -> list:
-    """The scenario's device profile per partition id (strategies.devices)."""
-    from strategies.devices import device_profiles
-
-    sc = cfg.scenario
-    devices = sc.get("devices")
-    return device_profiles(OmegaConf.to_container(devices) if devices else None,
-                           list(sc.get("device_of_client") or []),
-                           float(sc.bandwidth_up_mbps), float(sc.bandwidth_down_mbps))
+    build_strategy(cfg, module_shapes={})
 
 
 def data_spec(cfg: DictConfig) -> DataSpec:
@@ -128,31 +89,50 @@ def data_spec(cfg: DictConfig) -> DataSpec:
                     seed=int(cfg.seed))
 
 
-def train_template(cfg: DictConfig) -> TrainInstructions:
-    """The orders every client gets; strategies set rank, alpha and seed per client."""
-    r = int(cfg.strategy.ranks[0])
-    return TrainInstructions(
+def run_setup(cfg: DictConfig) -> RunSetup:
+    """What every client needs for the whole run (sent once per client)."""
+    return RunSetup(
         model_path=str(cfg.model.path), quantization=cfg.model.quantization,
-        target_modules=tuple(cfg.lora.target_modules), lora_r=r,
-        lora_alpha=float(cfg.lora.alpha_ratio) * r, local_steps=int(cfg.train.local_steps),
-        lr=float(cfg.train.lr), batch_size=int(cfg.train.batch_size),
-        max_length=int(cfg.train.max_length), seed=int(cfg.seed),
+        target_modules=tuple(cfg.lora.target_modules), lr=float(cfg.train.lr),
+        batch_size=cfg.train.batch_size, max_length=cfg.train.max_length,
         partitioner=cfg.partitioner.name, partitioner_alpha=float(cfg.partitioner.alpha),
-        wire_dtype=cfg.train.wire_dtype, num_threads=int(cfg.train.num_threads),
+        wire_dtype=cfg.train.wire_dtype, num_threads=cfg.train.num_threads,
         data=data_spec(cfg))
 
 
-def build_strategy(cfg: DictConfig, module_shapes: Mapping[str, tuple[int, int]]):
-    """The strategy named by `strategy.name`, with the config's clients and ranks."""
-    from strategies import STRATEGIES
+def scenario_devices(cfg: DictConfig) -> list[DeviceProfile]:
+    """The scenario's device profile per partition id (strategies.devices)."""
+    sc = cfg.scenario
+    devices = sc.get("devices")
+    return device_profiles(OmegaConf.to_container(devices) if devices else None,
+                           list(sc.get("device_of_client") or []),
+                           float(sc.bandwidth_up_mbps), float(sc.bandwidth_down_mbps))
 
-    extra = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items()
-             if k not in ("name", "ranks")}
-    return STRATEGIES[cfg.strategy.name](
-        train_template(cfg), module_shapes, ranks=list(cfg.strategy.ranks),
-        alpha_ratio=float(cfg.lora.alpha_ratio), seed=int(cfg.seed),
-        fraction_train=float(cfg.scenario.fraction_train),
-        min_train_nodes=int(cfg.scenario.min_train_nodes),
-        min_available_nodes=int(cfg.scenario.num_clients),
-        wait_seconds=float(cfg.scenario.wait_seconds), devices=scenario_devices(cfg), **extra,
-        **({"dp": OmegaConf.to_container(cfg.dp)} if cfg.dp.enabled else {}))
+
+def strategy_class(cfg: DictConfig) -> type[LoraStrategy]:
+    """The class `conf/strategy/<name>.yaml` names in `_target_`."""
+    return get_class(cfg.strategy._target_)
+
+
+def build_strategy(cfg: DictConfig,
+                   module_shapes: Mapping[str, tuple[int, int]]) -> LoraStrategy:
+    """The configured strategy: its own keys from `strategy.*`, the run's from the rest."""
+    cls = strategy_class(cfg)
+    kwargs: dict[str, Any] = {
+        "setup": run_setup(cfg), "module_shapes": module_shapes,
+        "local_steps": cfg.train.local_steps, "alpha_ratio": float(cfg.lora.alpha_ratio),
+        "seed": int(cfg.seed), "fraction_train": float(cfg.scenario.fraction_train),
+        "min_train_nodes": int(cfg.scenario.min_train_nodes),
+        "min_available_nodes": int(cfg.scenario.num_clients),
+        "wait_seconds": float(cfg.scenario.wait_seconds), "devices": scenario_devices(cfg)}
+    if cfg.dp.enabled:
+        _require(cls.supports_dp, "dp.enabled", True, "only with strategy=flora (other "
+                 "strategies average factors or prune, which the clipping and noise here do "
+                 "not cover)")
+        kwargs["dp"] = OmegaConf.to_container(cfg.dp)
+    # _partial_: Hydra only binds `strategy.*`; the run's objects go in as they are.
+    make = instantiate(cfg.strategy, _partial_=True, _convert_="all")
+    try:
+        return make(**kwargs)
+    except TypeError as err:  # e.g. a key in strategy.* the class does not take
+        raise ValueError(f"strategy {cls.name} ({cfg.strategy._target_}): {err}") from None

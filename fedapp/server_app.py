@@ -13,10 +13,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
+from fedapp.config import build_strategy, compose_config, data_spec, strategy_class, validate
 from fedapp.llm.adapters import lora_state, with_lora
-from fedapp.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedapp.config import build_strategy, compose_config, data_spec, validate
 from fedapp.llm.data import load_split
+from fedapp.llm.model import cached_base, cached_tokenizer, default_device, resolve_model_path
+from fedapp.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedapp.server.evaluate import (
     evaluate_adapter,
     export_adapter,
@@ -24,16 +25,16 @@ from fedapp.server.evaluate import (
     heldout_examples,
     target_module_shapes,
 )
-from fedapp.llm.model import cached_base, cached_tokenizer, default_device, resolve_model_path
-from fedapp.server.report import RunRecorder, plot_eval_loss
 from fedapp.server.loop import run_rounds
+from fedapp.server.report import RunRecorder, plot_eval_loss
 
 app = ServerApp()
 
 
 def make_run_dir(cfg: DictConfig, requested: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(requested or Path.cwd() / "runs" / f"{stamp}-{cfg.strategy.name}")
+    name = strategy_class(cfg).name
+    run_dir = Path(requested or Path.cwd() / "runs" / f"{stamp}-{name}")
     run_dir = run_dir.expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "metrics.jsonl").exists():
@@ -83,9 +84,9 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = No
     num_rounds = strategy.num_rounds(int(cfg.num_rounds))
     if ckpt is None:
         arrays = ArrayRecord()
-        if strategy.needs_initial_adapter:  # FedIT, FFA: every client starts from one init
-            r = strategy.ranks[0]
-            with with_lora(base, r, strategy.alpha_ratio * r, targets, int(cfg.seed)) as model:
+        if (initial := strategy.initial_adapter()) is not None:  # FedIT, FFA: one shared init
+            r, lora_alpha = initial
+            with with_lora(base, r, lora_alpha, targets, int(cfg.seed)) as model:
                 arrays = ArrayRecord(lora_state(model))
         evaluate(0, arrays)
         first_round = 1

@@ -33,17 +33,21 @@ def worker_steps(quantization: str, steps: int) -> dict:
     import dataclasses
 
     from fedapp.client.round import run_round
-    from fedapp.config import compose_config, train_template
+    from fedapp.config import build_strategy, compose_config
     from fedapp.llm.model import cached_base
     from fedapp.llm.train import peak_rss_mb
+    from strategies.base import ClientIdentity
 
     cfg = compose_config(f"model.quantization={quantization}")
-    inst = dataclasses.replace(train_template(cfg), local_steps=2)
+    strategy = build_strategy(cfg, {})
+    order = dataclasses.replace(strategy.order_for(1, ClientIdentity("partition-0", 0)),
+                                local_steps=2)
     start = time.perf_counter()
-    cached_base(inst.model_path, quantization, "cpu")
+    cached_base(strategy.setup.model_path, quantization, "cpu")
     load_s = time.perf_counter() - start
-    run_round(inst, 0, 4, {}, device="cpu")  # warm-up: data, allocator, kernels
-    _, metrics = run_round(dataclasses.replace(inst, local_steps=steps), 0, 4, {}, device="cpu")
+    run_round(strategy.setup, order, 0, 4, {}, device="cpu")  # warm-up: data, allocator, kernels
+    metrics = run_round(strategy.setup, dataclasses.replace(order, local_steps=steps), 0, 4, {},
+                        device="cpu").metrics
     return {"quantization": quantization, "load-seconds": load_s,
             "seconds-per-step": metrics["train-seconds"] / steps, "peak-rss-mb": peak_rss_mb()}
 
@@ -54,8 +58,8 @@ def worker_bare(overrides: str) -> dict:
 
     from fedapp.client.round import run_round
     from fedapp.config import build_strategy, compose_config, data_spec
-    from fedapp.server.evaluate import evaluate_adapter, heldout_examples, target_module_shapes
     from fedapp.llm.model import cached_base, cached_tokenizer
+    from fedapp.server.evaluate import evaluate_adapter, heldout_examples, target_module_shapes
     from strategies.base import ClientIdentity
     from strategies.lora_math import LoraUpdate, split_factors
 
@@ -73,11 +77,11 @@ def worker_bare(overrides: str) -> dict:
     for server_round in range(1, cfg.num_rounds + 1):
         updates = []
         for client in clients:
-            inst = strategy.client_instructions(server_round, client)
-            state, metrics = run_round(inst, client.partition_id, len(clients),
-                                       arrays.to_torch_state_dict(), device="cpu")
-            updates.append(LoraUpdate(split_factors(state), inst.lora_alpha / inst.lora_r,
-                                      metrics["num-examples"]))
+            order = strategy.order_for(server_round, client)
+            result = run_round(strategy.setup, order, client.partition_id, len(clients),
+                               arrays.to_torch_state_dict(), device="cpu")
+            updates.append(LoraUpdate(split_factors(result.state), order.scaling,
+                                      result.metrics["num-examples"]))
         arrays, _ = strategy.aggregate_updates(server_round, updates)
         losses.append(evaluate_adapter(base, *strategy.global_adapter(arrays), examples,
                                        cfg.eval.batch_size, tokenizer.pad_token_id)["eval-loss"])

@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedapp.tools.loopback import LoopbackFederation
 from fedapp.llm.model import DEFAULT_MODEL, load_base
 from fedapp.server.report import read_metrics
+from fedapp.tools.loopback import LoopbackFederation
 
 
 def deployment_overheads(root: Path, clients: int, rounds: int, prepared: bool) -> list[dict]:

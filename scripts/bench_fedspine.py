@@ -56,18 +56,20 @@ def reset_peak_rss() -> None:
 
 def worker_client(ratio: float, rank: int, steps: int, slices: int, criterion: str) -> dict:
     """Load (and prune) a client's model, then time `steps` LoRA steps on it."""
-    from fedapp.llm.adapters import attach_lora
     from fedapp.client.round import local_data
-    from fedapp.config import compose_config, train_template
+    from fedapp.config import build_strategy, compose_config
+    from fedapp.llm.adapters import attach_lora
     from fedapp.llm.data import collate
     from fedapp.llm.model import load_base
-    from fedapp.pruning.surgery import iterative_prune
     from fedapp.llm.train import train_steps
+    from fedapp.pruning.surgery import iterative_prune
 
-    inst = train_template(compose_config(""))
-    examples, batches, pad = local_data(inst, 0, 4)
-    model = attach_lora(load_base(inst.model_path, inst.quantization, "cpu"), rank, 2.0 * rank,
-                        list(inst.target_modules), seed=0)
+    strategy = build_strategy(compose_config(""), {})
+    inst = strategy.setup
+    order = strategy.make_order(1, rank)
+    examples, batches, pad = local_data(inst, order, 0, 4)
+    model = attach_lora(load_base(inst.model_path, inst.quantization, "cpu"), rank,
+                        order.lora_alpha, list(inst.target_modules), seed=0)
     train_steps(model, batches, 1, inst.lr, log_every=0)  # warm-up: kernels, allocator
     start = time.perf_counter()
     params, tuned = 1.0, []

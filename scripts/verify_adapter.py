@@ -18,10 +18,10 @@ from peft import PeftModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedapp.config import data_spec
-from fedapp.server.evaluate import heldout_examples
 from fedapp.llm.model import load_base, load_tokenizer
-from fedapp.server.report import read_metrics
 from fedapp.llm.train import eval_loss
+from fedapp.server.evaluate import heldout_examples
+from fedapp.server.report import read_metrics
 
 
 def main(run_dir: Path) -> int:

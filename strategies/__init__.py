@@ -1,4 +1,7 @@
-"""Aggregation strategies for federated LoRA, one module per algorithm."""
+"""Aggregation strategies for federated LoRA, one module per algorithm: a library that
+depends only on flwr, torch and numpy. The app (`fedapp`) builds one from its Hydra config
+(`_target_` in conf/strategy/*.yaml); `protocol` is the message contract with the clients.
+"""
 
 from strategies.base import LoraStrategy
 from strategies.fedit import FedIT
@@ -9,11 +12,7 @@ from strategies.flora import FLoRA
 from strategies.oneshot import OneShot
 from strategies.zeropad import ZeroPad
 
-STRATEGIES: dict[str, type[LoraStrategy]] = {
-    s.name: s for s in (FedIT, FLoRA, ZeroPad, FlexLoRA, FFALoRA, OneShot, FedSpine)}
-
 __all__ = [
-    "STRATEGIES",
     "FFALoRA",
     "FLoRA",
     "FedIT",

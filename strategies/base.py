@@ -1,18 +1,17 @@
 """What every LoRA strategy here shares: who the clients are, what each is told, what is
 accepted back, and a per-round log of bytes and losses.
 
-Subclasses set `global_mode`, override `client_state` / `client_instructions` where a client
+Subclasses set `global_mode`, override `client_state` / `order_for` where a client
 receives something particular, and `aggregate_updates` (the math, delegated to pure functions
 in `lora_math`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -29,10 +28,21 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.protocol import TrainInstructions
 from strategies.devices import DeviceProfile
 from strategies.lora_math import LoraUpdate
+from strategies.protocol import (
+    ARRAYS,
+    CONFIG,
+    IDENTITY,
+    METRICS,
+    NO_SETUP,
+    SETUP,
+    RunSetup,
+    TrainOrder,
+    alpha_for,
+)
 from strategies.replies import RejectedReply, parse_reply
+from strategies.summary import OK, ClientOutcome, RoundSummary
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,7 @@ class ClientIdentity:
 @dataclass
 class Assignment:
     client: ClientIdentity
-    instructions: TrainInstructions
+    order: TrainOrder
     bytes_down: int
 
 
@@ -59,10 +69,13 @@ class LoraStrategy(FedAvg):
     """FedAvg's sampling and message plumbing, with per-client LoRA orders and checked replies.
 
     Args:
-        template: the orders every client gets unless a subclass changes them per client.
+        setup: what every client needs for the whole run; sent once per client, with the
+            identification query.
         module_shapes: {peft module key: (out, in)} of the targeted layers, to check replies.
-        ranks: LoRA rank per client, cycled over partition ids (one entry: homogeneous).
-        alpha_ratio: lora_alpha = alpha_ratio · r for each client.
+        local_steps: optimizer steps per client and round.
+        ranks: LoRA rank per client, cycled over partition ids (one entry: homogeneous);
+            None for a strategy that picks ranks itself (FedSpine's bandits).
+        alpha_ratio: lora_alpha = alpha_for(r, alpha_ratio) for each client.
         seed: seeds client sampling and each round's client seeds.
         wait_seconds: how long to wait for `min_available_nodes` before giving up.
         devices: device profile per partition id (cycled): each accepted client's
@@ -71,31 +84,34 @@ class LoraStrategy(FedAvg):
     """
 
     name = "lora"
-    needs_initial_adapter = False  # True: round 1 sends a seeded fresh adapter (FedIT)
-    # How clients use the global arrays: "none", "frozen" (beside the base) or "init"
-    # (their trainable LoRA starts from them). See TrainInstructions.global_mode.
-    global_mode = "none"
+    global_mode = "none"  # how clients use the global arrays: see protocol.GLOBAL_MODES
+    supports_dp = False  # True: accepts a `dp` config (client-level DP, strategies.dp)
 
-    def __init__(self, template: TrainInstructions, module_shapes: Mapping[str, tuple[int, int]],
-                 ranks: list[int], alpha_ratio: float, seed: int = 0,
-                 fraction_train: float = 1.0, min_train_nodes: int = 2,
+    def __init__(self, setup: RunSetup, module_shapes: Mapping[str, tuple[int, int]], *,
+                 local_steps: int, ranks: Sequence[int] | None, alpha_ratio: float,
+                 seed: int = 0, fraction_train: float = 1.0, min_train_nodes: int = 2,
                  min_available_nodes: int = 2, wait_seconds: float = 300.0,
                  devices: list[DeviceProfile] | None = None) -> None:
+        if not 0 < fraction_train <= 1:
+            raise ValueError(f"scenario.fraction_train={fraction_train}; allowed: 0 < x <= 1")
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
                          min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes)
-        if not ranks or any(int(r) <= 0 for r in ranks):
-            raise ValueError(f"strategy.ranks={ranks}; allowed: a non-empty list of positive ints")
-        self.template = template
+        if ranks is not None and not ranks:
+            raise ValueError("strategy.ranks=[]; allowed: a non-empty list of positive ints")
+        self.setup = setup
         self.module_shapes = dict(module_shapes)
-        self.ranks = [int(r) for r in ranks]
+        self.local_steps = local_steps
+        self.ranks = list(ranks) if ranks is not None else None
         self.alpha_ratio = alpha_ratio
         self.seed = seed
         self.wait_seconds = wait_seconds
         self.devices = list(devices) if devices else [DeviceProfile("default")]
         self.identities: dict[int, ClientIdentity] = {}
         self.assignments: dict[int, Assignment] = {}
-        self.round_log: dict[int, dict] = {}
+        self.round_log: dict[int, RoundSummary] = {}
         self.sent: list[Message] = []
+        for r in self.ranks or [1]:  # TrainOrder validates: fail now, before any training
+            self.make_order(1, r)
 
     # ------------------------------------------------------------------ who the clients are
     def wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -118,18 +134,20 @@ class LoraStrategy(FedAvg):
         return nodes
 
     def identify(self, grid: Grid, node_ids: Iterable[int]) -> None:
-        """Ask nodes we have not met yet for their partition id and name (a query message)."""
+        """Meet nodes we do not know yet: send each the run's `RunSetup` (kept in its
+        context.state for the whole run) and learn its partition id and name."""
         unknown = [n for n in node_ids if n not in self.identities]
         if not unknown:
             return
-        asks = [Message(RecordDict({"config": ConfigRecord({"ask": "identity"})}),
-                        message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+        setup = self.setup.to_config()
+        asks = [Message(RecordDict({SETUP: setup}), message_type=MessageType.QUERY,
+                        dst_node_id=n) for n in unknown]
         for reply in grid.send_and_receive(asks, timeout=self.wait_seconds):
-            if reply.has_error() or "identity" not in reply.content.config_records:
+            if reply.has_error() or IDENTITY not in reply.content.config_records:
                 log(WARNING, "A node did not identify itself: %s",
                     reply.error.reason if reply.has_error() else "no identity record")
                 continue
-            ident = reply.content.config_records["identity"]
+            ident = reply.content.config_records[IDENTITY]
             self.identities[reply.metadata.src_node_id] = ClientIdentity(
                 name=str(ident["client-name"]), partition_id=int(ident["partition-id"]))
 
@@ -143,16 +161,23 @@ class LoraStrategy(FedAvg):
 
     # ------------------------------------------------------------------ what each is told
     def rank_for(self, client: ClientIdentity) -> int:
+        if self.ranks is None:
+            raise NotImplementedError(f"{self.name} picks each client's rank itself")
         return self.ranks[client.partition_id % len(self.ranks)]
 
     def device_for(self, client: ClientIdentity) -> DeviceProfile:
         return self.devices[client.partition_id % len(self.devices)]
 
-    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
-        r = self.rank_for(client)
-        return dataclasses.replace(self.template, lora_r=r, lora_alpha=self.alpha_ratio * r,
-                                   seed=self.seed * 1000 + server_round,
-                                   global_mode=self.global_mode)
+    def make_order(self, server_round: int, r: int, **fields: object) -> TrainOrder:
+        """A rank-r order of this strategy for `server_round` (validated by TrainOrder)."""
+        return TrainOrder(server_round=server_round, lora_r=r,
+                          lora_alpha=alpha_for(r, self.alpha_ratio), local_steps=self.local_steps,
+                          seed=self.seed * 1000 + server_round, global_mode=self.global_mode,
+                          **fields)  # type: ignore[arg-type]
+
+    def order_for(self, server_round: int, client: ClientIdentity) -> TrainOrder:
+        """What `client` trains this round; subclasses change the rank, steps or pruning."""
+        return self.make_order(server_round, self.rank_for(client))
 
     def client_state(self, client: ClientIdentity,
                      state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -164,7 +189,7 @@ class LoraStrategy(FedAvg):
         """`client_state` of the global state, in the wire dtype."""
         if not state:
             return ArrayRecord()
-        dtype = getattr(torch, self.template.wire_dtype)
+        dtype = getattr(torch, self.setup.wire_dtype)
         return ArrayRecord({k: v.to(dtype) for k, v in self.client_state(client, state).items()})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -175,15 +200,14 @@ class LoraStrategy(FedAvg):
         messages = []
         for node_id in node_ids:
             client = self.identities[node_id]
-            inst = self.client_instructions(server_round, client)
+            order = self.order_for(server_round, client)
             payload = self.client_arrays(client, state)
-            record = inst.to_config()
-            record["server-round"] = server_round
-            self.assignments[node_id] = Assignment(client, inst,
+            record = order.to_config()
+            self.assignments[node_id] = Assignment(client, order,
                                                    payload.count_bytes() + config_bytes(record))
-            messages.append(Message(RecordDict({"arrays": payload, "config": record}),
+            messages.append(Message(RecordDict({ARRAYS: payload, CONFIG: record}),
                                     message_type=MessageType.TRAIN, dst_node_id=node_id))
-        chosen = ", ".join(f"{a.client.name}(r={a.instructions.lora_r})"
+        chosen = ", ".join(f"{a.client.name}(r={a.order.lora_r})"
                            for a in self.assignments.values())
         self.sent = messages  # their message ids are filled in when the grid pushes them
         log(INFO, "configure_train: round %d, %d of %d clients: %s", server_round,
@@ -193,67 +217,68 @@ class LoraStrategy(FedAvg):
     # ------------------------------------------------------------------ what comes back
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        summary = RoundSummary(server_round)
         updates: list[LoraUpdate] = []
-        clients: dict[str, dict] = {}
-        train_losses: list[tuple[float, float]] = []
+        losses: list[tuple[float, float]] = []  # (weight, train loss) of accepted replies
         # An error reply made by the SuperLink (e.g. for a vanished node) comes from node 1:
         # find who it stands for through the message it answers.
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent
                 if m.metadata.message_id}
         for msg in replies:
             node_id = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            assignment = self.assignments.get(node_id)
-            name = assignment.client.name if assignment else f"node-{node_id}"
-            entry: dict = {"bytes-down": assignment.bytes_down if assignment else 0}
-            clients[name] = entry
-            try:
-                if msg.has_error():
-                    raise RejectedReply(f"client error: {msg.error.reason}")
-                if assignment is None:
-                    raise RejectedReply("reply from a node that was not asked")
-                inst = assignment.instructions
-                entry["bytes-up"] = sum(r.count_bytes() for r in msg.content.array_records.values())
-                update = self.parse_update(msg.content, inst)
-            except RejectedReply as err:
-                log(WARNING, "Round %d: rejected %s: %s", server_round, name, err)
-                entry["status"] = f"rejected: {err}"
-                continue
-            metrics = msg.content.metric_records["metrics"]
-            entry.update(status="ok", r=inst.lora_r, **{k: float(v) for k, v in metrics.items()})
-            device = self.device_for(assignment.client)
-            entry["device"] = device.name
-            entry["completion-seconds"] = device.completion_seconds(
-                entry.get("train-seconds", 0.0), entry["bytes-up"], entry["bytes-down"])
-            train_losses.append((update.weight, float(metrics.get("train-loss", float("nan")))))
-            updates.append(update)
-        for node_id, assignment in self.assignments.items():  # asked but never answered
-            clients.setdefault(assignment.client.name, {"bytes-down": assignment.bytes_down,
-                                                        "status": "no reply"})
-        for name, entry in sorted(clients.items()):
+            name, outcome, update = self.check_reply(server_round, node_id, msg)
+            summary.clients[name] = outcome
+            if update is not None:
+                updates.append(update)
+                losses.append((update.weight, outcome.metrics.get("train-loss", float("nan"))))
+        for assignment in self.assignments.values():  # asked but never answered
+            summary.clients.setdefault(assignment.client.name,
+                                       ClientOutcome(bytes_down=assignment.bytes_down))
+        for name, c in sorted(summary.clients.items()):
             log(INFO, "  %s: %s, r=%s, down %.3f MB, up %.3f MB, train-loss %s", name,
-                entry.get("status"), entry.get("r", "-"), entry.get("bytes-down", 0) / 2**20,
-                entry.get("bytes-up", 0) / 2**20, entry.get("train-loss", "-"))
-        summary = {
-            "clients": clients,
-            "accepted": len(updates),
-            "bytes-down": sum(c.get("bytes-down", 0) for c in clients.values()),
-            "bytes-up": sum(c.get("bytes-up", 0) for c in clients.values()),
-        }
+                c.status, c.r if c.r is not None else "-", c.bytes_down / 2**20,
+                (c.bytes_up or 0) / 2**20, c.metrics.get("train-loss", "-"))
         self.round_log[server_round] = summary
         if not updates:
             log(WARNING, "Round %d: no valid reply; the global adapter is unchanged", server_round)
             return None, None
-        total = sum(w for w, _ in train_losses)
-        summary["train-loss"] = sum(w * loss for w, loss in train_losses) / total
-        arrays, extra = self.aggregate_updates(server_round, updates)
-        summary.update(extra)
-        metrics = MetricRecord({"train-loss": summary["train-loss"],
-                                "num-examples": float(total), **extra})
-        return arrays, metrics
+        total = sum(w for w, _ in losses)
+        summary.train_loss = sum(w * loss for w, loss in losses) / total
+        arrays, summary.figures = self.aggregate_updates(server_round, updates)
+        return arrays, MetricRecord({"train-loss": summary.train_loss,
+                                     "num-examples": float(total), **summary.figures})
 
-    def parse_update(self, content: RecordDict, inst: TrainInstructions) -> LoraUpdate:
-        """Check one reply against its orders (raises RejectedReply)."""
-        return parse_reply(content, self.module_shapes, inst.lora_r, inst.lora_alpha / inst.lora_r)
+    def check_reply(self, server_round: int, node_id: int, msg: Message
+                    ) -> tuple[str, ClientOutcome, LoraUpdate | None]:
+        """(client name, its outcome, its update if the reply is accepted)."""
+        assignment = self.assignments.get(node_id)
+        name = assignment.client.name if assignment else f"node-{node_id}"
+        outcome = ClientOutcome(bytes_down=assignment.bytes_down if assignment else 0)
+        try:
+            if msg.has_error():
+                if NO_SETUP in msg.error.reason:  # e.g. a restarted SuperNode: meet it again
+                    self.identities.pop(node_id, None)
+                raise RejectedReply(f"client error: {msg.error.reason}")
+            if assignment is None:
+                raise RejectedReply("reply from a node that was not asked")
+            outcome.bytes_up = sum(r.count_bytes() for r in msg.content.array_records.values())
+            update = self.parse_update(msg.content, assignment.order)
+        except RejectedReply as err:
+            log(WARNING, "Round %d: rejected %s: %s", server_round, name, err)
+            outcome.status = f"rejected: {err}"
+            return name, outcome, None
+        metrics = msg.content.metric_records[METRICS]
+        outcome.status, outcome.r = OK, assignment.order.lora_r
+        outcome.metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+        device = self.device_for(assignment.client)
+        outcome.device = device.name
+        outcome.completion_seconds = device.completion_seconds(
+            outcome.metrics.get("train-seconds", 0.0), outcome.bytes_up, outcome.bytes_down)
+        return name, outcome, update
+
+    def parse_update(self, content: RecordDict, order: TrainOrder) -> LoraUpdate:
+        """Check one reply against its order (raises RejectedReply)."""
+        return parse_reply(content, self.module_shapes, order.lora_r, order.scaling)
 
     def state_dict(self) -> dict:
         """What a checkpoint must keep beyond the global arrays (e.g. bandit statistics)."""
@@ -261,6 +286,11 @@ class LoraStrategy(FedAvg):
 
     def load_state(self, state: dict, arrays: ArrayRecord) -> None:
         """Restore `state_dict()` and the global arrays of a checkpoint (resume)."""
+
+    def initial_adapter(self) -> tuple[int, float] | None:
+        """(r, lora_alpha) of the seeded fresh adapter that round 1 sends every client, for
+        strategies whose clients start from the global factors (FedIT); None: start empty."""
+        return None
 
     def num_rounds(self, configured: int) -> int:
         """Rounds to run for `num_rounds` in the config (one-shot runs one)."""
@@ -280,6 +310,7 @@ class LoraStrategy(FedAvg):
         raise NotImplementedError
 
     def summary(self) -> None:
-        log(INFO, "\t├──> %s: ranks %s (cycled over partition ids), lora_alpha = %.3g·r",
-            self.name, self.ranks, self.alpha_ratio)
+        ranks = self.ranks if self.ranks is not None else "per client"
+        log(INFO, "\t├──> %s: ranks %s (cycled over partition ids), lora_alpha = %.3g·r, "
+            "%d local steps", self.name, ranks, self.alpha_ratio, self.local_steps)
         super().summary()

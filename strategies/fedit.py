@@ -12,19 +12,22 @@ from flwr.app import ArrayRecord
 
 from strategies.base import LoraStrategy
 from strategies.lora_math import LoraUpdate, fedavg_factors, fedavg_noise, join_factors
+from strategies.protocol import alpha_for
 
 
 class FedIT(LoraStrategy):
     name = "fedit"
-    needs_initial_adapter = True
     global_mode = "init"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if len(set(self.ranks)) != 1:
+        if self.ranks is None or len(set(self.ranks)) != 1:
             raise ValueError(f"strategy.ranks={self.ranks}: fedit averages factors of one rank; "
                              "allowed: a single rank (use flora for heterogeneous ranks)")
+        self.rank = self.ranks[0]
 
+    def initial_adapter(self) -> tuple[int, float] | None:
+        return self.rank, alpha_for(self.rank, self.alpha_ratio)
 
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:
@@ -33,5 +36,4 @@ class FedIT(LoraStrategy):
         return ArrayRecord(join_factors(averaged)), {"aggregation-noise": noise}
 
     def global_adapter(self, arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], int, float]:
-        r = self.ranks[0]
-        return arrays.to_torch_state_dict(), r, self.alpha_ratio * r
+        return arrays.to_torch_state_dict(), self.rank, alpha_for(self.rank, self.alpha_ratio)

@@ -3,8 +3,8 @@
 Every round, for each selected client, its bandit (`strategies.bandit`, keyed by the
 client's stable name) picks an arm (prune ratio, rank) among those its device's memory
 budget allows; the client prunes a fresh copy of the base to that ratio, tunes a LoRA of that
-rank beside the frozen global update G (`fedapp.client.spine`; a configuration pruned before is
-reused from the client process's cache), and replies with its factors at
+rank beside the frozen global update G (the client round of `fedapp.client`; a configuration
+pruned before is reused from the client process's cache), and replies with its factors at
 the pruned shapes plus the rows / columns it kept. The server scatters them back to full
 shape (zeros at pruned units, `strategies.scatter`) and FLoRA-stacks them into G, which
 stays unpruned. Then each bandit learns its arm's reward (`bandit.reward`):
@@ -38,7 +38,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedapp.pruning.importance import CRITERIA
 from strategies.bandit import (
     Arm,
     BanditBank,
@@ -51,57 +50,53 @@ from strategies.bandit import (
 from strategies.base import ClientIdentity
 from strategies.flora import FLoRA
 from strategies.lora_math import LoraUpdate
+from strategies.protocol import KEPT, KEPT_IN, KEPT_OUT, METRICS, PruneOrder, TrainOrder
 from strategies.replies import RejectedReply, parse_reply
-from strategies.scatter import KEPT_IN, KEPT_OUT, Kept, scatter_factors
+from strategies.scatter import Kept, scatter_factors
+from strategies.summary import ClientOutcome
 
 POLICIES = ("bandit", "random")
-PRUNE_DEFAULTS = {"criterion": "taylor", "slices": 2, "tune_steps": 20}
+PRUNE_KEYS = ("criterion", "slices", "tune_steps")
 MEMORY_KEYS = ("fixed_mb", "base_mb", "lora_mb_per_rank")
 
 
-def check_fedspine_config(strategy: Mapping) -> None:
-    """Raise ValueError naming the first bad `strategy.*` value of a fedspine config."""
-    policy = strategy.get("arm_policy", "bandit")
-    if policy not in POLICIES:
-        raise ValueError(f"strategy.arm_policy={policy!r}; allowed: {list(POLICIES)}")
-    weight = strategy.get("time_weight", 0.1)
-    if isinstance(weight, bool) or not (isinstance(weight, int | float) and math.isfinite(weight)
-                                        and weight >= 0):
-        raise ValueError(f"strategy.time_weight={weight!r}; allowed: a number >= 0")
-    bandit = dict(strategy.get("bandit") or {})
+def bandit_config(bandit: Mapping | None) -> BanditConfig:
+    """`strategy.bandit` as a BanditConfig (which checks the values), unknown keys refused."""
+    bandit = dict(bandit or {})
     allowed = [f.name for f in dataclasses.fields(BanditConfig)]
     if unknown := sorted(set(bandit) - set(allowed)):
         raise ValueError(f"strategy.bandit has unknown keys {unknown}; allowed: {allowed}")
     try:
-        BanditConfig.from_dict(bandit)
+        return BanditConfig.from_dict(bandit)
     except ValueError as err:
         raise ValueError(f"strategy.{err}") from None
-    prune = {**PRUNE_DEFAULTS, **(strategy.get("prune") or {})}
-    if unknown := sorted(set(prune) - set(PRUNE_DEFAULTS)):
+
+
+def prune_template(prune: Mapping | None) -> PruneOrder:
+    """`strategy.prune` as the PruneOrder every client gets (its ratio set per arm)."""
+    prune = dict(prune or {})
+    if unknown := sorted(set(prune) - set(PRUNE_KEYS)):
         raise ValueError(f"strategy.prune has unknown keys {unknown}; allowed: "
-                         f"{sorted(PRUNE_DEFAULTS)}")
-    if prune["criterion"] not in CRITERIA:
-        raise ValueError(f"strategy.prune.criterion={prune['criterion']!r}; allowed: "
-                         f"{list(CRITERIA)}")
-    for key in ("slices", "tune_steps"):
-        if isinstance(prune[key], bool) or not (isinstance(prune[key], int) and prune[key] >= 1):
-            raise ValueError(f"strategy.prune.{key}={prune[key]!r}; allowed: an int >= 1")
-    steps = strategy.get("local_steps")
-    if steps is not None and prune["slices"] > steps:
-        raise ValueError(f"strategy.prune.slices={prune['slices']}; allowed: at most "
-                         f"train.local_steps={steps} (every slice is tuned at least one step)")
-    memory = dict(strategy.get("memory") or {})
+                         f"{list(PRUNE_KEYS)}")
+    return PruneOrder(ratio=0.0, **prune)
+
+
+def memory_model(memory: Mapping | None) -> dict[str, float]:
+    """`strategy.memory`: the coefficients of an arm's estimated memory (all three, >= 0)."""
+    memory = dict(memory or {k: 0.0 for k in MEMORY_KEYS})
     if sorted(memory) != sorted(MEMORY_KEYS) or not all(
-            isinstance(v, int | float) and v >= 0 for v in memory.values()):
+            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+            for v in memory.values()):
         raise ValueError(f"strategy.memory={memory}; allowed: numbers >= 0 for exactly "
                          f"{list(MEMORY_KEYS)}")
+    return {k: float(v) for k, v in memory.items()}
 
 
 def read_kept(content: RecordDict, module_shapes: Mapping[str, tuple[int, int]]) -> Kept:
     """The reply's kept rows / columns per module ({} when it pruned nothing)."""
-    if "kept" not in content.array_records:
+    if KEPT not in content.array_records:
         return {}
-    arrays = content.array_records["kept"].to_torch_state_dict()
+    arrays = content.array_records[KEPT].to_torch_state_dict()
     kept: dict = {}
     for key, index in arrays.items():
         suffix = KEPT_OUT if key.endswith(KEPT_OUT) else KEPT_IN if key.endswith(KEPT_IN) \
@@ -132,18 +127,23 @@ def pruned_shapes(module_shapes: Mapping[str, tuple[int, int]],
 
 class FedSpine(FLoRA):
     name = "fedspine"
+    supports_dp = False
 
     def __init__(self, *args, arm_policy: str = "bandit", time_weight: float = 0.1,
                  bandit: Mapping | None = None, prune: Mapping | None = None,
                  memory: Mapping | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        memory = dict(memory or {k: 0.0 for k in MEMORY_KEYS})
-        check_fedspine_config({"arm_policy": arm_policy, "time_weight": time_weight,
-                               "bandit": bandit, "prune": prune, "memory": memory})
+        super().__init__(*args, ranks=None, **kwargs)  # the bandits pick every client's rank
+        if arm_policy not in POLICIES:
+            raise ValueError(f"strategy.arm_policy={arm_policy!r}; allowed: {list(POLICIES)}")
+        if isinstance(time_weight, bool) or not (isinstance(time_weight, int | float)
+                                                 and math.isfinite(time_weight)
+                                                 and time_weight >= 0):
+            raise ValueError(f"strategy.time_weight={time_weight!r}; allowed: a number >= 0")
         self.arm_policy, self.time_weight = arm_policy, float(time_weight)
-        self.bank = BanditBank(BanditConfig.from_dict(dict(bandit or {})))
-        self.prune = {**PRUNE_DEFAULTS, **(prune or {})}
-        self.memory = {k: float(v) for k, v in memory.items()}
+        self.bank = BanditBank(bandit_config(bandit))
+        self.prune = prune_template(prune)
+        self.make_order(1, 1, prune=self.prune)  # slices within local_steps: fail now
+        self.memory = memory_model(memory)
         self.arms: dict[str, tuple[Arm, ClientIdentity]] = {}  # this round's, by client name
         for device in {d.name: d for d in self.devices}.values():  # fail before training
             ClientBandit(self.bank.config).select(1, self.feasible_for(device.memory_mb))
@@ -165,21 +165,18 @@ class FedSpine(FLoRA):
         self.arms = {}
         return super().configure_train(server_round, arrays, config, grid)
 
-    def client_instructions(self, server_round: int, client: ClientIdentity):
+    def order_for(self, server_round: int, client: ClientIdentity) -> TrainOrder:
         arm = self.choose_arm(server_round, client)
         self.arms[client.name] = (arm, client)
-        inst = super().client_instructions(server_round, client)
-        return dataclasses.replace(
-            inst, lora_r=arm.rank, lora_alpha=self.alpha_ratio * arm.rank, spine_round=True,
-            prune_ratio=arm.prune_ratio, prune_criterion=self.prune["criterion"],
-            prune_slices=int(self.prune["slices"]), tune_steps=int(self.prune["tune_steps"]))
+        return self.make_order(server_round, arm.rank,
+                               prune=dataclasses.replace(self.prune, ratio=arm.prune_ratio))
 
-    def parse_update(self, content: RecordDict, inst) -> LoraUpdate:
+    def parse_update(self, content: RecordDict, order: TrainOrder) -> LoraUpdate:
         """Check a pruned reply against its kept indices, then scatter it to full shape."""
         kept = read_kept(content, self.module_shapes)
-        update = parse_reply(content, pruned_shapes(self.module_shapes, kept), inst.lora_r,
-                             inst.lora_alpha / inst.lora_r)
-        metrics = content.metric_records["metrics"]  # parse_reply checked train-seconds
+        update = parse_reply(content, pruned_shapes(self.module_shapes, kept), order.lora_r,
+                             order.scaling)
+        metrics = content.metric_records[METRICS]  # parse_reply checked train-seconds
         if "train-seconds" not in metrics:
             raise RejectedReply("metric 'train-seconds' is missing; the reward needs it")
         for key in ("loss-before", "loss-after"):
@@ -195,21 +192,21 @@ class FedSpine(FLoRA):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
-        self.learn(server_round, self.round_log[server_round]["clients"])
+        self.learn(server_round, self.round_log[server_round].clients)
         return arrays, metrics
 
-    def learn(self, server_round: int, clients: dict[str, dict]) -> None:
+    def learn(self, server_round: int, clients: dict[str, ClientOutcome]) -> None:
         """Reward each of this round's arms, update the bandits, log arm / reward / time."""
-        ok = {n: e for n, e in clients.items() if n in self.arms and e.get("status") == "ok"}
-        times = [e["completion-seconds"] for e in ok.values()]
+        ok = {n: c for n, c in clients.items() if n in self.arms and c.ok}
+        times = [c.completion_seconds or 0.0 for c in ok.values()]
         for name, (arm, client) in sorted(self.arms.items()):
-            entry = clients.setdefault(name, {"status": "no reply"})
+            outcome = clients.setdefault(name, ClientOutcome())
             value = -1.0 - self.time_weight
             if name in ok:
-                value = reward(entry["loss-before"], entry["loss-after"],
-                               entry["completion-seconds"], times, self.time_weight)
-            entry.update({"arm-prune-ratio": arm.prune_ratio, "arm-rank": arm.rank,
-                          "reward": value})
+                value = reward(outcome.metrics["loss-before"], outcome.metrics["loss-after"],
+                               outcome.completion_seconds or 0.0, times, self.time_weight)
+            outcome.extra.update({"arm-prune-ratio": arm.prune_ratio, "arm-rank": arm.rank,
+                                  "reward": value})
             added = []
             if self.arm_policy == "bandit":
                 bandit = self.bank[name]
@@ -217,7 +214,7 @@ class FedSpine(FLoRA):
                 added = bandit.refine(self.feasible_for(self.device_for(client).memory_mb))
             log(INFO, "  %s: arm (prune %.3f, r=%d), reward %+.4f, completion %s s%s", name,
                 arm.prune_ratio, arm.rank, value,
-                f"{entry['completion-seconds']:.1f}" if name in ok else "-",
+                f"{outcome.completion_seconds:.1f}" if name in ok else "-",
                 f", grid refined with {[(a.prune_ratio, a.rank) for a in added]}" if added
                 else "")
 
@@ -237,5 +234,5 @@ class FedSpine(FLoRA):
     def summary(self) -> None:
         log(INFO, "\t├──> fedspine: %s arms over ratios %s x ranks %s, λ=%g, prune %s",
             self.arm_policy, list(self.bank.config.prune_ratios),
-            list(self.bank.config.ranks), self.time_weight, self.prune)
+            list(self.bank.config.ranks), self.time_weight, self.prune.to_dict())
         super().summary()

@@ -7,42 +7,38 @@ after round 1's download).
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from strategies.protocol import TrainInstructions
 from strategies.base import ClientIdentity
 from strategies.fedit import FedIT
 from strategies.lora_math import LoraUpdate, average_b, join_factors, split_factors
+from strategies.protocol import TrainOrder
 from strategies.replies import parse_reply
 
 
 class FFALoRA(FedIT):
     name = "ffa"
-    needs_initial_adapter = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.frozen_a: dict[str, torch.Tensor] = {}
 
-    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
-        return dataclasses.replace(super().client_instructions(server_round, client),
-                                   train_lora_a=False)
+    def order_for(self, server_round: int, client: ClientIdentity) -> TrainOrder:
+        return self.make_order(server_round, self.rank, train_lora_a=False)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
         # Clients train against the wire-dtype copy of A: aggregate against that same A.
-        dtype = getattr(torch, self.template.wire_dtype)
+        dtype = getattr(torch, self.setup.wire_dtype)
         self.frozen_a = {m: a.to(dtype).float()
                          for m, (a, _) in split_factors(arrays.to_torch_state_dict()).items()}
         return list(super().configure_train(server_round, arrays, config, grid))
 
-    def parse_update(self, content: RecordDict, inst: TrainInstructions) -> LoraUpdate:
-        return parse_reply(content, self.module_shapes, inst.lora_r,
-                           inst.lora_alpha / inst.lora_r, fixed_a=self.frozen_a)
+    def parse_update(self, content: RecordDict, order: TrainOrder) -> LoraUpdate:
+        return parse_reply(content, self.module_shapes, order.lora_r, order.scaling,
+                           fixed_a=self.frozen_a)
 
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:

@@ -17,6 +17,7 @@ from strategies.lora_math import (
     LoraUpdate,
     factors_for_client,
     join_factors,
+    rank_of,
     split_factors,
     stack_factors,
     truncate_factors,
@@ -26,7 +27,7 @@ from strategies.lora_math import (
 class FlexLoRA(FLoRA):
     name = "flexlora"
     global_mode = "init"
-
+    supports_dp = False  # the dense sum replaces G: FLoRA's private stacking does not apply
 
     def client_state(self, client: ClientIdentity,
                      state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -36,6 +37,5 @@ class FlexLoRA(FLoRA):
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:
         self.global_factors, dropped = truncate_factors(stack_factors(updates), self.rank_budget)
-        rank = next(iter(self.global_factors.values()))[0].shape[0]
         return ArrayRecord(join_factors(self.global_factors)), {
-            "global-rank": float(rank), "svd-dropped-error": dropped}
+            "global-rank": float(rank_of(self.global_factors)), "svd-dropped-error": dropped}

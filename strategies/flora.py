@@ -21,6 +21,7 @@ from strategies.lora_math import (
     LoraUpdate,
     append_factors,
     join_factors,
+    rank_of,
     split_factors,
     stack_factors,
     truncate_factors,
@@ -29,7 +30,8 @@ from strategies.lora_math import (
 
 class FLoRA(LoraStrategy):
     name = "flora"
-    global_mode = "frozen"  # G = B @ A with scaling 1 (the template's global_scaling)
+    global_mode = "frozen"  # clients keep G = B @ A (scaling 1) frozen beside the base
+    supports_dp = True
 
     def __init__(self, *args, rank_budget: int = 64, dp: Mapping | None = None,
                  **kwargs) -> None:
@@ -62,19 +64,18 @@ class FLoRA(LoraStrategy):
                                    len(updates), float(self.dp["delta"]))
         return factors, info
 
-
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:
         delta, info = self.round_update(server_round, updates)
         grown = append_factors(self.global_factors, delta)
         self.global_factors, dropped = truncate_factors(grown, self.rank_budget)
-        rank = next(iter(self.global_factors.values()))[0].shape[0]
         return ArrayRecord(join_factors(self.global_factors)), {
-            "global-rank": float(rank), "svd-dropped-error": dropped, **info}
+            "global-rank": float(rank_of(self.global_factors)), "svd-dropped-error": dropped,
+            **info}
 
     def global_adapter(self, arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], int, float]:
         state = arrays.to_torch_state_dict()
         if not state:
             return {}, 0, 0.0
-        rank = next(iter(split_factors(state).values()))[0].shape[0]
+        rank = rank_of(split_factors(state))
         return state, rank, float(rank)  # lora_alpha = R: scaling 1, G = B @ A exactly

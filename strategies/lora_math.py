@@ -33,7 +33,18 @@ class LoraUpdate:
 
     @property
     def rank(self) -> int:
-        return next(iter(self.factors.values()))[0].shape[0]
+        return rank_of(self.factors)
+
+
+def rank_of(factors: Factors) -> int:
+    """The one rank r shared by all modules' factors (lora_A is (r, in)).
+
+    Raises ValueError when the modules disagree or there are no factors at all."""
+    ranks = {a.shape[0] for a, _ in factors.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"factors must share one rank r; got ranks {sorted(ranks)}"
+                         if ranks else "no LoRA factors at all (every target module dropped?)")
+    return ranks.pop()
 
 
 def split_factors(state: Mapping[str, torch.Tensor]) -> Factors:

@@ -1,7 +1,7 @@
 """One-shot federated fine-tuning: one round, each client trains its whole local budget.
 
-With `num_rounds: R` in the config, each client trains R × `train.local_steps` steps from
-the same base, once; the server aggregates once, by stacking (`combine: stack`, exact, any
+With `budget_rounds: R` (the config's `num_rounds`), each client trains
+R × `train.local_steps` steps from the same base, once; the server aggregates once, by stacking (`combine: stack`, exact, any
 ranks) or by averaging the factors (`combine: average`, one rank), and broadcasts nothing.
 Aggregation is a weighted sum, so a client that answers late can be folded in afterwards
 (`fold_in` / `fold_in_average`, and `python -m fedapp.tools.late_merge`).
@@ -9,17 +9,15 @@ Aggregation is a weighted sum, so a client that answers late can be folded in af
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from flwr.app import ArrayRecord
 
-from strategies.protocol import TrainInstructions
 from strategies.base import ClientIdentity, LoraStrategy
 from strategies.lora_math import (
     LoraUpdate,
     fedavg_factors,
     join_factors,
+    rank_of,
     split_factors,
     stack_factors,
 )
@@ -31,10 +29,16 @@ class OneShot(LoraStrategy):
     name = "oneshot"
 
     def __init__(self, *args, combine: str = "stack", budget_rounds: int = 1, **kwargs) -> None:
+        """`budget_rounds`: the rounds whose local steps this one round replaces."""
+        if isinstance(budget_rounds, bool) or not isinstance(budget_rounds, int) \
+                or budget_rounds < 1:
+            raise ValueError(f"strategy.budget_rounds={budget_rounds!r}; allowed: an int >= 1 "
+                             "(it follows num_rounds)")
+        kwargs["local_steps"] = kwargs["local_steps"] * budget_rounds
         super().__init__(*args, **kwargs)
         if combine not in COMBINES:
             raise ValueError(f"strategy.combine={combine!r}; allowed: {list(COMBINES)}")
-        if combine == "average" and len(set(self.ranks)) != 1:
+        if combine == "average" and len(set(self.ranks or [])) != 1:
             raise ValueError(f"strategy.combine='average' needs one rank, got strategy.ranks="
                              f"{self.ranks}; allowed: a single rank, or combine='stack'")
         self.combine = combine
@@ -43,12 +47,7 @@ class OneShot(LoraStrategy):
         self.scaling = 1.0
 
     def num_rounds(self, configured: int) -> int:
-        self.budget_rounds = configured  # the rounds whose local steps one round replaces
         return 1
-
-    def client_instructions(self, server_round: int, client: ClientIdentity) -> TrainInstructions:
-        inst = super().client_instructions(server_round, client)
-        return dataclasses.replace(inst, local_steps=inst.local_steps * self.budget_rounds)
 
     def client_arrays(self, client: ClientIdentity,
                       state: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -63,14 +62,13 @@ class OneShot(LoraStrategy):
         else:
             factors = fedavg_factors(updates)
             self.scaling = updates[0].scaling
-        return ArrayRecord(join_factors(factors)), {"budget-steps": float(
-            self.template.local_steps * self.budget_rounds)}
+        return ArrayRecord(join_factors(factors)), {"budget-steps": float(self.local_steps)}
 
     def global_adapter(self, arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], int, float]:
         state = arrays.to_torch_state_dict()
         if not state:
             return {}, 0, 0.0
-        rank = next(iter(split_factors(state).values()))[0].shape[0]
+        rank = rank_of(split_factors(state))
         return state, rank, self.scaling * rank
 
     def export_metadata(self) -> dict:

@@ -1,85 +1,242 @@
-"""What the server tells a client to do in one round, as a typed record.
+"""The contract between the server and its clients: what is sent, under which keys.
 
-The ServerApp is the only place that reads the Hydra config; everything a client needs
-(model, data, LoRA hyperparameters, how to use the global state) travels in the message's
-ConfigRecord under kebab-case keys, built and parsed here so both sides agree.
+Torch-free, so both sides (and tools) can import it without the model stack.
+
+- `RunSetup`: what stays the same for a whole run (model, data, batch size, learning rate,
+  wire dtype, ...). The server sends it **once per client**, with the identification query
+  at the start of the run; the client keeps it in its Flower `context.state`.
+- `TrainOrder`: what one client does in one round (rank, lora_alpha, steps, seed, how to use
+  the global arrays, optionally a pruning order). It travels in every train message.
+
+Each dataclass validates its values where it is created (`__post_init__`, as peft's
+`LoraConfig` does), naming the config key the value came from, so a bad value stops the run
+on the server before any training and a bad message is refused by the client.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import Any, Self
 
 from flwr.app import ConfigRecord
 
-from fedapp.llm.data import DataSpec
-
-GLOBAL_MODES = ("none", "frozen", "init")
+QUANTIZATIONS = ("nf4", "none")
+PARTITIONERS = ("iid", "dirichlet", "natural")
 WIRE_DTYPES = ("float16", "float32")
+# How a client uses the arrays of a train message: ignore them ("none"), keep them as a
+# frozen low-rank term beside the base ("frozen", FLoRA), or start its LoRA from them ("init").
+GLOBAL_MODES = ("none", "frozen", "init")
+CRITERIA = ("magnitude", "taylor", "llm-drop")  # structured-pruning importance criteria
+DEFAULT_DATASET = "zaragoza-faq"
+
+# Records of the messages. Query: "setup" (server → client), "identity" (client → server).
+# Train: "config" + "arrays" (server → client); "arrays", "metrics", "kept" (client → server).
+SETUP, IDENTITY, CONFIG, ARRAYS, METRICS, KEPT = (
+    "setup", "identity", "config", "arrays", "metrics", "kept")
+# A pruned client names its kept indices in its "kept" ArrayRecord
+# "<peft module key>.kept-out" and "<peft module key>.kept-in" (int64, empty if dropped).
+KEPT_OUT, KEPT_IN = ".kept-out", ".kept-in"
+NO_SETUP = "no run setup"  # a client's error reason when it never received the RunSetup
+
+
+def alpha_for(r: int, alpha_ratio: float) -> float:
+    """lora_alpha of a rank-r LoRA: alpha_ratio · r, so every client's scaling is alpha_ratio."""
+    return alpha_ratio * r
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r}; allowed: {allowed}")
+
+
+def _key(obj: object, name: str) -> str:
+    """The config key a field's value comes from (its `config` metadata)."""
+    return next(f.metadata.get("config", name) for f in dataclasses.fields(obj)  # type: ignore[arg-type]
+                if f.name == name)
+
+
+class _Record:
+    """Flat ConfigRecord (de)serialisation of a frozen dataclass: kebab-case keys, tuples as
+    comma-joined strings, nested dataclasses under their field's prefix."""
+
+    def to_dict(self, prefix: str = "") -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value, key = getattr(self, f.name), prefix + f.name.replace("_", "-")
+            if isinstance(value, _Record):
+                record.update(value.to_dict(key + "-"))
+            elif value is None:
+                continue  # an absent optional part
+            elif isinstance(value, tuple):  # lists would break ConfigRecord.count_bytes
+                record[key] = ",".join(value)
+            else:
+                record[key] = value
+        return record
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, record: Any, prefix: str = "") -> Self:
+        """Parse what `to_dict` wrote, naming a missing key; values are validated."""
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            key = prefix + f.name.replace("_", "-")
+            nested = f.metadata.get("record")
+            if nested is not None:
+                if f.metadata.get("optional") and not any(k.startswith(key + "-") for k in record):
+                    continue
+                kwargs[f.name] = nested.from_dict(record, key + "-")
+                continue
+            if key not in record:
+                raise KeyError(f"message config lacks '{key}'")
+            value = record[key]
+            kwargs[f.name] = tuple(value.split(",")) if f.metadata.get("tuple") else value
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
-class TrainInstructions:
+class DataSpec(_Record):
+    """Which records, which columns, and how the held-out split is drawn."""
+
+    path: str = field(default=DEFAULT_DATASET, metadata={
+        "config": "dataset.path", "help": "packaged default, local file or Hub dataset"})
+    instruction_column: str = field(default="q", metadata={"config": "dataset.instruction_column"})
+    input_column: str = field(default="", metadata={"config": "dataset.input_column"})
+    response_column: str = field(default="a", metadata={"config": "dataset.response_column"})
+    label_column: str = field(default="category", metadata={"config": "dataset.label_column"})
+    test_fraction: float = field(default=0.1, metadata={
+        "config": "dataset.test_fraction", "help": "held-out share, drawn by `seed`"})
+    seed: int = field(default=0, metadata={"config": "seed"})
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), _key(self, "path"), self.path, "a non-empty path or name")
+        for name in ("instruction_column", "response_column"):
+            value = getattr(self, name)
+            _require(isinstance(value, str) and bool(value), _key(self, name), value,
+                     "a column name")
+        _require(_is_number(self.test_fraction) and 0 < self.test_fraction < 1,
+                 _key(self, "test_fraction"), self.test_fraction, "0 < x < 1")
+        _require(_is_int(self.seed), _key(self, "seed"), self.seed, "an integer")
+
+
+@dataclass(frozen=True)
+class RunSetup(_Record):
+    """Everything a client needs that stays the same for the whole run."""
+
+    model_path: str = field(metadata={"config": "model.path"})
+    quantization: str = field(metadata={"config": "model.quantization",
+                                        "help": f"one of {QUANTIZATIONS}"})
+    target_modules: tuple[str, ...] = field(metadata={"config": "lora.target_modules",
+                                                      "tuple": True})
+    lr: float = field(metadata={"config": "train.lr"})
+    batch_size: int = field(metadata={"config": "train.batch_size"})
+    max_length: int = field(metadata={"config": "train.max_length"})
+    partitioner: str = field(metadata={"config": "partitioner.name"})
+    partitioner_alpha: float = field(metadata={"config": "partitioner.alpha"})
+    wire_dtype: str = field(default="float16", metadata={"config": "train.wire_dtype"})
+    num_threads: int = field(default=0, metadata={"config": "train.num_threads",
+                                                  "help": "torch threads; 0 = torch's default"})
+    data: DataSpec = field(default_factory=DataSpec, metadata={"record": DataSpec})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _require(self.quantization in QUANTIZATIONS, _key(self, "quantization"),
+                 self.quantization, str(list(QUANTIZATIONS)))
+        _require(bool(self.target_modules) and all(isinstance(m, str) and m and "," not in m
+                                                   for m in self.target_modules),
+                 _key(self, "target_modules"), list(self.target_modules),
+                 "a non-empty list of module names")
+        _require(_is_number(self.lr) and self.lr > 0, _key(self, "lr"), self.lr, "a number > 0")
+        for name in ("batch_size", "max_length"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, _key(self, name), value, "a positive integer")
+        _require(self.partitioner in PARTITIONERS, _key(self, "partitioner"), self.partitioner,
+                 str(list(PARTITIONERS)))
+        if self.partitioner == "dirichlet":
+            _require(_is_number(self.partitioner_alpha) and self.partitioner_alpha > 0,
+                     _key(self, "partitioner_alpha"), self.partitioner_alpha, "> 0")
+        _require(self.wire_dtype in WIRE_DTYPES, _key(self, "wire_dtype"), self.wire_dtype,
+                 str(list(WIRE_DTYPES)))
+        _require(_is_int(self.num_threads) and self.num_threads >= 0, _key(self, "num_threads"),
+                 self.num_threads, "an integer >= 0")
+        if self.partitioner != "iid":
+            _require(bool(self.data.label_column), "dataset.label_column",
+                     self.data.label_column, f"a column name (partitioner.name="
+                     f"{self.partitioner!r} groups clients by label)")
+
+
+@dataclass(frozen=True)
+class PruneOrder(_Record):
+    """FedSpine: prune the local copy structurally to `ratio` of its attention / MLP
+    parameters in `slices` slices, tuning LoRA `tune_steps` steps after each slice (within
+    the round's `local_steps`), scoring units by `criterion`; the client then measures its
+    loss on a probe batch before and after, for the server's bandit."""
+
+    ratio: float = field(metadata={"config": "strategy.bandit.prune_ratios"})
+    criterion: str = field(default="taylor", metadata={"config": "strategy.prune.criterion"})
+    slices: int = field(default=1, metadata={"config": "strategy.prune.slices"})
+    tune_steps: int = field(default=20, metadata={"config": "strategy.prune.tune_steps"})
+
+    def __post_init__(self) -> None:
+        _require(_is_number(self.ratio) and 0 <= self.ratio < 1, _key(self, "ratio"),
+                 self.ratio, "0 <= ratio < 1")
+        _require(self.criterion in CRITERIA, _key(self, "criterion"), self.criterion,
+                 str(list(CRITERIA)))
+        for name in ("slices", "tune_steps"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 1, _key(self, name), value, "an int >= 1")
+
+
+@dataclass(frozen=True)
+class TrainOrder(_Record):
     """One client's orders for one round."""
 
-    model_path: str
-    quantization: str
-    target_modules: tuple[str, ...]
-    lora_r: int
-    lora_alpha: float
-    local_steps: int
-    lr: float
-    batch_size: int
-    max_length: int
-    seed: int
-    partitioner: str
-    partitioner_alpha: float
-    wire_dtype: str = "float16"
-    # How the arrays in the message are used: "none" (ignored), "frozen" (a fixed low-rank
-    # term beside the base, FLoRA), "init" (the trainable LoRA starts from them, FedIT).
-    global_mode: str = "none"
-    global_scaling: float = 1.0
+    server_round: int
+    lora_r: int = field(metadata={"config": "strategy.ranks"})
+    lora_alpha: float = field(metadata={"config": "lora.alpha_ratio",
+                                        "help": "alpha_for(lora_r, alpha_ratio)"})
+    local_steps: int = field(metadata={"config": "train.local_steps"})
+    seed: int = field(metadata={"config": "seed"})
+    global_mode: str = field(default="none", metadata={"help": f"one of {GLOBAL_MODES}"})
     # False: lora_A stays at its initial value and only lora_B is trained and sent (FFA-LoRA).
     train_lora_a: bool = True
-    num_threads: int = 0
-    # FedSpine: prune the local copy structurally to `prune_ratio` of its attention / MLP
-    # parameters in `prune_slices` slices, tuning LoRA `tune_steps` steps after each slice
-    # (within the `local_steps` budget), scoring units by `prune_criterion`; and measure the
-    # loss on a probe batch before and after, for the server's bandit. See fedapp.client.spine.
-    spine_round: bool = False
-    prune_ratio: float = 0.0
-    prune_criterion: str = "taylor"
-    prune_slices: int = 1
-    tune_steps: int = 20
-    data: DataSpec = field(default_factory=DataSpec)
+    prune: PruneOrder | None = field(default=None, metadata={"record": PruneOrder,
+                                                             "optional": True})
 
-    def to_config(self) -> ConfigRecord:
-        record: dict = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "data":
-                for g in dataclasses.fields(DataSpec):
-                    record["data-" + g.name.replace("_", "-")] = getattr(value, g.name)
-            elif isinstance(value, tuple):  # lists would break ConfigRecord.count_bytes
-                record[f.name.replace("_", "-")] = ",".join(value)
-            else:
-                record[f.name.replace("_", "-")] = value
-        return ConfigRecord(record)
+    def __post_init__(self) -> None:
+        _require(_is_int(self.server_round) and self.server_round >= 1,
+                 "server-round", self.server_round, "an int >= 1")
+        _require(_is_int(self.lora_r) and self.lora_r > 0, _key(self, "lora_r"), self.lora_r,
+                 "a positive integer")
+        _require(_is_number(self.lora_alpha) and self.lora_alpha > 0, _key(self, "lora_alpha"),
+                 self.lora_alpha, "a number > 0 (lora_alpha = alpha_ratio · r)")
+        _require(_is_int(self.local_steps) and self.local_steps > 0, _key(self, "local_steps"),
+                 self.local_steps, "a positive integer")
+        _require(_is_int(self.seed), _key(self, "seed"), self.seed, "an integer")
+        _require(self.global_mode in GLOBAL_MODES, "global-mode", self.global_mode,
+                 str(list(GLOBAL_MODES)))
+        _require(isinstance(self.train_lora_a, bool), "train-lora-a", self.train_lora_a,
+                 "true or false")
+        if self.prune is not None:
+            _require(self.prune.slices <= self.local_steps, _key(self.prune, "slices"),
+                     self.prune.slices, f"at most train.local_steps={self.local_steps} (every "
+                     "slice is tuned at least one step)")
+            _require(self.global_mode in ("none", "frozen"), "global-mode", self.global_mode,
+                     "'none' or 'frozen' in a pruned round (the global update stays beside "
+                     "the pruned base)")
 
-    @classmethod
-    def from_config(cls, config: ConfigRecord) -> TrainInstructions:
-        """Parse a ConfigRecord, naming any key that is missing."""
-        def get(key: str):
-            if key not in config:
-                raise KeyError(f"train config lacks '{key}'")
-            return config[key]
-
-        data = DataSpec(**{g.name: get("data-" + g.name.replace("_", "-"))
-                           for g in dataclasses.fields(DataSpec)})
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name == "data":
-                continue
-            value = get(f.name.replace("_", "-"))
-            kwargs[f.name] = tuple(value.split(",")) if f.name == "target_modules" else value
-        return cls(data=data, **kwargs)
+    @property
+    def scaling(self) -> float:
+        """peft's scaling of this order's LoRA: lora_alpha / r."""
+        return self.lora_alpha / self.lora_r

@@ -14,6 +14,7 @@ import torch
 from flwr.app import RecordDict
 
 from strategies.lora_math import LORA_A, LORA_B, LoraUpdate, split_factors
+from strategies.protocol import ARRAYS, METRICS
 
 
 class RejectedReply(ValueError):
@@ -38,18 +39,18 @@ def parse_reply(content: RecordDict, module_shapes: Mapping[str, tuple[int, int]
     With `fixed_a` ({module: lora_A}, FFA-LoRA) the reply must hold lora_B only, and the
     update is completed with the server's A. Raises RejectedReply with the reason.
     """
-    if "arrays" not in content.array_records:
-        raise RejectedReply("reply has no ArrayRecord 'arrays'")
-    if "metrics" not in content.metric_records:
-        raise RejectedReply("reply has no MetricRecord 'metrics'")
-    metrics = content.metric_records["metrics"]
+    if ARRAYS not in content.array_records:
+        raise RejectedReply(f"reply has no ArrayRecord '{ARRAYS}'")
+    if METRICS not in content.metric_records:
+        raise RejectedReply(f"reply has no MetricRecord '{METRICS}'")
+    metrics = content.metric_records[METRICS]
     weight = metrics.get(weight_key)
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         raise RejectedReply(f"metric '{weight_key}' is {weight!r}; expected a positive number")
     seconds = metrics.get("train-seconds", 0.0)
     if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
         raise RejectedReply(f"metric 'train-seconds' is {seconds!r}; expected a time >= 0")
-    state = content.array_records["arrays"].to_torch_state_dict()
+    state = content.array_records[ARRAYS].to_torch_state_dict()
     wanted = expected_shapes(module_shapes, r)
     if fixed_a is not None:
         wanted = {k: v for k, v in wanted.items() if k.endswith(LORA_B)}

@@ -29,11 +29,7 @@ from collections.abc import Mapping
 
 import torch
 
-from strategies.lora_math import Factors
-
-# How a pruned client names its kept indices in its reply's "kept" ArrayRecord:
-# "<peft module key>.kept-out" and "<peft module key>.kept-in", int64, empty if dropped.
-KEPT_OUT, KEPT_IN = ".kept-out", ".kept-in"
+from strategies.lora_math import Factors, rank_of
 
 KeptIndices = tuple[torch.Tensor | None, torch.Tensor | None]
 """Per module: (kept_out, kept_in); each a 1-D integer tensor into the full layer, or None
@@ -74,16 +70,6 @@ def _check_indices(module: str, side: str, index: torch.Tensor | None, size: int
     return index
 
 
-def _client_rank(factors: Factors) -> int:
-    """The client's LoRA rank r, shared by all its modules (needed for dropped modules)."""
-    ranks = {a.shape[0] for a, _ in factors.values()}
-    if len(ranks) != 1:
-        raise ValueError(f"a client's factors must share one rank r; got ranks {sorted(ranks)}"
-                         if ranks else "the client has no LoRA factors at all: nothing to "
-                         "scatter (every target module dropped?)")
-    return ranks.pop()
-
-
 def scatter_factors(factors: Factors, kept: Kept,
                     full_shapes: Mapping[str, tuple[int, int]]) -> Factors:
     """A pruned client's factors written back at full shape, zeros at the pruned units.
@@ -110,7 +96,7 @@ def scatter_factors(factors: Factors, kept: Kept,
     if unknown:
         raise ValueError(f"modules {unknown} are not among the model's target modules "
                          f"{sorted(full_shapes)}")
-    r = _client_rank(factors)
+    r = rank_of(factors)
     out: Factors = {}
     for module, (n_out, n_in) in full_shapes.items():
         kept_out, kept_in = kept.get(module, (None, None))

@@ -14,6 +14,7 @@ from strategies.base import ClientIdentity, LoraStrategy
 from strategies.lora_math import (
     LoraUpdate,
     join_factors,
+    rank_of,
     relative_error,
     split_factors,
     zeropad_factors,
@@ -23,7 +24,6 @@ from strategies.lora_math import (
 class ZeroPad(LoraStrategy):
     name = "zeropad"
     global_mode = "init"
-
 
     def client_state(self, client: ClientIdentity,
                      state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -42,5 +42,5 @@ class ZeroPad(LoraStrategy):
         state = arrays.to_torch_state_dict()
         if not state:
             return {}, 0, 0.0
-        rank = next(iter(split_factors(state).values()))[0].shape[0]
+        rank = rank_of(split_factors(state))
         return state, rank, float(rank)  # scaling folded into A: lora_alpha = r

@@ -1,92 +1,180 @@
-"""One client's local round, free of Flower: base + global state + fresh LoRA → trained LoRA.
+"""One client's local round, free of Flower, for every strategy.
 
-`client_app.py` wraps this in a ClientApp; the benchmark and tests call it directly.
+    setup + order + global arrays -> trained LoRA (+ kept indices when pruned) and metrics
+
+1. The base: the process's cached 4-bit base; for a pruning order with ratio > 0, this
+   client's pruned copy of an earlier round with the same configuration if the process
+   holds it (`fedapp.client.pruned`), else a fresh copy to prune.
+2. The LoRA: a fresh trainable LoRA of `order.lora_r` (started from the global arrays when
+   `global_mode` is "init"), beside the global update G as a frozen adapter when it is
+   "frozen" (`fedapp.llm.adapters`; cut to a reused pruned copy's layers).
+3. Training: `local_steps` optimizer steps. A pruning order splits them: S = `slices`
+   slices up to `ratio` (`fedapp.pruning.iterative_prune`), min(`tune_steps`,
+   local_steps // S) steps after each of the first S − 1 slices, the rest after the last;
+   a reused copy trains all of them. Pruning slices G's adapter with its layer, exactly.
+4. Probes (pruning orders only, for the server's bandit): the loss on a fixed batch (the
+   first `batch_size` examples of the partition) of the model the server sent (unpruned
+   base + G) before, and of the pruned, tuned model after.
+
+`train-seconds` covers steps 3-4: the compute a device of this class would spend. Loading
+is set-up, reported by the ClientApp as `setup-seconds`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
+from dataclasses import dataclass, field
 from functools import cache
 from logging import INFO
 
 import torch
 from flwr.common.logger import log
 
-from fedapp.llm.adapters import frozen_delta, lora_state, with_lora
-from fedapp.llm.data import DataSpec, load_partition, tokenize_records, train_batches
-from strategies.protocol import GLOBAL_MODES, WIRE_DTYPES, TrainInstructions
-from fedapp.llm.model import cached_base, cached_tokenizer, default_device
-from fedapp.llm.train import peak_rss_mb, train_steps
+from fedapp.client.pruned import PrunedCopy, keep_copy, kept_arrays, slice_global, take_copy
+from fedapp.llm.adapters import lora_state, with_lora
+from fedapp.llm.data import collate, load_partition, tokenize_records, train_batches
+from fedapp.llm.model import cached_base, cached_tokenizer, default_device, load_base
+from fedapp.llm.train import TrainResult, peak_rss_mb, train_steps
+from fedapp.pruning.surgery import PruneResult, iterative_prune
 from strategies.lora_math import LORA_A
+from strategies.protocol import RunSetup, TrainOrder
+
+
+@dataclass
+class RoundResult:
+    """What the client sends back: its adapter (wire dtype), metrics, kept indices."""
+
+    state: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @cache
-def partition_examples(spec: DataSpec, model_path: str, max_length: int, partitioner: str,
-                       num_partitions: int, partition_id: int, alpha: float) -> list[dict]:
+def partition_examples(setup: RunSetup, num_partitions: int, partition_id: int) -> list[dict]:
     """This client's tokenised training examples, computed once per process."""
-    records = load_partition(spec, partitioner, num_partitions, partition_id, alpha)
-    return tokenize_records(records, spec, cached_tokenizer(model_path), max_length)
+    records = load_partition(setup, num_partitions, partition_id)
+    return tokenize_records(records, setup.data, cached_tokenizer(setup.model_path),
+                            setup.max_length)
 
 
-def check_instructions(inst: TrainInstructions) -> None:
-    """Refuse orders that cannot be carried out, naming the key."""
-    if inst.lora_r <= 0:
-        raise ValueError(f"lora-r={inst.lora_r}; allowed: a positive integer")
-    if inst.lr <= 0:
-        raise ValueError(f"lr={inst.lr}; allowed: > 0")
-    if inst.local_steps <= 0:
-        raise ValueError(f"local-steps={inst.local_steps}; allowed: a positive integer")
-    if inst.global_mode not in GLOBAL_MODES:
-        raise ValueError(f"global-mode={inst.global_mode!r}; allowed: {list(GLOBAL_MODES)}")
-    if inst.wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"wire-dtype={inst.wire_dtype!r}; allowed: {list(WIRE_DTYPES)}")
-
-
-def local_data(inst: TrainInstructions, partition_id: int, num_partitions: int
+def local_data(setup: RunSetup, order: TrainOrder, partition_id: int, num_partitions: int
                ) -> tuple[list[dict], Iterator[dict[str, torch.Tensor]], int]:
     """Apply the thread count; (this client's examples, its endless batches, pad token id)."""
-    if inst.num_threads > 0:
-        torch.set_num_threads(inst.num_threads)
-    examples = partition_examples(inst.data, inst.model_path, inst.max_length, inst.partitioner,
-                                  num_partitions, partition_id, inst.partitioner_alpha)
-    pad = cached_tokenizer(inst.model_path).pad_token_id
-    return examples, train_batches(examples, inst.batch_size, pad,
-                                   seed=inst.seed + 1000 * partition_id), pad
+    if setup.num_threads > 0:
+        torch.set_num_threads(setup.num_threads)
+    examples = partition_examples(setup, num_partitions, partition_id)
+    pad = cached_tokenizer(setup.model_path).pad_token_id
+    return examples, train_batches(examples, setup.batch_size, pad,
+                                   seed=order.seed + 1000 * partition_id), pad
 
 
-def run_round(inst: TrainInstructions, partition_id: int, num_partitions: int,
+def step_plan(order: TrainOrder, slices: int) -> list[int]:
+    """Optimizer steps after each of `slices` pruning slices; they sum to local_steps."""
+    if order.prune is None or slices == 1:
+        return [order.local_steps]
+    tune = min(order.prune.tune_steps, order.local_steps // slices)
+    return [tune] * (slices - 1) + [order.local_steps - tune * (slices - 1)]
+
+
+@torch.no_grad()
+def probe_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
+    device = next(model.parameters()).device
+    model.eval()
+    loss = float(model(**{k: v.to(device) for k, v in batch.items()}).loss)
+    model.train()
+    return loss
+
+
+def sent_model_loss(setup: RunSetup, order: TrainOrder, device: str,
+                    global_state: Mapping[str, torch.Tensor],
+                    probe: Mapping[str, torch.Tensor]) -> float:
+    """Probe loss of the model the server sent (the cached unpruned base + G), measured
+    beside a reused pruned copy so that its pruning damage is always charged."""
+    base = cached_base(setup.model_path, setup.quantization, device)
+    frozen = global_state if order.global_mode == "frozen" else {}
+    with with_lora(base, order.lora_r, order.lora_alpha, list(setup.target_modules),
+                   order.seed, frozen_global=frozen) as model:
+        return probe_loss(model, probe)  # the fresh LoRA's B is zero: it adds exactly 0
+
+
+def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partitions: int,
               global_state: Mapping[str, torch.Tensor],
-              device: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train a LoRA on this client's partition; return (adapter state, metrics)."""
-    check_instructions(inst)
+              device: str | None = None) -> RoundResult:
+    """Carry out `order` on this client's partition (see the module docstring)."""
     device = device or default_device()
-    examples, batches, _ = local_data(inst, partition_id, num_partitions)
-    base = cached_base(inst.model_path, inst.quantization, device)
-    init = global_state if inst.global_mode == "init" else None
-    with ExitStack() as stack:
-        if inst.global_mode == "frozen" and global_state:
-            stack.enter_context(frozen_delta(base, global_state, inst.global_scaling))
-        model = stack.enter_context(with_lora(base, inst.lora_r, inst.lora_alpha,
-                                              list(inst.target_modules), inst.seed, init))
-        if not inst.train_lora_a:
-            for name, param in model.named_parameters():
-                if "lora_A" in name:
-                    param.requires_grad_(False)
-        log(INFO, "Client %d: %d examples, r=%d, %d steps", partition_id, len(examples),
-            inst.lora_r, inst.local_steps)
-        training_started = time.time()
-        result = train_steps(model, batches, inst.local_steps, inst.lr)
-        state = lora_state(model, getattr(torch, inst.wire_dtype))
-        if not inst.train_lora_a:  # the server already holds A: send B only
-            state = {k: v for k, v in state.items() if LORA_A not in k}
+    examples, batches, pad = local_data(setup, order, partition_id, num_partitions)
+    prune = order.prune
+    pruning = prune is not None and prune.ratio > 0
+    key = (setup.model_path, setup.quantization, device, partition_id, *(
+        (prune.ratio, prune.criterion, prune.slices) if prune else ()))
+    copy = take_copy(key) if pruning else None
+    base = (copy.base if copy else load_base(setup.model_path, setup.quantization, device)
+            if pruning else cached_base(setup.model_path, setup.quantization, device))
+    frozen = dict(global_state) if order.global_mode == "frozen" else {}
+    plan = step_plan(order, prune.slices if pruning and copy is None else 1)
+    log(INFO, "Client %d: %d examples, r=%d, %d steps%s", partition_id, len(examples),
+        order.lora_r, order.local_steps, f", prune ratio {prune.ratio:.3f} ({prune.criterion}"
+        f"{', reused copy' if copy else ''}) as {plan}" if prune else "")
+    results: list[TrainResult] = []
+
+    def tune(model: torch.nn.Module) -> None:
+        results.append(train_steps(model, batches, plan[len(results)], setup.lr))
+
+    with with_lora(base, order.lora_r, order.lora_alpha, list(setup.target_modules),
+                   order.seed, global_state if order.global_mode == "init" else None,
+                   slice_global(frozen, copy.result) if copy else frozen,
+                   order.train_lora_a) as model:
+        targets = copy.targets if copy else [n for n, m in model.named_modules()
+                                             if hasattr(m, "lora_A")]
+        training_started, start = time.time(), time.perf_counter()
+        probes: dict[str, float] = {}
+        done = copy.result if copy else None
+        if prune is None:
+            tune(model)
+        else:
+            probe = collate(examples[:setup.batch_size], pad)
+            probes["loss-before"] = (probe_loss(model, probe) if copy is None else
+                                     sent_model_loss(setup, order, device, frozen, probe))
+            if pruning and copy is None:
+                done = iterative_prune(model, prune.ratio, len(plan), tune, prune.criterion,
+                                       batches=[probe] if prune.criterion != "magnitude"
+                                       else None)
+            else:
+                tune(model)
+            probes["loss-after"] = probe_loss(model, probe)
+        seconds = time.perf_counter() - start
+        state = lora_state(model, getattr(torch, setup.wire_dtype))
+    if done is not None:  # `base` is the pruned model again, its LoRA removed
+        keep_copy(key, PrunedCopy(base, done, targets))
+    if not order.train_lora_a:  # the server already holds A: send B only
+        state = {k: v for k, v in state.items() if LORA_A not in k}
+    metrics = round_metrics(len(examples), results, seconds, order, probes, done, copy)
+    metrics["training-started"] = training_started  # wall clock, for the ClientApp's figure
+    return RoundResult(state, metrics, kept_arrays(done, targets) if done else {})
+
+
+def round_metrics(num_examples: int, results: list[TrainResult], seconds: float,
+                  order: TrainOrder, probes: dict[str, float], done: PruneResult | None,
+                  copy: PrunedCopy | None) -> dict[str, float]:
+    """The reply's metrics; pruning orders add their probes and what pruning kept."""
+    steps = sum(r.steps for r in results)
     metrics = {
-        "num-examples": float(len(examples)),
-        "train-loss": result.loss,
-        "train-seconds": result.seconds,
+        "num-examples": float(num_examples),
+        "train-loss": sum(r.loss * r.steps for r in results) / steps,
+        "train-seconds": seconds,
         "peak-rss-mb": peak_rss_mb(),
-        "lora-r": float(inst.lora_r),
-        "training-started": training_started,  # wall clock, for the caller's overhead figure
+        "lora-r": float(order.lora_r),
     }
-    return state, metrics
+    if order.prune is not None:
+        metrics.update(probes)
+        metrics.update({
+            "tune-seconds": sum(r.seconds for r in results),
+            "prune-ratio": float(order.prune.ratio),
+            "params-ratio": done.params_after / done.params_before if done else 1.0,
+            "pruned-before": float(copy is not None),  # 1: pruned in an earlier round
+        })
+        log(INFO, "Probe loss %.4f -> %.4f, parameters kept %.3f, %.1f s",
+            probes["loss-before"], probes["loss-after"], metrics["params-ratio"], seconds)
+    return metrics
+

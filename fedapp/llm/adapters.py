@@ -1,7 +1,13 @@
-"""LoRA adapters on a frozen base: attach, read out, remove; and the frozen global term.
+"""LoRA adapters on a frozen base: attach, read out, remove.
 
 The base model is cached per process, so every function here leaves it as it found it:
 `attach_lora` injects peft layers in place and `detach_lora` takes them out again.
+
+The server's global low-rank update G = B @ A (FLoRA, FedSpine) is applied the one way peft
+applies any adapter: a second, frozen LoRA named "global" (rank R, lora_alpha = R, so its
+scaling is 1) beside the trainable "default" one. Each wrapped layer then computes
+base(x) + G x + s · B A x, in that order. Structured pruning slices every adapter of a
+wrapper together with its base layer, so G follows a pruned layer exactly.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from peft import (
     set_peft_model_state_dict,
 )
 
-from strategies.lora_math import split_factors
+from strategies.lora_math import LORA_A, rank_of, split_factors
 
 PEFT_PREFIX = "base_model.model."
+TRAINED, GLOBAL = "default", "global"  # adapter names: the client's own, the server's frozen G
 
 
 def lora_config(r: int, lora_alpha: float, target_modules: list[str]) -> LoraConfig:
@@ -28,72 +35,66 @@ def lora_config(r: int, lora_alpha: float, target_modules: list[str]) -> LoraCon
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
 
+def adapter_targets(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The layer names (e.g. q_proj) an adapter state dict covers, for a LoraConfig."""
+    return sorted({k.removeprefix(PEFT_PREFIX)[: -len(LORA_A)].rsplit(".", 1)[-1]
+                   for k in state if k.endswith(LORA_A)})
+
+
 def attach_lora(base: torch.nn.Module, r: int, lora_alpha: float, target_modules: list[str],
-                seed: int, init_state: Mapping[str, torch.Tensor] | None = None) -> PeftModel:
-    """Inject a trainable LoRA (peft's init under `seed`, or `init_state` when given)."""
+                seed: int, init_state: Mapping[str, torch.Tensor] | None = None,
+                frozen_global: Mapping[str, torch.Tensor] | None = None,
+                train_lora_a: bool = True) -> PeftModel:
+    """Inject a trainable LoRA (peft's init under `seed`, or `init_state` when given).
+
+    `frozen_global`: the server's update G as scaling-1 LoRA factors (peft keys), attached
+    as the frozen adapter "global" and applied before the trainable one. `train_lora_a`
+    False keeps lora_A at its initial value (FFA-LoRA)."""
     torch.manual_seed(seed)
     model = get_peft_model(base, lora_config(r, lora_alpha, target_modules))
     if init_state:
-        result = set_peft_model_state_dict(model, dict(init_state))
-        if result.unexpected_keys:
-            raise ValueError(f"adapter keys not in the model: {result.unexpected_keys[:3]}")
+        load_adapter_state(model, init_state, TRAINED)
+    if frozen_global:
+        rank = rank_of(split_factors(frozen_global))
+        with torch.random.fork_rng(devices=[]):  # G's placeholder init draws no seeded numbers
+            model.add_adapter(GLOBAL, lora_config(rank, rank, adapter_targets(frozen_global)))
+        load_adapter_state(model, frozen_global, GLOBAL)
+        model.base_model.set_adapter([GLOBAL, TRAINED])  # forward: base + G, then + s·B·A
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
+        param.requires_grad_(f".{TRAINED}." in name and "lora_" in name
+                             and (train_lora_a or "lora_A" not in name))
     return model
 
 
+def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor],
+                       adapter: str) -> None:
+    """Copy peft-keyed factors into `adapter`, refusing keys the model lacks."""
+    result = set_peft_model_state_dict(model, dict(state), adapter_name=adapter)
+    if result.unexpected_keys:
+        raise ValueError(f"adapter keys not in the model: {result.unexpected_keys[:3]}")
+
+
 def lora_state(model: PeftModel, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The adapter as `get_peft_model_state_dict` keys it, detached, on CPU, in `dtype`."""
+    """The trainable adapter as `get_peft_model_state_dict` keys it, detached, on CPU, in
+    `dtype`."""
     return {k: v.detach().to("cpu", dtype).contiguous()
-            for k, v in get_peft_model_state_dict(model).items()}
+            for k, v in get_peft_model_state_dict(model, adapter_name=TRAINED).items()}
 
 
 def detach_lora(model: PeftModel) -> torch.nn.Module:
-    """Remove the injected LoRA layers, giving back the untouched base."""
+    """Remove the injected LoRA layers (all adapters), giving back the untouched base."""
     return model.unload()
 
 
 @contextmanager
 def with_lora(base: torch.nn.Module, r: int, lora_alpha: float, target_modules: list[str],
-              seed: int, init_state: Mapping[str, torch.Tensor] | None = None
-              ) -> Iterator[PeftModel]:
+              seed: int, init_state: Mapping[str, torch.Tensor] | None = None,
+              frozen_global: Mapping[str, torch.Tensor] | None = None,
+              train_lora_a: bool = True) -> Iterator[PeftModel]:
     """`attach_lora` for the duration of a block; the base is restored even on errors."""
-    model = attach_lora(base, r, lora_alpha, target_modules, seed, init_state)
+    model = attach_lora(base, r, lora_alpha, target_modules, seed, init_state, frozen_global,
+                        train_lora_a)
     try:
         yield model
     finally:
         detach_lora(model)
-
-
-def add_low_rank(x: torch.Tensor, output: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                 scaling: float) -> torch.Tensor:
-    """output + scaling · x Aᵀ Bᵀ, computed in A's dtype and returned in output's."""
-    delta = (x.to(a.dtype) @ a.T) @ b.T  # (.., in) @ (in, R) @ (R, out) -> (.., out)
-    return output + (scaling * delta).to(output.dtype)
-
-
-@contextmanager
-def frozen_delta(base: torch.nn.Module, state: Mapping[str, torch.Tensor],
-                 scaling: float = 1.0) -> Iterator[int]:
-    """Add scaling · x Aᵀ Bᵀ to each targeted Linear's output, with no trainable parameter.
-
-    This is how a client applies the server's global low-rank update beside the 4-bit base
-    without requantising it. Keys are peft adapter keys; yields the number of modules hooked.
-    """
-    modules = dict(base.named_modules())
-    handles = []
-    try:
-        for key, (a, b) in split_factors(state).items():
-            name = key.removeprefix(PEFT_PREFIX)
-            if name not in modules:
-                raise ValueError(f"global adapter targets '{name}', which the model lacks")
-            a32, b32 = a.float(), b.float()
-
-            def hook(_m, inputs, output, a=a32, b=b32):
-                return add_low_rank(inputs[0], output, a, b, scaling)
-
-            handles.append(modules[name].register_forward_hook(hook))
-        yield len(handles)
-    finally:
-        for handle in handles:
-            handle.remove()

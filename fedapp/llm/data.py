@@ -10,29 +10,15 @@ import importlib.util
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
 
-DEFAULT_DATASET = "zaragoza-faq"
-PARTITIONERS = ("iid", "dirichlet", "natural")
+from strategies.protocol import DEFAULT_DATASET, DataSpec, RunSetup
+
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Which records, which columns, and how the held-out split is drawn."""
-
-    path: str = DEFAULT_DATASET
-    instruction_column: str = "q"
-    input_column: str = ""
-    response_column: str = "a"
-    label_column: str = "category"
-    test_fraction: float = 0.1
-    seed: int = 0
 
 
 def _resolve_data_files(path: str) -> str:
@@ -85,33 +71,26 @@ def load_records(spec: DataSpec):  # -> datasets.Dataset
 def load_split(spec: DataSpec):  # -> tuple[datasets.Dataset, datasets.Dataset]
     """(train, test): the test split is held out by `spec.seed`, the same everywhere."""
     ds = load_records(spec)
-    if not 0 < spec.test_fraction < 1:
-        raise ValueError(f"dataset.test_fraction={spec.test_fraction}; allowed: 0 < x < 1")
     split = ds.train_test_split(test_size=spec.test_fraction, seed=spec.seed)
     return split["train"], split["test"]
 
 
-def make_partitioner(name: str, num_partitions: int, label_column: str, alpha: float,
-                     num_labels: int, seed: int):
-    """A flwr-datasets partitioner: IID, Dirichlet(α) over labels, or natural label groups."""
+def make_partitioner(setup: RunSetup, num_partitions: int, num_labels: int):
+    """A flwr-datasets partitioner: IID, Dirichlet(α) over labels, or natural label groups
+    (`setup.partitioner`, whose name, α and label column RunSetup has checked)."""
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         GroupedNaturalIdPartitioner,
         IidPartitioner,
     )
 
-    if name not in PARTITIONERS:
-        raise ValueError(f"partitioner.name={name!r}; allowed: {list(PARTITIONERS)}")
-    if name == "iid":
+    label_column = setup.data.label_column
+    if setup.partitioner == "iid":
         return IidPartitioner(num_partitions=num_partitions)
-    if not label_column:
-        raise ValueError(f"partitioner.name={name!r} needs dataset.label_column to be set")
-    if name == "dirichlet":
-        if alpha <= 0:
-            raise ValueError(f"partitioner.alpha={alpha}; allowed: > 0")
+    if setup.partitioner == "dirichlet":
         return DirichletPartitioner(num_partitions=num_partitions, partition_by=label_column,
-                                    alpha=alpha, min_partition_size=1, self_balancing=True,
-                                    seed=seed)
+                                    alpha=setup.partitioner_alpha, min_partition_size=1,
+                                    self_balancing=True, seed=setup.data.seed)
     # Natural: consecutive groups of labels, one group per client.
     group_size = math.ceil(num_labels / num_partitions)
     if math.ceil(num_labels / group_size) != num_partitions:
@@ -124,18 +103,18 @@ def make_partitioner(name: str, num_partitions: int, label_column: str, alpha: f
                                        sort_unique_ids=True)
 
 
-def load_partition(spec: DataSpec, partitioner: str, num_partitions: int, partition_id: int,
-                   alpha: float = 0.5):  # -> datasets.Dataset
+def load_partition(setup: RunSetup, num_partitions: int,
+                   partition_id: int):  # -> datasets.Dataset
     """The training records of one client (never any of the held-out test records)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id={partition_id} outside 0..{num_partitions - 1}")
+    spec = setup.data
     train, _ = load_split(spec)
     if num_partitions > len(train):
         raise ValueError(f"{num_partitions} clients but only {len(train)} training examples; "
                          f"allowed: at most one client per example")
     num_labels = len(set(train[spec.label_column])) if spec.label_column else 0
-    part = make_partitioner(partitioner, num_partitions, spec.label_column, alpha, num_labels,
-                            spec.seed)
+    part = make_partitioner(setup, num_partitions, num_labels)
     part.dataset = train
     return part.load_partition(partition_id)
 

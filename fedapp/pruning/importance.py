@@ -1,15 +1,10 @@
-"""Importance of prunable units and blocks, and the model-structure helpers pruning shares.
+"""Importance of prunable units and blocks (higher score = keep).
 
-Criteria (higher score = keep): `magnitude_importance` (L2 norm of a KV group's / MLP
-channel's weights), `taylor_importance` and the training-time `ImportanceTracker` (EMA of
-|Σ activation × gradient| per unit), `llm_drop_importance` (per whole block, how much it
-turns the residual stream), and `score`, which picks one by name. Each returns an
-`Importance`: the scores plus what removing each unit / block saves in parameters.
-
-Also here, because both criteria and `fedapp.pruning.surgery` need them (pruning imports this
-module, never the reverse): the unit layout (`UNIT_LINEARS`, `Block`), `DroppedBlock`,
-decoder-layer and live-block lookup, unit counts, Linear parameter counts and
-`dense_weight` (4-bit weights dequantised).
+Criteria: `magnitude_importance` (L2 norm of a KV group's / MLP channel's weights),
+`taylor_importance` and the training-time `ImportanceTracker` (EMA of |Σ activation ×
+gradient| per unit), `llm_drop_importance` (per whole block, how much it turns the residual
+stream), and `score`, which picks one by name (`strategies.protocol.CRITERIA`). Each returns
+an `Importance`: the scores plus what removing each unit / block saves in parameters.
 """
 
 from __future__ import annotations
@@ -23,15 +18,17 @@ import torch
 from torch import nn
 
 from fedapp.llm.model import disable_bnb_cpu_repack
-
-CRITERIA = ("magnitude", "taylor", "llm-drop")
-BLOCKS = ("self_attn", "mlp")
-# Per block: Linears cut by rows, Linears cut by columns. A unit owns equal contiguous
-# slices of each (q: n_rep·head_dim rows, k/v: head_dim rows, o: n_rep·head_dim columns;
-# gate/up: one row, down: one column), since query head h uses KV head h // n_rep.
-UNIT_LINEARS = {"self_attn": (("q_proj", "k_proj", "v_proj"), ("o_proj",)),
-                "mlp": (("gate_proj", "up_proj"), ("down_proj",))}
-Block = tuple[int, str]  # (layer index, "self_attn" | "mlp")
+from fedapp.pruning.structure import (
+    UNIT_LINEARS,
+    Block,
+    base_linear,
+    decoder_layers,
+    dense_weight,
+    linear_params,
+    live_blocks,
+    num_units,
+)
+from strategies.protocol import CRITERIA
 
 
 @dataclass
@@ -43,82 +40,25 @@ class Importance:
     blocks: dict[Block, float] = field(default_factory=dict)  # llm-drop scores
 
 
-class DroppedBlock(nn.Module):
-    """Stands in for a dropped attention or MLP block: its residual contribution is zero."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object
-                ) -> torch.Tensor | tuple[torch.Tensor, None]:
-        zeros = torch.zeros_like(hidden_states)  # (batch, seq, hidden)
-        return (zeros, None) if self.kind == "self_attn" else zeros
-
-
-def _layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder layers and their module-name prefix, through a peft wrapper if any."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for name, module in base.named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList):
-            return name, module
-    raise ValueError(f"{type(base).__name__} has no decoder `layers`; allowed: Llama-family LMs")
-
-
-def _live_blocks(model: nn.Module) -> dict[Block, nn.Module]:
-    _, layers = _layers(model)
-    return {(i, kind): getattr(layer, kind) for i, layer in enumerate(layers) for kind in BLOCKS
-            if not isinstance(getattr(layer, kind), DroppedBlock)}
-
-
-def _num_units(block: nn.Module, kind: str) -> int:
-    return block.k_proj.out_features // block.head_dim if kind == "self_attn" else \
-        block.up_proj.out_features
-
-
-def _linear(module: nn.Module) -> nn.Module:
-    """The Linear (plain or bnb Linear4bit) under a peft LoRA wrapper, or the module itself."""
-    return module.base_layer if hasattr(module, "lora_A") else module
-
-
-def _linear_params(module: nn.Module) -> int:
-    linear = _linear(module)
-    return linear.in_features * linear.out_features + (
-        0 if linear.bias is None else linear.bias.numel())
-
-
-def dense_weight(linear: nn.Module) -> torch.Tensor:
-    """The weight as a float32 (out, in) tensor; 4-bit weights are dequantised."""
-    state = getattr(linear.weight, "quant_state", None)
-    if state is None:
-        return linear.weight.detach().float()
-    if getattr(state, "packing_format_for_cpu", False):
-        raise ValueError("a Linear4bit weight was repacked for CPU inference (bnb bug) and "
-                         "cannot be dequantised; call disable_bnb_cpu_repack before any forward")
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(linear.weight.data, state).float()  # (out, in)
-
-
 def _costs(model: nn.Module) -> Importance:
     """Parameters per unit and per live block; the criterion fills in the scores."""
     imp = Importance({}, {}, {})
-    for key, block in _live_blocks(model).items():
+    for key, block in live_blocks(model).items():
         rows, cols = UNIT_LINEARS[key[1]]
-        row_params = sum(_linear_params(getattr(block, a)) for a in rows)  # biases go too
+        row_params = sum(linear_params(getattr(block, a)) for a in rows)  # biases go too
         col_params = sum(getattr(block, a).in_features * getattr(block, a).out_features
                          for a in cols)
-        imp.unit_cost[key] = (row_params + col_params) // _num_units(block, key[1])
-        imp.block_cost[key] = row_params + sum(_linear_params(getattr(block, a)) for a in cols)
+        imp.unit_cost[key] = (row_params + col_params) // num_units(block, key[1])
+        imp.block_cost[key] = row_params + sum(linear_params(getattr(block, a)) for a in cols)
     return imp
 
 
 def magnitude_importance(model: nn.Module) -> Importance:
     """L2 norm of each KV group's and MLP channel's weights (4-bit: dequantised)."""
     imp = _costs(model)
-    for (i, kind), block in _live_blocks(model).items():
-        n, (rows, cols) = _num_units(block, kind), UNIT_LINEARS[kind]
-        sq = {a: dense_weight(_linear(getattr(block, a))).square() for a in rows + cols}
+    for (i, kind), block in live_blocks(model).items():
+        n, (rows, cols) = num_units(block, kind), UNIT_LINEARS[kind]
+        sq = {a: dense_weight(base_linear(getattr(block, a))).square() for a in rows + cols}
         total = sum(sq[a].sum(1).view(n, -1).sum(1) for a in rows)  # (n,)
         total = total + sum(sq[a].sum(0).view(n, -1).sum(1) for a in cols)  # (n,)
         imp.units[i, kind] = total.sqrt()
@@ -144,8 +84,8 @@ class ImportanceTracker:
         self._pending: dict[Block, torch.Tensor] = {}
         self._ema: dict[Block, torch.Tensor] = {}
         self._handles = [getattr(block, UNIT_LINEARS[key[1]][1][0]).register_forward_hook(
-            partial(self._capture, key, _num_units(block, key[1])))
-            for key, block in _live_blocks(model).items()]
+            partial(self._capture, key, num_units(block, key[1])))
+            for key, block in live_blocks(model).items()]
 
     def _capture(self, key: Block, n: int, _m: nn.Module, inputs: tuple[torch.Tensor, ...],
                  _out: torch.Tensor) -> None:
@@ -225,7 +165,7 @@ def llm_drop_importance(model: nn.Module, batches: Iterable[Mapping[str, torch.T
     """LLM-Drop: per live block, 1 - cos(x, x + f(x)) averaged over unpadded tokens, x being
     the residual stream entering the block and f the block (its norm included)."""
     disable_bnb_cpu_repack(model)  # the no-grad forwards below must not repack 4-bit weights
-    _, layers = _layers(model)
+    _, layers = decoder_layers(model)
     imp = _costs(model)
     sums = dict.fromkeys(imp.block_cost, 0.0)
     residual: dict[Block, torch.Tensor] = {}
@@ -239,7 +179,7 @@ def llm_drop_importance(model: nn.Module, batches: Iterable[Mapping[str, torch.T
         sums[key] += float((dist * weight).sum())  # (batch, seq) -> scalar
 
     handles = []
-    for (i, kind), block in _live_blocks(model).items():
+    for (i, kind), block in live_blocks(model).items():
         norm = getattr(layers[i], "input_layernorm" if kind == "self_attn" else
                        "post_attention_layernorm")
         handles += [norm.register_forward_pre_hook(

@@ -12,7 +12,8 @@ Prunable parameters: weights and biases of q/k/v/o/gate/up/down in the decoder l
 (embeddings, norms, lm_head are never pruned). A plan for `ratio` removes about `ratio` ×
 the prunable parameters present when the model was scored.
 
-Scoring lives in `fedapp.pruning.importance`; this module holds the plans (`PrunePlan`,
+Scoring lives in `fedapp.pruning.importance`, the unit layout in `structure`; this module
+holds the plans (`PrunePlan`,
 `plan_pruning`), the structural surgery (`slice_linear`, `prune_model`, `compose`),
 parameter counts and `iterative_prune`.
 """
@@ -26,20 +27,18 @@ from math import floor
 import torch
 from torch import nn
 
-from fedapp.pruning.importance import (
+from fedapp.llm.model import disable_bnb_cpu_repack
+from fedapp.pruning.importance import Importance, ImportanceTracker, score
+from fedapp.pruning.structure import (
     UNIT_LINEARS,
     Block,
     DroppedBlock,
-    Importance,
-    ImportanceTracker,
-    _layers,
-    _linear_params,
-    _live_blocks,
-    _num_units,
+    decoder_layers,
     dense_weight,
-    score,
+    linear_params,
+    live_blocks,
+    num_units,
 )
-from fedapp.llm.model import disable_bnb_cpu_repack
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,8 @@ def parameter_count(model: nn.Module) -> int:
 
 def prunable_parameter_count(model: nn.Module) -> int:
     """Weights and biases of the attention and MLP Linears of all live blocks."""
-    return sum(_linear_params(getattr(block, name)) for (_, kind), block in
-               _live_blocks(model).items() for names in UNIT_LINEARS[kind] for name in names)
+    return sum(linear_params(getattr(block, name)) for (_, kind), block in
+               live_blocks(model).items() for names in UNIT_LINEARS[kind] for name in names)
 
 
 def expected_parameter_count(config: object, plan: PrunePlan) -> int:
@@ -154,7 +153,7 @@ def _units(keep: list[int], size: int) -> torch.Tensor:
 
 def _prune_block(block: nn.Module, kind: str, removed: list[int], name: str
                  ) -> dict[str, KeptIndices]:
-    n, gone = _num_units(block, kind), set(removed)
+    n, gone = num_units(block, kind), set(removed)
     what = f"{name} {'KV groups' if kind == 'self_attn' else 'channels'}"
     if bad := sorted(u for u in gone if not 0 <= u < n):
         raise ValueError(f"{what} {bad} out of range; allowed: 0..{n - 1}")
@@ -181,8 +180,8 @@ def prune_model(model: nn.Module, plan: PrunePlan) -> PruneResult:
     """Apply `plan` in place: slice KV groups and MLP channels, drop blocks whole. An empty
     plan touches nothing (no re-quantisation), so ratio 0 is the identity."""
     before = parameter_count(model)
-    prefix, layers = _layers(model)
-    live = _live_blocks(model)
+    prefix, layers = decoder_layers(model)
+    live = live_blocks(model)
     kept: dict[str, KeptIndices] = {}
     todo = [((i, "self_attn"), u) for i, u in plan.kv_groups.items()] + [
         ((i, "mlp"), u) for i, u in plan.channels.items()] + [(b, None) for b in plan.blocks]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from fedapp.server.accuracy import ChoiceItem, build_choice_items, choice_accuracy
 from fedapp.llm.adapters import PEFT_PREFIX, with_lora
 from fedapp.llm.data import DataSpec, load_split, tokenize_records
 from fedapp.llm.train import eval_loss
+from fedapp.server.accuracy import ChoiceItem, build_choice_items, choice_accuracy
 from strategies.lora_math import LORA_A
 
 

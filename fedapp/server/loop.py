@@ -4,8 +4,9 @@
 replies. This loop runs rounds `first_round..num_rounds` (so a resumed run continues where it
 stopped, with the same round numbers and therefore the same seeds), retries a round that got
 fewer than `min_replies` valid replies (first restoring the strategy's state, so the
-discarded attempt counts for nothing: not in FLoRA's global factors, not in a bandit), stops with a clear message if retries run out, and
-calls `after_round` once a round is complete (evaluation, metrics, checkpoint).
+discarded attempt counts for nothing: not in FLoRA's global factors, not in a bandit),
+stops with a clear message if retries run
+out, and calls `after_round` once a round is complete (evaluation, metrics, checkpoint).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def run_rounds(strategy: LoraStrategy, grid: Grid, arrays: ArrayRecord, first_ro
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
             replies = grid.send_and_receive(messages, timeout=timeout)
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
-            accepted = strategy.round_log[server_round]["accepted"]
+            accepted = strategy.round_log[server_round].accepted
             if new_arrays is not None and accepted >= min_replies:
                 arrays = new_arrays
                 break

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import matplotlib
 
+from strategies.summary import RoundSummary
+
 matplotlib.use("Agg")  # no screen on servers
 import matplotlib.pyplot as plt
 
@@ -42,38 +44,30 @@ class RunRecorder:
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def record(self, server_round: int, eval_metrics: dict[str, float],
-               round_log: dict | None) -> dict:
-        round_log = round_log or {}
-        up, down = int(round_log.get("bytes-up", 0)), int(round_log.get("bytes-down", 0))
-        self.cum_up += up
-        self.cum_down += down
-        self.sim_seconds += self.simulated_round_seconds(round_log)
+               summary: RoundSummary | None) -> dict:
+        """One line of metrics.jsonl: the evaluation, the round's traffic and clients, and the
+        simulated time so far (clients train in parallel: a round lasts as long as its
+        slowest accepted client's `completion-seconds`, strategies.devices)."""
+        summary = summary or RoundSummary(server_round)
+        self.cum_up += summary.bytes_up
+        self.cum_down += summary.bytes_down
+        self.sim_seconds += summary.sim_seconds
         row = {
             "round": server_round,
             "strategy": self.strategy,
-            "train-loss": round_log.get("train-loss"),
+            "train-loss": summary.train_loss,
             **eval_metrics,
-            "bytes-up": up,
-            "bytes-down": down,
+            "bytes-up": summary.bytes_up,
+            "bytes-down": summary.bytes_down,
             "cum-mb": (self.cum_up + self.cum_down) / MB,
             "wall-seconds": round(time.monotonic() - self.start, 2),
             "sim-seconds": round(self.sim_seconds, 2),
-            **{k: v for k, v in round_log.items()
-               if k not in ("bytes-up", "bytes-down", "train-loss")},
+            **{k: v for k, v in summary.to_json().items() if k != "train-loss"},
         }
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         return row
-
-
-    def simulated_round_seconds(self, round_log: dict) -> float:
-        """Clients train in parallel: a round lasts as long as its slowest client, whose time
-        is the `completion-seconds` the strategy logged from its device profile (measured
-        compute × slow-down + bytes over its links, strategies.devices)."""
-        times = [c["completion-seconds"] for c in round_log.get("clients", {}).values()
-                 if c.get("status") == "ok"]
-        return max(times, default=0.0)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -79,20 +79,18 @@ def train_late_client(run_dir: Path, partition_id: int, num_partitions: int) -> 
 
     from fedapp.client.round import run_round
     from fedapp.config import build_strategy, validate
-    from fedapp.server.evaluate import target_module_shapes
     from fedapp.llm.model import cached_base, default_device
+    from fedapp.server.evaluate import target_module_shapes
     from strategies.base import ClientIdentity
 
     cfg = OmegaConf.load(run_dir / "config.yaml")  # the run's composed config
     validate(cfg)
     base = cached_base(cfg.model.path, cfg.model.quantization, default_device())
     strategy = build_strategy(cfg, target_module_shapes(base, list(cfg.lora.target_modules)))
-    strategy.num_rounds(int(cfg.num_rounds))
-    inst = strategy.client_instructions(1, ClientIdentity(f"partition-{partition_id}",
-                                                          partition_id))
-    state, metrics = run_round(inst, partition_id, num_partitions, {})
-    return LoraUpdate(split_factors(state), inst.lora_alpha / inst.lora_r,
-                      metrics["num-examples"])
+    order = strategy.order_for(1, ClientIdentity(f"partition-{partition_id}", partition_id))
+    result = run_round(strategy.setup, order, partition_id, num_partitions, {})
+    return LoraUpdate(split_factors(result.state), order.scaling,
+                      result.metrics["num-examples"])
 
 
 def main() -> None:

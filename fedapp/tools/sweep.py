@@ -20,7 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedapp.config import conf_dir
+from fedapp.config import conf_dir, strategy_class
 from fedapp.server.report import read_metrics
 from fedapp.tools.submit import flower_env, run_submit
 from fedapp.tools.sweep_report import write_comparison
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def job_result(run_dir: Path, overrides: list[str], cfg: DictConfig, status: str,
                wall: float) -> dict:
     """One row of the comparison: what this job achieved, at what cost."""
-    row = {"strategy": cfg.strategy.name, "seed": int(cfg.seed), "status": status,
+    row = {"strategy": strategy_class(cfg).name, "seed": int(cfg.seed), "status": status,
            "overrides": " ".join(overrides), "wall-seconds": round(wall, 1)}
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists() and (rows := read_metrics(metrics)):

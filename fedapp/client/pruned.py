@@ -1,0 +1,87 @@
+"""A pruned client's copies of the base, and what its reply says about them.
+
+Pruning slices layers in place, so a pruned round works on a copy of the base
+(`load_base`), never on the process's cached one. Each configuration (model, partition,
+ratio, criterion, slices) is pruned once per client process and reused while the process
+lives: the last `FEDAPP_PRUNED_CACHE` copies (default 8; SmolLM2-135M: about 0.2 GB each)
+are kept. A deployed SuperNode starts a process per message, so it prunes every round.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fedapp.llm.adapters import PEFT_PREFIX
+from fedapp.pruning.surgery import PruneResult
+from strategies.lora_math import join_factors, split_factors
+from strategies.protocol import KEPT_IN, KEPT_OUT
+from strategies.scatter import slice_factors
+
+
+@dataclass
+class PrunedCopy:
+    """A pruned base (its LoRA removed), how it was pruned, and the peft keys of every
+    target module it had before pruning (the reply names kept indices for all of them)."""
+
+    base: torch.nn.Module
+    result: PruneResult
+    targets: list[str]
+
+
+_COPIES: OrderedDict[tuple, PrunedCopy] = OrderedDict()
+
+
+def cache_size() -> int:
+    value = os.environ.get("FEDAPP_PRUNED_CACHE", "8")
+    if not value.isdigit():
+        raise ValueError(f"FEDAPP_PRUNED_CACHE={value!r}; allowed: an integer >= 0")
+    return int(value)
+
+
+def take_copy(key: tuple) -> PrunedCopy | None:
+    """The copy pruned earlier for `key`, removed from the cache while a round uses it."""
+    return _COPIES.pop(key, None)
+
+
+def keep_copy(key: tuple, copy: PrunedCopy) -> None:
+    _COPIES[key] = copy
+    while len(_COPIES) > cache_size():
+        _COPIES.popitem(last=False)  # least recently used
+
+
+def in_dropped(key: str, result: PruneResult) -> bool:
+    """Whether the peft module `key` lies inside a block the pruning dropped whole."""
+    name = key.removeprefix(PEFT_PREFIX)
+    return any(name.startswith(block + ".") for block in result.dropped)
+
+
+def slice_global(state: Mapping[str, torch.Tensor],
+                 result: PruneResult) -> dict[str, torch.Tensor]:
+    """The global update G cut to a pruned copy's layers: (B[kept_out]) @ (A[:, kept_in]) =
+    G[kept_out][:, kept_in]; modules inside dropped blocks left out."""
+    if not state:
+        return {}
+    factors = {k: v for k, v in split_factors(state).items() if not in_dropped(k, result)}
+    kept = {PEFT_PREFIX + name: (k.out_idx, k.in_idx) for name, k in result.kept.items()
+            if PEFT_PREFIX + name in factors}
+    return join_factors(slice_factors(factors, kept))
+
+
+def kept_arrays(result: PruneResult, targets: list[str]) -> dict[str, torch.Tensor]:
+    """Per pruned target module (peft key): kept rows and columns of the full layer, int64;
+    both empty for a module inside a dropped block. Unpruned modules are left out."""
+    out: dict[str, torch.Tensor] = {}
+    for key in targets:
+        name = key.removeprefix(PEFT_PREFIX)
+        if name in result.kept:
+            out[key + KEPT_OUT] = result.kept[name].out_idx.long()
+            out[key + KEPT_IN] = result.kept[name].in_idx.long()
+        elif in_dropped(key, result):
+            out[key + KEPT_OUT] = torch.zeros(0, dtype=torch.long)
+            out[key + KEPT_IN] = torch.zeros(0, dtype=torch.long)
+    return out
