@@ -27,6 +27,7 @@ from fedapp.server.evaluate import (
 )
 from fedapp.server.loop import run_rounds
 from fedapp.server.report import RunRecorder, plot_eval_loss
+from strategies.base import LoraStrategy
 
 app = ServerApp()
 
@@ -49,6 +50,27 @@ def check_federation_fits_data(cfg: DictConfig) -> None:
     if cfg.scenario.num_clients > len(train):
         raise ValueError(f"scenario.num_clients={cfg.scenario.num_clients} but the dataset has "
                          f"only {len(train)} training examples; allowed: at most {len(train)}")
+
+
+def initial_arrays(strategy: LoraStrategy, base: torch.nn.Module, targets: list[str],
+                   seed: int) -> ArrayRecord:
+    """Round 1's global arrays: empty, or one seeded fresh adapter that every client starts
+    from (FedIT, FFA)."""
+    if (initial := strategy.initial_adapter()) is None:
+        return ArrayRecord()
+    r, lora_alpha = initial
+    with with_lora(base, r, lora_alpha, targets, seed) as model:
+        return ArrayRecord(lora_state(model))
+
+
+def resume(strategy: LoraStrategy, recorder: RunRecorder, ckpt: Checkpoint) -> ArrayRecord:
+    """Put the strategy, the recorder and torch's RNG back as the checkpoint left them."""
+    arrays = ArrayRecord(ckpt.arrays)
+    strategy.load_state(ckpt.strategy_state, arrays)
+    recorder.load_state(ckpt.recorder_state, ckpt.server_round)
+    if ckpt.torch_rng is not None:
+        torch.set_rng_state(ckpt.torch_rng)
+    return arrays
 
 
 def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = None) -> dict:
@@ -83,22 +105,11 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = No
 
     num_rounds = strategy.num_rounds(int(cfg.num_rounds))
     if ckpt is None:
-        arrays = ArrayRecord()
-        if (initial := strategy.initial_adapter()) is not None:  # FedIT, FFA: one shared init
-            r, lora_alpha = initial
-            with with_lora(base, r, lora_alpha, targets, int(cfg.seed)) as model:
-                arrays = ArrayRecord(lora_state(model))
+        arrays, first_round = initial_arrays(strategy, base, targets, int(cfg.seed)), 1
         evaluate(0, arrays)
-        first_round = 1
     else:
-        arrays = ArrayRecord(ckpt.arrays)
-        strategy.load_state(ckpt.strategy_state, arrays)
-        recorder.load_state(ckpt.recorder_state, ckpt.server_round)
-        if ckpt.torch_rng is not None:
-            torch.set_rng_state(ckpt.torch_rng)
-        first_round = ckpt.server_round + 1
+        arrays, first_round = resume(strategy, recorder, ckpt), ckpt.server_round + 1
         log(INFO, "Resuming %s after round %d of %d", run_dir, ckpt.server_round, num_rounds)
-
     log(INFO, "Starting %s: rounds %d..%d", strategy.name, first_round, num_rounds)
     strategy.summary()
     arrays = run_rounds(strategy, grid, arrays, first_round, num_rounds,

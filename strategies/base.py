@@ -107,6 +107,7 @@ class LoraStrategy(FedAvg):
         self.wait_seconds = wait_seconds
         self.devices = list(devices) if devices else [DeviceProfile("default")]
         self.identities: dict[int, ClientIdentity] = {}
+        self.federation_met = False  # the whole federation has been waited for once
         self.assignments: dict[int, Assignment] = {}
         self.round_log: dict[int, RoundSummary] = {}
         self.sent: list[Message] = []
@@ -121,7 +122,7 @@ class LoraStrategy(FedAvg):
         go on with whoever is online as long as `min_train_nodes` are, so a node that died
         does not stop the run."""
         needed, key = self.min_available_nodes, "scenario.num_clients"
-        if self.identities:
+        if self.federation_met:
             needed, key = self.min_train_nodes, "scenario.min_train_nodes"
         deadline = time.monotonic() + self.wait_seconds
         while len(nodes := sorted(grid.get_node_ids())) < needed:
@@ -153,6 +154,7 @@ class LoraStrategy(FedAvg):
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
         nodes = self.wait_for_nodes(grid)
+        self.federation_met = True
         self.identify(grid, nodes)
         nodes = [n for n in nodes if n in self.identities]
         size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
@@ -174,6 +176,11 @@ class LoraStrategy(FedAvg):
                           lora_alpha=alpha_for(r, self.alpha_ratio), local_steps=self.local_steps,
                           seed=self.seed * 1000 + server_round, global_mode=self.global_mode,
                           **fields)  # type: ignore[arg-type]
+
+    def client_scaling(self, client: ClientIdentity) -> float:
+        """peft's scaling (lora_alpha / r) of the LoRA this client trains."""
+        r = self.rank_for(client)
+        return alpha_for(r, self.alpha_ratio) / r
 
     def order_for(self, server_round: int, client: ClientIdentity) -> TrainOrder:
         """What `client` trains this round; subclasses change the rank, steps or pruning."""

@@ -32,7 +32,7 @@ class FlexLoRA(FLoRA):
     def client_state(self, client: ClientIdentity,
                      state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return join_factors(factors_for_client(split_factors(state), self.rank_for(client),
-                                               self.alpha_ratio))
+                                               self.client_scaling(client)))
 
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:

@@ -27,7 +27,7 @@ class ZeroPad(LoraStrategy):
 
     def client_state(self, client: ClientIdentity,
                      state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        r, scaling = self.rank_for(client), self.alpha_ratio  # scaling = lora_alpha / r
+        r, scaling = self.rank_for(client), self.client_scaling(client)
         truncated = {m: (a[:r] / scaling, b[:, :r])  # s · B[:, :r] · A[:r] / s
                      for m, (a, b) in split_factors(state).items()}
         return join_factors(truncated)

@@ -29,7 +29,7 @@ from strategies.lora_math import (
 from strategies.zeropad import ZeroPad
 from tests.test_strategies import (  # noqa: F401  (task_identity is an autouse fixture)
     MODULES,
-    TEMPLATE,
+    SETUP,
     FakeGrid,
     adapter,
     reply,
@@ -120,7 +120,7 @@ def test_zeropad_is_exact_for_one_client():
 def test_zeropad_strategy_truncates_downloads_and_logs_its_error():
     # Prepare: two clients of ranks 1 and 2, lora_alpha = 2·r (scaling 2)
     grid = FakeGrid({1: 0, 2: 1})
-    strategy = ZeroPad(TEMPLATE, MODULES, ranks=[1, 2], alpha_ratio=2.0)
+    strategy = ZeroPad(SETUP, MODULES, local_steps=1, ranks=[1, 2], alpha_ratio=2.0)
     msgs = by_rank(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     states = {1: adapter(1, 21), 2: adapter(2, 22)}
     updates = [LoraUpdate(split_factors(states[r]), 2.0, n) for r, n in ((1, 1.0), (2, 3.0))]
@@ -189,7 +189,7 @@ def test_factors_for_client_zero_pads_a_global_of_lower_rank():
 def test_flexlora_sends_per_client_ranks_and_replaces_the_global():
     # Prepare: clients of ranks 2 and 4, scaling 2; round 1 from the base
     grid = FakeGrid({1: 0, 2: 1})
-    strategy = FlexLoRA(TEMPLATE, MODULES, ranks=[2, 4], alpha_ratio=2.0)
+    strategy = FlexLoRA(SETUP, MODULES, local_steps=1, ranks=[2, 4], alpha_ratio=2.0)
     msgs1 = by_rank(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     round1 = {2: (adapter(2, 31), 10.0), 4: (adapter(4, 32), 30.0)}
     round2 = {2: (adapter(2, 41), 5.0), 4: (adapter(4, 42), 15.0)}
@@ -255,7 +255,8 @@ def b_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_ffa_freezes_a_accepts_b_only_and_averages_b():
     # Prepare: three rank-2 clients starting from the server's seeded adapter
     grid = FakeGrid({1: 0, 2: 1, 3: 2})
-    strategy = FFALoRA(TEMPLATE, MODULES, ranks=[2], alpha_ratio=2.0, min_available_nodes=3)
+    strategy = FFALoRA(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=2.0,
+                       min_available_nodes=3)
     initial = adapter(2, 60)
     msgs = {m.metadata.dst_node_id: m for m in
             strategy.configure_train(1, ArrayRecord(initial), ConfigRecord(), grid)}
@@ -273,10 +274,10 @@ def test_ffa_freezes_a_accepts_b_only_and_averages_b():
         for module in MODULES:
             torch.testing.assert_close(down[module + LORA_A], initial[module + LORA_A].half())
     log = strategy.round_log[1]
-    assert log["accepted"] == 2
-    assert log["clients"]["partition-0"]["status"] == "ok"
-    assert "unexpected" in log["clients"]["partition-2"]["status"]
-    assert LORA_A.strip(".") in log["clients"]["partition-2"]["status"]
+    assert log.accepted == 2
+    assert log.clients["partition-0"].status == "ok"
+    assert "unexpected" in log.clients["partition-2"].status
+    assert LORA_A.strip(".") in log.clients["partition-2"].status
     # ... the aggregate is the server's A (as clients got it) with the weighted mean of B
     got = arrays.to_torch_state_dict()
     assert set(got) == set(initial)
@@ -287,8 +288,8 @@ def test_ffa_freezes_a_accepts_b_only_and_averages_b():
         torch.testing.assert_close(got[module + LORA_B], 0.25 * full[1][module + LORA_B]
                                    + 0.75 * full[2][module + LORA_B])
     # ... and a B-only upload is smaller than the full adapter of the same rank
-    up_b = log["clients"]["partition-0"]["bytes-up"]
-    up_full = log["clients"]["partition-2"]["bytes-up"]
+    up_b = log.clients["partition-0"].bytes_up
+    up_full = log.clients["partition-2"].bytes_up
     assert up_b == ArrayRecord(b_only(full[1])).count_bytes()
     assert up_b < up_full
     a_bytes = sum(4 * 2 * n_in for _, n_in in MODULES.values())  # float32 A, rank 2

@@ -5,23 +5,28 @@ from __future__ import annotations
 from flwr.app import ArrayRecord
 from peft import PeftModel
 
-from fedapp.config import compose_config, data_spec
-from fedapp.server.evaluate import evaluate_adapter, export_adapter, heldout_examples, target_module_shapes
+from fedapp.config import build_strategy, compose_config, data_spec
 from fedapp.llm.model import load_base, load_tokenizer
 from fedapp.llm.train import eval_loss
-from strategies.flora import FLoRA
+from fedapp.server.evaluate import (
+    evaluate_adapter,
+    export_adapter,
+    heldout_examples,
+    target_module_shapes,
+)
+from strategies import FLoRA
 from strategies.lora_math import LoraUpdate, split_factors
 from tests.test_client import random_adapter
 
 
 def test_flora_global_adapter_exports_and_reloads_with_the_same_loss(tiny_model_dir, tmp_path):
     cfg = compose_config(f"model.path={tiny_model_dir} lora.target_modules=[q_proj,v_proj] "
-                         "train.max_length=64")
+                         "train.max_length=64 strategy=flora strategy.ranks=[2,3] "
+                         "strategy.rank_budget=4 lora.alpha_ratio=2.0")
     base = load_base(str(tiny_model_dir), "nf4", "cpu")
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = heldout_examples(data_spec(cfg), tokenizer, 64, max_examples=16)
-    strategy = FLoRA(None, target_module_shapes(base, ["q_proj", "v_proj"]), ranks=[2, 3],
-                     alpha_ratio=2.0, rank_budget=4)
+    strategy = build_strategy(cfg, target_module_shapes(base, ["q_proj", "v_proj"]))
     updates = [LoraUpdate(split_factors(random_adapter(base, r, seed=r)), scaling=2.0,
                           weight=float(r)) for r in (2, 3)]
     arrays, figures = strategy.aggregate_updates(1, updates)
@@ -35,6 +40,7 @@ def test_flora_global_adapter_exports_and_reloads_with_the_same_loss(tiny_model_
     base_loss = eval_loss(load_base(str(tiny_model_dir), "nf4", "cpu"), examples, 8,
                           tokenizer.pad_token_id)
 
+    assert isinstance(strategy, FLoRA) and strategy.ranks == [2, 3]
     assert (r, alpha) == (4, 4.0) and figures["svd-dropped-error"] > 0  # 2+3 > budget 4
     assert abs(loss - reported["eval-loss"]) <= 1e-4 * reported["eval-loss"]
     assert abs(loss - base_loss) > 1e-4  # the adapter is really applied

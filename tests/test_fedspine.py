@@ -4,8 +4,6 @@ test_spine_client.py.)"""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -17,8 +15,8 @@ from strategies.devices import DeviceProfile, device_profiles
 from strategies.fedspine import FedSpine
 from strategies.flora import FLoRA
 from strategies.lora_math import LORA_A, LORA_B, join_factors, split_factors
-from strategies.scatter import KEPT_IN, KEPT_OUT
-from tests.test_strategies import TEMPLATE, FakeGrid, task_identity  # noqa: F401
+from strategies.protocol import KEPT_IN, KEPT_OUT, PruneOrder, TrainOrder
+from tests.test_strategies import SETUP, FakeGrid, task_identity  # noqa: F401
 
 MODULES = {"base_model.model.layer.q_proj": (6, 5), "base_model.model.layer.v_proj": (3, 5)}
 Q, V = MODULES
@@ -30,9 +28,9 @@ EDGE = DeviceProfile("edge", slowdown=1.0, memory_mb=5000.0, up_mbps=100.0, down
 
 
 def spine(**kwargs) -> FedSpine:
-    args = {"ranks": [2], "alpha_ratio": 2.0, "min_available_nodes": 2, "memory": MEMORY,
+    args = {"local_steps": 1, "alpha_ratio": 2.0, "min_available_nodes": 2, "memory": MEMORY,
             "bandit": BANDIT, "devices": [PHONE, EDGE], "prune": {"slices": 1}, **kwargs}
-    return FedSpine(TEMPLATE, MODULES, **args)
+    return FedSpine(SETUP, MODULES, **args)
 
 
 def kept_reply(msg: Message, rows: list[int], r: int, seed: int, **metrics) -> Message:
@@ -70,7 +68,11 @@ def test_pruned_replies_are_scattered_and_stacked_exactly():
     for state, rows in ((s1, [0, 2, 5]), (s2, [1, 2, 3, 4])):
         expected[rows] += 2.0 * 0.5 * state[Q + LORA_B] @ state[Q + LORA_A]  # scaling 2, p 1/2
     torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-5)
-    assert all(m.content["config"]["spine-round"] for m in messages.values())
+    for node, name in ((11, "partition-0"), (12, "partition-1")):  # pruning orders
+        arm = strategy.arms[name][0]
+        assert TrainOrder.from_dict(messages[node].content["config"]) == TrainOrder(
+            server_round=1, lora_r=arm.rank, lora_alpha=2.0 * arm.rank, local_steps=1, seed=1,
+            global_mode="frozen", prune=PruneOrder(ratio=arm.prune_ratio, slices=1))
 
 
 @pytest.mark.parametrize("tamper, reason", [
@@ -91,9 +93,9 @@ def test_bad_pruned_replies_are_rejected_and_the_round_goes_on(tamper, reason):
 
     arrays, _ = strategy.aggregate_train(1, [bad, good])
 
-    log = strategy.round_log[1]["clients"]
-    assert reason in log["partition-0"]["status"] and log["partition-1"]["status"] == "ok"
-    assert log["partition-0"]["reward"] == pytest.approx(-1.1)  # failure: -1 - λ
+    log = strategy.round_log[1].clients
+    assert reason in log["partition-0"].status and log["partition-1"].status == "ok"
+    assert log["partition-0"].extra["reward"] == pytest.approx(-1.1)  # failure: -1 - λ
     a, b = split_factors(arrays.to_torch_state_dict())[Q]
     dense = b @ a
     expected = torch.zeros(6, 5)
@@ -110,17 +112,17 @@ def test_rewards_follow_the_documented_formula():
 
     strategy.aggregate_train(1, [r1, r2])
 
-    log = strategy.round_log[1]["clients"]
-    t1, t2 = log["partition-0"]["completion-seconds"], log["partition-1"]["completion-seconds"]
-    bytes0 = log["partition-0"]["bytes-up"] * 8 / 5e6 + log["partition-0"]["bytes-down"] * 8 / 20e6
+    log = strategy.round_log[1].clients
+    t1, t2 = log["partition-0"].completion_seconds, log["partition-1"].completion_seconds
+    bytes0 = log["partition-0"].bytes_up * 8 / 5e6 + log["partition-0"].bytes_down * 8 / 20e6
     assert t1 == pytest.approx(30.0 * 4 + bytes0)  # phone: 4x compute + its slow link
     median = (t1 + t2) / 2
-    assert log["partition-0"]["reward"] == pytest.approx(0.1 - 0.5 * (t1 / median - 1))
-    assert log["partition-1"]["reward"] == pytest.approx(0.5 - 0.5 * (t2 / median - 1))
+    assert log["partition-0"].extra["reward"] == pytest.approx(0.1 - 0.5 * (t1 / median - 1))
+    assert log["partition-1"].extra["reward"] == pytest.approx(0.5 - 0.5 * (t2 / median - 1))
     bandit = strategy.bank["partition-1"]
     arm = strategy.arms["partition-1"][0]
     assert bandit.stats[arm].pulls == 1 and bandit.stats[arm].mean == pytest.approx(
-        log["partition-1"]["reward"])
+        log["partition-1"].extra["reward"])
 
 
 def play(strategy: FedSpine, rounds: int, first: int = 1) -> list[dict[str, tuple]]:
@@ -212,8 +214,8 @@ def test_a_round_where_nobody_pruned_is_exactly_floras_stack():
         rep, _ = kept_reply(messages[node], list(range(6)), ranks[node], i)
         del rep.content["kept"]
         replies.append(rep)
-    flora = FLoRA(dataclasses.replace(TEMPLATE, lora_r=ranks[11]), MODULES,
-                  ranks=[ranks[11], ranks[12]], alpha_ratio=2.0, min_available_nodes=2)
+    flora = FLoRA(SETUP, MODULES, local_steps=1, ranks=[ranks[11], ranks[12]],
+                  alpha_ratio=2.0, min_available_nodes=2)
     sent = {m.metadata.dst_node_id: m for m in flora.configure_train(
         1, ArrayRecord(), ConfigRecord(), FakeGrid({11: 0, 12: 1}))}
     flora_replies = [Message(r.content, reply_to=sent[n]) for r, n in zip(replies, (11, 12),
@@ -238,7 +240,7 @@ def test_a_dropped_module_contributes_zero_and_the_rest_is_stacked():
 
     new, _ = strategy.aggregate_train(1, [rep])
 
-    assert strategy.round_log[1]["clients"]["partition-0"]["status"] == "ok"
+    assert strategy.round_log[1].clients["partition-0"].ok
     got = split_factors(new.to_torch_state_dict())
     assert torch.count_nonzero(got[V][1] @ got[V][0]) == 0
     expected = torch.zeros(6, 5)

@@ -3,8 +3,6 @@ folding a late client into its result; checked against the exact stack / average
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -24,7 +22,7 @@ from strategies.oneshot import OneShot
 from tests.test_baselines import by_rank, random_update
 from tests.test_strategies import (  # noqa: F401  (task_identity is an autouse fixture)
     MODULES,
-    TEMPLATE,
+    SETUP,
     FakeGrid,
     adapter,
     reply,
@@ -33,29 +31,31 @@ from tests.test_strategies import (  # noqa: F401  (task_identity is an autouse 
 
 
 def oneshot_round(combine: str, ranks: list[int], weights: dict[int, float]):
-    """One-shot strategy run for one round over one client per rank: (strategy, messages,
-    arrays, updates); lora_alpha = 2·r, so every client has scaling 2."""
+    """One-shot strategy with the budget of 3 rounds of 5 local steps, run for its one round
+    over one client per rank: (strategy, rounds, messages, arrays, metrics, updates);
+    lora_alpha = 2·r, so every client has scaling 2."""
     grid = FakeGrid({i + 1: i for i in range(len(ranks))})
-    strategy = OneShot(dataclasses.replace(TEMPLATE, local_steps=5), MODULES, ranks=ranks,
-                       alpha_ratio=2.0, min_available_nodes=len(ranks), combine=combine)
+    strategy = OneShot(SETUP, MODULES, local_steps=5, ranks=ranks, alpha_ratio=2.0,
+                       min_available_nodes=len(ranks), combine=combine, budget_rounds=3)
     rounds = strategy.num_rounds(3)
     server_state = ArrayRecord(adapter(2, 69))  # whatever the server holds, none is sent
     msgs = by_rank(strategy.configure_train(1, server_state, ConfigRecord(), grid))
     states = {r: adapter(r, 70 + r) for r in msgs}
-    arrays, _ = strategy.aggregate_train(1, [reply(msgs[r], states[r], weights[r])
-                                             for r in msgs])
+    arrays, metrics = strategy.aggregate_train(1, [reply(msgs[r], states[r], weights[r])
+                                                   for r in msgs])
     updates = [LoraUpdate(split_factors(states[r]), 2.0, weights[r]) for r in msgs]
-    return strategy, rounds, msgs, arrays, updates
+    return strategy, rounds, msgs, arrays, metrics, updates
 
 
 def test_oneshot_runs_one_round_of_the_whole_budget_and_stacks_exactly():
     # Prepare / Execute: K = 3 clients of ranks 1, 2, 3, weights 2, 3, 5
-    strategy, rounds, msgs, arrays, updates = oneshot_round(
+    strategy, rounds, msgs, arrays, metrics, updates = oneshot_round(
         "stack", [1, 2, 3], {1: 2.0, 2: 3.0, 3: 5.0})
 
     # Assert: one round of 3 × 5 local steps, from the base, nothing downloaded
     assert rounds == 1
     assert len(msgs) == 3
+    assert metrics["budget-steps"] == 15
     for msg in msgs.values():
         assert msg.content["config"]["local-steps"] == 15
         assert msg.content["config"]["global-mode"] == "none"
@@ -72,7 +72,8 @@ def test_oneshot_runs_one_round_of_the_whole_budget_and_stacks_exactly():
 
 def test_oneshot_average_averages_factors_and_keeps_the_clients_scaling():
     # Prepare / Execute: two rank-2 clients, weights 1 and 3
-    strategy = OneShot(TEMPLATE, MODULES, ranks=[2], alpha_ratio=2.0, combine="average")
+    strategy = OneShot(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=2.0,
+                       combine="average")
     grid = FakeGrid({1: 0, 2: 1})
     msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     states = [adapter(2, 80), adapter(2, 81)]
@@ -90,12 +91,18 @@ def test_oneshot_average_averages_factors_and_keeps_the_clients_scaling():
 
 def test_oneshot_average_refuses_mixed_ranks():
     with pytest.raises(ValueError, match=r"strategy\.combine='average'.*\[1, 2\]"):
-        OneShot(TEMPLATE, MODULES, ranks=[1, 2], alpha_ratio=1.0, combine="average")
+        OneShot(SETUP, MODULES, local_steps=1, ranks=[1, 2], alpha_ratio=1.0, combine="average")
 
 
 def test_oneshot_refuses_an_unknown_combine():
     with pytest.raises(ValueError, match=r"strategy\.combine='bogus'.*stack.*average"):
-        OneShot(TEMPLATE, MODULES, ranks=[2], alpha_ratio=1.0, combine="bogus")
+        OneShot(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=1.0, combine="bogus")
+
+
+@pytest.mark.parametrize("budget", [0, True, 2.0])
+def test_oneshot_refuses_a_budget_that_is_not_a_positive_int(budget):
+    with pytest.raises(ValueError, match=r"strategy\.budget_rounds=.*an int >= 1"):
+        OneShot(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=1.0, budget_rounds=budget)
 
 
 # ---------------------------------------------------------------------------------------

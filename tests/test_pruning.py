@@ -13,16 +13,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedapp.llm.adapters import attach_lora
+from fedapp.llm.model import load_base
 from fedapp.pruning.importance import (
-    DroppedBlock,
     ImportanceTracker,
-    dense_weight,
     llm_drop_importance,
     magnitude_importance,
     score,
     taylor_importance,
 )
-from fedapp.llm.model import load_base
+from fedapp.pruning.structure import DroppedBlock, dense_weight
 from fedapp.pruning.surgery import (
     PrunePlan,
     compose,

@@ -1,5 +1,5 @@
-"""FedSpine's client round on a tiny model: pruning with the global term following the
-pruned layers, replies that match their kept indices, ratio 0, bad orders, and a
+"""FedSpine's client round on a tiny model: pruning with the frozen global adapter following
+the pruned layers, replies that match their kept indices, ratio 0, bad orders, and a
 configuration pruned once per process."""
 
 from __future__ import annotations
@@ -10,21 +10,29 @@ import math
 import pytest
 import torch
 
-from fedapp.client import spine as spine_client
-from fedapp.llm.adapters import PEFT_PREFIX, attach_lora
-from fedapp.config import compose_config, train_template
-from fedapp.llm.model import cached_base, load_base
-from fedapp.pruning.surgery import iterative_prune, parameter_count
-from fedapp.client.spine import GlobalTerm, run_spine_round
+from fedapp.client import pruned
+from fedapp.client.round import partition_examples, probe_loss, run_round
+from fedapp.config import compose_config, run_setup
+from fedapp.llm.adapters import GLOBAL, PEFT_PREFIX, attach_lora, with_lora
+from fedapp.llm.data import collate
+from fedapp.llm.model import cached_base, cached_tokenizer, load_base
+from fedapp.pruning.surgery import PrunePlan, iterative_prune, parameter_count, prune_model
 from strategies.lora_math import LORA_A, LORA_B, split_factors
-from strategies.scatter import KEPT_IN, KEPT_OUT
+from strategies.protocol import KEPT_IN, KEPT_OUT, PruneOrder, RunSetup, TrainOrder
+from strategies.scatter import slice_factors
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def tiny_instructions(tiny_model_dir, **kwargs):
+def tiny_setup(tiny_model_dir, **kwargs) -> RunSetup:
     cfg = compose_config(f"model.path={tiny_model_dir} train.local_steps=6 "
                          "train.max_length=48 partitioner=iid")
-    return dataclasses.replace(train_template(cfg), spine_round=True, lora_r=4,
-                               lora_alpha=8.0, global_mode="frozen", **kwargs)
+    return dataclasses.replace(run_setup(cfg), **kwargs)
+
+
+def spine_order(local_steps: int = 6, seed: int = 0, **prune) -> TrainOrder:
+    return TrainOrder(server_round=1, lora_r=4, lora_alpha=8.0, local_steps=local_steps,
+                      seed=seed, global_mode="frozen", prune=PruneOrder(**prune))
 
 
 def random_global(shapes: dict[str, tuple[int, int]], r: int = 3) -> dict[str, torch.Tensor]:
@@ -36,101 +44,184 @@ def random_global(shapes: dict[str, tuple[int, int]], r: int = 3) -> dict[str, t
     return state
 
 
-def test_global_term_follows_the_pruned_layers_exactly(tiny_model_dir):
-    model = attach_lora(load_base(str(tiny_model_dir), "none", "cpu"), 4, 8,
-                        ["q_proj", "o_proj"], seed=0)
-    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
-              if hasattr(m, "lora_A")}
-    g = split_factors(random_global(shapes))
-    term = GlobalTerm(model, g)
-    result = iterative_prune(model, 0.5, 2, lambda m: None, "magnitude",
-                             on_prune=term.reslice)
+def peft_shapes(base: torch.nn.Module, names: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    return {PEFT_PREFIX + n: (m.out_features, m.in_features) for n, m in base.named_modules()
+            if n.endswith(names)}
+
+
+def test_global_adapter_follows_the_pruned_layers_exactly(tiny_model_dir):
+    base = load_base(str(tiny_model_dir), "none", "cpu")
+    full = {PEFT_PREFIX + n: m.weight.detach().clone() for n, m in base.named_modules()
+            if n.endswith(("q_proj", "o_proj"))}
+    g = random_global(peft_shapes(base, ("q_proj", "o_proj")))
+    model = attach_lora(base, 4, 8, ["q_proj", "o_proj"], seed=0, frozen_global=g)
+
+    result = iterative_prune(model, 0.5, 2, lambda m: None, "magnitude")
+
+    kept = {PEFT_PREFIX + n: (k.out_idx, k.in_idx) for n, k in result.kept.items()
+            if PEFT_PREFIX + n in full}
+    sliced = slice_factors(split_factors(g), kept)
+    modules = dict(model.named_modules())
+    assert len(kept) == 4 and not result.dropped  # q and o of both layers were cut
+    for key, (a, b) in sliced.items():
+        assert torch.equal(modules[key].lora_A[GLOBAL].weight, a), key
+        assert torch.equal(modules[key].lora_B[GLOBAL].weight, b), key
     key = PEFT_PREFIX + "model.layers.1.self_attn.o_proj"
-    kept = result.kept["model.layers.1.self_attn.o_proj"]
-    layer = dict(model.named_modules())[key]
+    rows, cols = kept[key]
+    layer = modules[key]
     x = torch.randn(2, 3, layer.in_features)  # (batch, seq, in kept)
-
     with torch.no_grad():
-        hooked = layer(x)
-        term.remove()
-        plain = layer(x)
-    a, b = g[key]
-    dense = (b @ a)[kept.out_idx][:, kept.in_idx]  # G restricted to the kept units
+        out = layer(x)
+    a, b = split_factors(g)[key]
+    oracle = x @ full[key][rows][:, cols].T + x @ (b[rows] @ a[:, cols]).T  # trained B is 0
+    assert layer.in_features < full[key].shape[1]
+    torch.testing.assert_close(out, oracle, atol=1e-5, rtol=1e-4)
 
-    assert layer.in_features < shapes[key][1]
-    torch.testing.assert_close(hooked - plain, x @ dense.T, atol=1e-5, rtol=1e-4)
+
+def test_slice_global_cuts_g_to_a_reused_copy_and_leaves_dropped_blocks_out(tiny_model_dir):
+    base = load_base(str(tiny_model_dir), "none", "cpu")
+    g = random_global(peft_shapes(base, (*ATTENTION, "gate_proj")))
+    result = prune_model(base, PrunePlan(kv_groups={0: [1]}, channels={1: [0, 3]},
+                                         blocks=[(1, "self_attn")]))
+
+    cut = split_factors(pruned.slice_global(g, result))
+
+    gone = PEFT_PREFIX + "model.layers.1.self_attn."
+    assert result.dropped == ["model.layers.1.self_attn"]
+    assert set(cut) == {k for k in split_factors(g) if not k.startswith(gone)}
+    for key, (a, b) in split_factors(g).items():
+        if key.startswith(gone):
+            continue
+        kept = result.kept.get(key.removeprefix(PEFT_PREFIX))
+        rows = torch.arange(b.shape[0]) if kept is None else kept.out_idx
+        cols = torch.arange(a.shape[1]) if kept is None else kept.in_idx
+        assert torch.equal(cut[key][0], a[:, cols]) and torch.equal(cut[key][1], b[rows]), key
+    assert cut[PEFT_PREFIX + "model.layers.0.self_attn.q_proj"][1].shape == (32, 3)
+    assert pruned.slice_global({}, result) == {}
 
 
 def test_pruned_round_replies_factors_that_match_its_kept_indices(tiny_model_dir):
-    inst = tiny_instructions(tiny_model_dir, prune_ratio=0.5, prune_slices=2, tune_steps=2)
-    shapes = {PEFT_PREFIX + n: (m.out_features, m.in_features) for n, m in
-              cached_base(str(tiny_model_dir), "nf4", "cpu").named_modules()
-              if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))}
-    before = parameter_count(cached_base(str(tiny_model_dir), "nf4", "cpu"))
+    setup = tiny_setup(tiny_model_dir)
+    shapes = peft_shapes(cached_base(setup.model_path, "nf4", "cpu"), ATTENTION)
+    before = parameter_count(cached_base(setup.model_path, "nf4", "cpu"))
 
-    state, metrics, kept = run_spine_round(inst, 0, 2, random_global(shapes), "cpu")
+    result = run_round(setup, spine_order(ratio=0.5, slices=2, tune_steps=2), 0, 2,
+                       random_global(shapes), "cpu")
 
-    factors = split_factors(state)
+    factors, metrics, kept = split_factors(result.state), result.metrics, result.kept
     assert set(factors) == set(shapes)
-    pruned = 0
+    pruned_modules = 0
     for key, (a, b) in factors.items():
         rows, cols = kept.get(key + KEPT_OUT), kept.get(key + KEPT_IN)
         n_out = shapes[key][0] if rows is None else rows.numel()
         n_in = shapes[key][1] if cols is None else cols.numel()
         assert a.shape == (4, n_in) and b.shape == (n_out, 4)
-        pruned += (n_out, n_in) != shapes[key]
-    assert pruned > 0 and metrics["params-ratio"] < 0.85
+        pruned_modules += (n_out, n_in) != shapes[key]
+    assert all(v.dtype == torch.int64 for v in kept.values())
+    assert pruned_modules > 0 and metrics["params-ratio"] < 0.85
+    assert (metrics["prune-ratio"], metrics["pruned-before"]) == (0.5, 0.0)
     assert math.isfinite(metrics["loss-before"]) and math.isfinite(metrics["loss-after"])
     assert metrics["train-seconds"] >= metrics["tune-seconds"] > 0
     # the process's cached base, which unpruned rounds use, is untouched
-    assert parameter_count(cached_base(str(tiny_model_dir), "nf4", "cpu")) == before
+    assert parameter_count(cached_base(setup.model_path, "nf4", "cpu")) == before
 
 
 def test_ratio_zero_round_prunes_nothing_and_learns(tiny_model_dir):
-    inst = tiny_instructions(tiny_model_dir, prune_ratio=0.0, local_steps=12, lr=0.01)
+    setup = tiny_setup(tiny_model_dir, lr=0.01)
 
-    _, metrics, kept = run_spine_round(inst, 0, 2, {}, "cpu")
+    result = run_round(setup, spine_order(local_steps=12, ratio=0.0), 0, 2, {}, "cpu")
 
-    assert kept == {} and metrics["params-ratio"] == 1.0
-    assert metrics["loss-after"] < metrics["loss-before"]
+    assert result.kept == {} and result.metrics["params-ratio"] == 1.0
+    assert result.metrics["loss-after"] < result.metrics["loss-before"]
 
 
-def test_bad_pruning_orders_name_the_key(tiny_model_dir):
-    with pytest.raises(ValueError, match="prune-criterion='l1'"):
-        run_spine_round(tiny_instructions(tiny_model_dir, prune_criterion="l1"), 0, 2, {})
-    with pytest.raises(ValueError, match="prune-slices=7"):
-        run_spine_round(tiny_instructions(tiny_model_dir, prune_ratio=0.5, prune_slices=7),
-                        0, 2, {})
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("prune-criterion", "l1", "strategy.prune.criterion='l1'"),
+    ("prune-slices", 7, "strategy.prune.slices=7; allowed: at most train.local_steps=6"),
+    ("prune-ratio", 1.0, "strategy.bandit.prune_ratios=1.0"),
+    ("global-mode", "init", "global-mode='init'"),
+])
+def test_bad_pruning_orders_name_the_key(key, value, message):
+    record = spine_order(ratio=0.5, slices=2).to_config()
+    record[key] = value
+
+    with pytest.raises(ValueError, match=message):
+        TrainOrder.from_dict(record)  # what the client does with a train message's config
 
 
 @pytest.fixture()
 def empty_pruned_cache(monkeypatch):
     monkeypatch.delenv("FEDAPP_PRUNED_CACHE", raising=False)
-    spine_client._PRUNED.clear()
+    pruned._COPIES.clear()
     yield
-    spine_client._PRUNED.clear()
+    pruned._COPIES.clear()
+
+
+def sent_model_oracle(setup: RunSetup, g: dict[str, torch.Tensor]) -> float:
+    """Probe loss of the unpruned base + G (loaded as the only adapter, scaling 1) on the
+    first batch_size examples of partition 1 of 2."""
+    examples = partition_examples(setup, 2, 1)[:setup.batch_size]
+    probe = collate(examples, cached_tokenizer(setup.model_path).pad_token_id)
+    base = load_base(setup.model_path, setup.quantization, "cpu")
+    with with_lora(base, 3, 3.0, list(setup.target_modules), 0, init_state=g) as model:
+        return probe_loss(model, probe)
 
 
 @pytest.mark.parametrize("criterion", ["llm-drop", "taylor"])
 def test_a_configuration_is_pruned_once_per_process(tiny_model_dir, criterion,
                                                     empty_pruned_cache):
-    inst = tiny_instructions(tiny_model_dir, prune_ratio=0.5, prune_criterion=criterion,
-                             prune_slices=2, tune_steps=2)
-    shapes = {PEFT_PREFIX + n: (m.out_features, m.in_features) for n, m in
-              cached_base(str(tiny_model_dir), "nf4", "cpu").named_modules()
-              if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))}
-    g = random_global(shapes)
+    setup = tiny_setup(tiny_model_dir)
+    order = spine_order(ratio=0.5, criterion=criterion, slices=2, tune_steps=2)
+    g = random_global(peft_shapes(cached_base(setup.model_path, "nf4", "cpu"), ATTENTION))
 
-    first = run_spine_round(inst, 1, 2, g, "cpu")
-    again = run_spine_round(dataclasses.replace(inst, seed=5), 1, 2, g, "cpu")
+    first = run_round(setup, order, 1, 2, g, "cpu")
+    again = run_round(setup, dataclasses.replace(order, seed=5), 1, 2, g, "cpu")
 
-    assert (first[1]["pruned-before"], again[1]["pruned-before"]) == (0.0, 1.0)
-    assert first[2].keys() == again[2].keys()
-    for key, index in first[2].items():
-        assert torch.equal(index, again[2][key])
-    assert {k: v.shape for k, v in first[0].items()} == {k: v.shape for k, v in again[0].items()}
-    assert again[1]["params-ratio"] == first[1]["params-ratio"] < 1
+    assert (first.metrics["pruned-before"], again.metrics["pruned-before"]) == (0.0, 1.0)
+    assert len(pruned._COPIES) == 1
+    assert first.kept.keys() == again.kept.keys()
+    for key, index in first.kept.items():
+        assert torch.equal(index, again.kept[key])
+    assert {k: v.shape for k, v in first.state.items()} == {
+        k: v.shape for k, v in again.state.items()}
+    assert again.metrics["params-ratio"] == first.metrics["params-ratio"] < 1
     # both rounds measure L_before on the model the server sent (unpruned base + G), so a
     # reused pruned copy is still charged its pruning damage
-    assert again[1]["loss-before"] == pytest.approx(first[1]["loss-before"], rel=1e-5)
-    assert math.isfinite(again[1]["loss-after"])
+    oracle = sent_model_oracle(setup, g)
+    assert first.metrics["loss-before"] == pytest.approx(oracle, rel=1e-5)
+    assert again.metrics["loss-before"] == pytest.approx(oracle, rel=1e-5)
+    assert math.isfinite(again.metrics["loss-after"])
+
+
+def test_no_copy_is_kept_when_the_cache_size_is_zero(tiny_model_dir, empty_pruned_cache,
+                                                    monkeypatch):
+    monkeypatch.setenv("FEDAPP_PRUNED_CACHE", "0")
+    setup = tiny_setup(tiny_model_dir)
+    order = spine_order(local_steps=2, ratio=0.5, criterion="magnitude")
+
+    first = run_round(setup, order, 1, 2, {}, "cpu")
+    again = run_round(setup, order, 1, 2, {}, "cpu")
+
+    assert len(pruned._COPIES) == 0
+    assert (first.metrics["pruned-before"], again.metrics["pruned-before"]) == (0.0, 0.0)
+
+
+def test_a_copy_is_reused_only_by_the_same_setup_and_partitioning(tiny_model_dir,
+                                                                   empty_pruned_cache):
+    # Prepare: one pruned round on q/v of partition 0 of 2
+    setup = tiny_setup(tiny_model_dir, quantization="none", target_modules=("q_proj", "v_proj"))
+    wider = dataclasses.replace(setup, target_modules=ATTENTION)
+    order = spine_order(local_steps=2, ratio=0.5, criterion="magnitude")
+    run_round(setup, order, 0, 2, {}, "cpu")
+
+    # Execute: other targets, then another partitioning, then the same configuration again
+    other_targets = run_round(wider, order, 0, 2, {}, "cpu")
+    other_split = run_round(setup, order, 0, 4, {}, "cpu")
+    same = run_round(setup, order, 0, 2, {}, "cpu")
+
+    # Assert: only the identical configuration reuses its copy; a reply names kept indices
+    # for every module it sends (4 attention modules × 2 layers)
+    assert other_targets.metrics["pruned-before"] == 0.0
+    assert other_split.metrics["pruned-before"] == 0.0
+    assert same.metrics["pruned-before"] == 1.0
+    assert len(split_factors(other_targets.state)) == 8 == len(other_targets.kept) // 2

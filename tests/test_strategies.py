@@ -8,17 +8,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedapp.llm.data import DataSpec
-from strategies.protocol import TrainInstructions
 from strategies.fedit import FedIT
 from strategies.flora import FLoRA
 from strategies.lora_math import LORA_A, LORA_B, LoraUpdate, exact_delta
+from strategies.protocol import NO_SETUP, RunSetup, TrainOrder
 
 MODULES = {"base_model.model.layer.q_proj": (6, 5), "base_model.model.layer.v_proj": (3, 5)}
-TEMPLATE = TrainInstructions(model_path="m", quantization="nf4", target_modules=("q_proj",),
-                             lora_r=2, lora_alpha=4.0, local_steps=1, lr=0.1, batch_size=1,
-                             max_length=8, seed=0, partitioner="iid", partitioner_alpha=0.0,
-                             data=DataSpec())
+SETUP = RunSetup(model_path="m", quantization="nf4", target_modules=("q_proj",), lr=0.1,
+                 batch_size=1, max_length=8, partitioner="iid", partitioner_alpha=0.0)
 
 
 @pytest.fixture(autouse=True)
@@ -27,10 +24,12 @@ def task_identity():
 
 
 class FakeGrid:
-    """Connected nodes that answer the identity query; training replies come from tests."""
+    """Connected nodes that answer the identity query (each query is kept in `queries`);
+    training replies come from tests."""
 
     def __init__(self, partitions: dict[int, int]) -> None:
         self.partitions = partitions
+        self.queries: list[Message] = []
 
     def get_node_ids(self):
         return list(self.partitions)
@@ -38,6 +37,7 @@ class FakeGrid:
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for msg in messages:
+            self.queries.append(msg)
             pid = self.partitions[msg.metadata.dst_node_id]
             ident = ConfigRecord({"partition-id": pid, "num-partitions": len(self.partitions),
                                   "client-name": f"partition-{pid}"})
@@ -64,7 +64,8 @@ def reply(msg: Message, state: dict, n: float) -> Message:
 
 def test_flora_assigns_ranks_by_partition_and_aggregates_only_valid_replies():
     grid = FakeGrid({11: 0, 12: 1, 13: 2, 14: 3})
-    strategy = FLoRA(TEMPLATE, MODULES, ranks=[2, 4], alpha_ratio=2.0, min_available_nodes=4)
+    strategy = FLoRA(SETUP, MODULES, local_steps=1, ranks=[2, 4], alpha_ratio=2.0,
+                     min_available_nodes=4)
 
     messages = {m.metadata.dst_node_id: m for m in
                 strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)}
@@ -79,10 +80,10 @@ def test_flora_assigns_ranks_by_partition_and_aggregates_only_valid_replies():
     assert ranks == {11: 2, 12: 4, 13: 2, 14: 4}
     assert {m.content["config"]["global-mode"] for m in messages.values()} == {"frozen"}
     log = strategy.round_log[1]
-    assert log["accepted"] == 2
-    assert "NaN" in log["clients"]["partition-1"]["status"]
-    assert "client crashed" in log["clients"]["partition-3"]["status"]
-    assert log["bytes-up"] == sum(ArrayRecord(s).count_bytes() for s in good.values()) + \
+    assert log.accepted == 2
+    assert "NaN" in log.clients["partition-1"].status
+    assert "client crashed" in log.clients["partition-3"].status
+    assert log.bytes_up == sum(ArrayRecord(s).count_bytes() for s in good.values()) + \
         ArrayRecord(adapter(4, 2)).count_bytes()
     expected = [LoraUpdate(strategy_factors(good[n]), 2.0, w) for n, w in ((11, 10.), (13, 30.))]
     state, r, alpha = strategy.global_adapter(arrays)
@@ -99,8 +100,8 @@ def strategy_factors(state):
 
 def test_flora_partial_participation_sends_only_to_selected_clients():
     grid = FakeGrid({1: 0, 2: 1, 3: 2, 4: 3})
-    strategy = FLoRA(TEMPLATE, MODULES, ranks=[2], alpha_ratio=1.0, fraction_train=0.5,
-                     min_train_nodes=2, min_available_nodes=4)
+    strategy = FLoRA(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=1.0,
+                     fraction_train=0.5, min_train_nodes=2, min_available_nodes=4)
     msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     arrays, _ = strategy.aggregate_train(1, [reply(m, adapter(2, i), 1.0)
                                              for i, m in enumerate(msgs)])
@@ -117,7 +118,7 @@ def test_flora_partial_participation_sends_only_to_selected_clients():
 
 def test_fedit_averages_factors_and_reports_aggregation_noise():
     grid = FakeGrid({1: 0, 2: 1})
-    strategy = FedIT(TEMPLATE, MODULES, ranks=[2], alpha_ratio=2.0)
+    strategy = FedIT(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=2.0)
     msgs = list(strategy.configure_train(1, ArrayRecord(adapter(2, 9)), ConfigRecord(), grid))
     states = [adapter(2, 5), adapter(2, 6)]
 
@@ -129,23 +130,26 @@ def test_fedit_averages_factors_and_reports_aggregation_noise():
         torch.testing.assert_close(got[key], 0.25 * states[0][key] + 0.75 * states[1][key])
     assert {m.content["config"]["global-mode"] for m in msgs} == {"init"}
     assert metrics["aggregation-noise"] > 0
+    assert strategy.initial_adapter() == (2, 4.0)  # round 1 starts from a seeded rank-2 LoRA
+    assert FLoRA(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=2.0
+                 ).initial_adapter() is None  # FLoRA's clients start from the base
 
 
 def test_no_valid_reply_leaves_the_global_adapter_unchanged():
     grid = FakeGrid({1: 0, 2: 1})
-    strategy = FLoRA(TEMPLATE, MODULES, ranks=[2], alpha_ratio=1.0)
+    strategy = FLoRA(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=1.0)
     msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
 
     arrays, metrics = strategy.aggregate_train(1, [reply(m, adapter(3, 0), 1.0) for m in msgs])
 
     assert arrays is None and metrics is None
-    assert all("expected" in c["status"] or "differ" in c["status"]
-               for c in strategy.round_log[1]["clients"].values())
+    assert all("expected" in c.status or "differ" in c.status
+               for c in strategy.round_log[1].clients.values())
 
 
 def test_too_few_nodes_ends_with_a_clear_message_within_the_deadline():
-    strategy = FLoRA(TEMPLATE, MODULES, ranks=[2], alpha_ratio=1.0, min_available_nodes=3,
-                     wait_seconds=1.0)
+    strategy = FLoRA(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=1.0,
+                     min_available_nodes=3, wait_seconds=1.0)
 
     with pytest.raises(RuntimeError, match="only 2 client node.* at least 3"):
         list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid({1: 0, 2: 1})))
@@ -153,8 +157,8 @@ def test_too_few_nodes_ends_with_a_clear_message_within_the_deadline():
 
 def test_after_the_first_round_a_lost_node_does_not_stop_the_run():
     grid = FakeGrid({1: 0, 2: 1, 3: 2})
-    strategy = FLoRA(TEMPLATE, MODULES, ranks=[2], alpha_ratio=1.0, min_available_nodes=3,
-                     min_train_nodes=2, wait_seconds=1.0)
+    strategy = FLoRA(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=1.0,
+                     min_available_nodes=3, min_train_nodes=2, wait_seconds=1.0)
     first = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     del grid.partitions[3]  # node 3 dies
 
@@ -164,3 +168,64 @@ def test_after_the_first_round_a_lost_node_does_not_stop_the_run():
     assert len(first) == 3 and sorted(m.metadata.dst_node_id for m in second) == [1, 2]
     with pytest.raises(RuntimeError, match="only 1 client node.*min_train_nodes asks for at least 2"):
         list(strategy.configure_train(3, ArrayRecord(), ConfigRecord(), grid))
+
+
+def test_a_federation_that_lost_its_setup_still_needs_only_min_train_nodes():
+    # Prepare: round 1 met all three nodes; all answer that they lost the run setup
+    grid = FakeGrid({1: 0, 2: 1, 3: 2})
+    strategy = FLoRA(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=1.0,
+                     min_available_nodes=3, min_train_nodes=2, wait_seconds=1.0)
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    strategy.aggregate_train(1, [Message(Error(code=0, reason=NO_SETUP), reply_to=m)
+                                 for m in msgs])
+    del grid.partitions[3]  # and node 3 does not come back
+
+    # Execute
+    second = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid))
+
+    # Assert: the two nodes left are met again and train; the run does not wait for 3
+    assert sorted(m.metadata.dst_node_id for m in second) == [1, 2]
+
+
+def test_the_setup_goes_once_with_the_identity_query_and_again_after_no_setup():
+    # Prepare: round 1 meets nodes 1 and 2; node 1 then answers that it has no run setup
+    grid = FakeGrid({1: 0, 2: 1})
+    strategy = FLoRA(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=1.0)
+    msgs = {m.metadata.dst_node_id: m for m in
+            strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)}
+    first_queries = list(grid.queries)
+    lost = Message(Error(code=0, reason=f"ClientApp: {NO_SETUP} (restarted?)"),
+                   reply_to=msgs[1])
+
+    # Execute
+    strategy.aggregate_train(1, [lost, reply(msgs[2], adapter(2, 3), 1.0)])
+    known_after_round_1 = set(strategy.identities)
+    round2 = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid))
+
+    # Assert: each node was asked once, with the run's setup; node 1 was forgotten and is
+    # asked again (with the setup) in round 2, node 2 is not; both train in round 2
+    assert sorted(q.metadata.dst_node_id for q in first_queries) == [1, 2]
+    for query in grid.queries:
+        assert RunSetup.from_dict(query.content.config_records["setup"]) == SETUP
+    assert NO_SETUP in strategy.round_log[1].clients["partition-0"].status
+    assert known_after_round_1 == {2}
+    assert [q.metadata.dst_node_id for q in grid.queries[2:]] == [1]
+    assert sorted(m.metadata.dst_node_id for m in round2) == [1, 2]
+    assert set(strategy.identities) == {1, 2}
+
+
+def test_train_orders_are_small_and_carry_no_run_wide_values():
+    grid = FakeGrid({1: 0, 2: 1})
+    strategy = FLoRA(SETUP, MODULES, local_steps=3, ranks=[2, 4], alpha_ratio=2.0, seed=7)
+
+    msgs = list(strategy.configure_train(5, ArrayRecord(), ConfigRecord(), grid))
+
+    for msg in msgs:
+        record = msg.content.config_records["config"]
+        assert len(record) <= 10
+        assert not {"lr", "model-path", "batch-size", "max-length", "target-modules",
+                    "quantization", "data-path"} & set(record.keys())
+        r = 2 if msg.metadata.dst_node_id == 1 else 4
+        assert TrainOrder.from_dict(record) == TrainOrder(
+            server_round=5, lora_r=r, lora_alpha=2.0 * r, local_steps=3, seed=7005,
+            global_mode="frozen")

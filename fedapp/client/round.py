@@ -106,7 +106,8 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
     examples, batches, pad = local_data(setup, order, partition_id, num_partitions)
     prune = order.prune
     pruning = prune is not None and prune.ratio > 0
-    key = (setup.model_path, setup.quantization, device, partition_id, *(
+    # A copy is reused only by the same run setup (model, targets, data), partition and plan.
+    key = (setup, num_partitions, partition_id, device, *(
         (prune.ratio, prune.criterion, prune.slices) if prune else ()))
     copy = take_copy(key) if pruning else None
     base = (copy.base if copy else load_base(setup.model_path, setup.quantization, device)

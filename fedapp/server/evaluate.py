@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
-from fedapp.llm.adapters import PEFT_PREFIX, with_lora
+from fedapp.llm.adapters import PEFT_PREFIX, adapter_targets, with_lora
 from fedapp.llm.data import DataSpec, load_split, tokenize_records
 from fedapp.llm.train import eval_loss
 from fedapp.server.accuracy import ChoiceItem, build_choice_items, choice_accuracy
-from strategies.lora_math import LORA_A
 
 
 def heldout_examples(spec: DataSpec, tokenizer, max_length: int, max_examples: int) -> list[dict]:
@@ -45,9 +44,7 @@ def _global_lora(base: torch.nn.Module, state: Mapping[str, torch.Tensor], r: in
                  lora_alpha: float):
     if not state:
         return nullcontext(base)
-    modules = sorted({k.removeprefix(PEFT_PREFIX)[: -len(LORA_A)].rsplit(".", 1)[-1]
-                      for k in state if k.endswith(LORA_A)})
-    return with_lora(base, r, lora_alpha, modules, seed=0, init_state=state)
+    return with_lora(base, r, lora_alpha, adapter_targets(state), seed=0, init_state=state)
 
 
 def heldout_choice_items(spec: DataSpec, tokenizer, max_length: int,
