@@ -62,6 +62,15 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ValueError(f"{key}={value!r}; allowed: {allowed}")
 
 
+def number(cfg: DictConfig, key: str, kind: type[int | float]) -> Any:
+    """The value at `key` as `kind` (an int is also a float), refusing other types by key:
+    the values' ranges are then checked by the objects that hold them."""
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, int | float) if kind is float else isinstance(value, int)
+    _require(ok and not isinstance(value, bool), key, value, f"a number ({kind.__name__})")
+    return kind(value)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value a run depends on, before any model is loaded or client trained:
     the server loop's own keys here, the rest by building the objects that hold them."""
@@ -73,7 +82,7 @@ def validate(cfg: DictConfig) -> None:
                        ("scenario.min_replies", cfg.scenario.min_replies),
                        ("eval.batch_size", cfg.eval.batch_size)):
         _require(isinstance(value, int) and value >= 1, key, value, "a positive integer")
-    _require(cfg.scenario.round_retries >= 0, "scenario.round_retries",
+    _require(number(cfg, "scenario.round_retries", int) >= 0, "scenario.round_retries",
              cfg.scenario.round_retries, "an integer >= 0")
     if cfg.eval.accuracy_examples:
         _require(bool(cfg.dataset.label_column), "eval.accuracy_examples",
@@ -85,17 +94,19 @@ def data_spec(cfg: DictConfig) -> DataSpec:
     d = cfg.dataset
     return DataSpec(path=str(d.path), instruction_column=d.instruction_column,
                     input_column=d.input_column, response_column=d.response_column,
-                    label_column=d.label_column, test_fraction=float(d.test_fraction),
-                    seed=int(cfg.seed))
+                    label_column=d.label_column,
+                    test_fraction=number(cfg, "dataset.test_fraction", float),
+                    seed=number(cfg, "seed", int))
 
 
 def run_setup(cfg: DictConfig) -> RunSetup:
     """What every client needs for the whole run (sent once per client)."""
     return RunSetup(
         model_path=str(cfg.model.path), quantization=cfg.model.quantization,
-        target_modules=tuple(cfg.lora.target_modules), lr=float(cfg.train.lr),
+        target_modules=cfg.lora.target_modules, lr=number(cfg, "train.lr", float),
         batch_size=cfg.train.batch_size, max_length=cfg.train.max_length,
-        partitioner=cfg.partitioner.name, partitioner_alpha=float(cfg.partitioner.alpha),
+        partitioner=cfg.partitioner.name,
+        partitioner_alpha=number(cfg, "partitioner.alpha", float),
         wire_dtype=cfg.train.wire_dtype, num_threads=cfg.train.num_threads,
         data=data_spec(cfg))
 
@@ -106,7 +117,8 @@ def scenario_devices(cfg: DictConfig) -> list[DeviceProfile]:
     devices = sc.get("devices")
     return device_profiles(OmegaConf.to_container(devices) if devices else None,
                            list(sc.get("device_of_client") or []),
-                           float(sc.bandwidth_up_mbps), float(sc.bandwidth_down_mbps))
+                           number(cfg, "scenario.bandwidth_up_mbps", float),
+                           number(cfg, "scenario.bandwidth_down_mbps", float))
 
 
 def strategy_class(cfg: DictConfig) -> type[LoraStrategy]:
@@ -120,11 +132,13 @@ def build_strategy(cfg: DictConfig,
     cls = strategy_class(cfg)
     kwargs: dict[str, Any] = {
         "setup": run_setup(cfg), "module_shapes": module_shapes,
-        "local_steps": cfg.train.local_steps, "alpha_ratio": float(cfg.lora.alpha_ratio),
-        "seed": int(cfg.seed), "fraction_train": float(cfg.scenario.fraction_train),
-        "min_train_nodes": int(cfg.scenario.min_train_nodes),
-        "min_available_nodes": int(cfg.scenario.num_clients),
-        "wait_seconds": float(cfg.scenario.wait_seconds), "devices": scenario_devices(cfg)}
+        "local_steps": cfg.train.local_steps,
+        "alpha_ratio": number(cfg, "lora.alpha_ratio", float), "seed": number(cfg, "seed", int),
+        "fraction_train": number(cfg, "scenario.fraction_train", float),
+        "min_train_nodes": number(cfg, "scenario.min_train_nodes", int),
+        "min_available_nodes": number(cfg, "scenario.num_clients", int),
+        "wait_seconds": number(cfg, "scenario.wait_seconds", float),
+        "devices": scenario_devices(cfg)}
     if cfg.dp.enabled:
         _require(cls.supports_dp, "dp.enabled", True, "only with strategy=flora (other "
                  "strategies average factors or prune, which the clipping and noise here do "

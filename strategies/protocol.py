@@ -150,7 +150,12 @@ class RunSetup(_Record):
     data: DataSpec = field(default_factory=DataSpec, metadata={"record": DataSpec})
 
     def __post_init__(self) -> None:
+        _require(not isinstance(self.target_modules, str), _key(self, "target_modules"),
+                 self.target_modules, "a non-empty list of module names")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _require(isinstance(self.model_path, str) and bool(self.model_path),
+                 _key(self, "model_path"), self.model_path,
+                 "a Hugging Face model folder, a Hub id, or 'smollm2-135m-instruct'")
         _require(self.quantization in QUANTIZATIONS, _key(self, "quantization"),
                  self.quantization, str(list(QUANTIZATIONS)))
         _require(bool(self.target_modules) and all(isinstance(m, str) and m and "," not in m

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from fedapp.server.accuracy import build_choice_items, choice_accuracy, mean_label_logprob
 from fedapp.llm.data import DataSpec, prompt_and_response
+from fedapp.server.accuracy import build_choice_items, choice_accuracy, mean_label_logprob
 
 SPEC = DataSpec(path="unused", instruction_column="q", response_column="a",
                 label_column="label")

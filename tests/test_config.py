@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-import pytest
+import importlib
+import re
+from pathlib import Path
 
-from fedapp.config import build_strategy, compose_config
+import pytest
+from omegaconf import OmegaConf
+
+from fedapp.config import build_strategy, compose_config, run_setup, strategy_class
 from fedapp.llm.model import resolve_model_path
 from fedapp.server_app import check_federation_fits_data
+from strategies import FedIT, FLoRA, OneShot
+from strategies.base import ClientIdentity
+from strategies.protocol import DataSpec, RunSetup
+
+STRATEGY_CONF = Path(__file__).resolve().parents[1] / "conf" / "strategy"
+STRATEGY_NAMES = sorted(p.stem for p in STRATEGY_CONF.glob("*.yaml"))
+# Overrides a strategy needs beyond its own name.
+NEEDS = {"fedspine": "scenario=phones_laptops_edge"}
 
 
 def test_default_config_composes_to_the_documented_run():
     cfg = compose_config("")
 
-    assert cfg.strategy.name == "flora"
+    assert strategy_class(cfg) is FLoRA and strategy_class(cfg).name == "flora"
     assert len(set(cfg.strategy.ranks)) > 1  # heterogeneous ranks by default
     assert cfg.model.quantization == "nf4"
     assert cfg.scenario.num_clients >= 4 and cfg.num_rounds >= 3
@@ -22,13 +35,17 @@ def test_default_config_composes_to_the_documented_run():
     ("strategy=nope", "allowed: ['fedit', 'fedspine', 'ffa', 'flexlora', 'flora', 'oneshot', 'zeropad']"),
     ("model=nope", "is not a known model"),
     ("dataset=nope", "is not a known dataset"),
-    ("strategy.name=nope", "strategy.name='nope'"),
-    ("strategy.ranks=[8,0]", "strategy.ranks=[8, 0]; allowed: a non-empty list of positive"),
-    ("train.lr=0", "train.lr=0; allowed: a number > 0"),
+    ("strategy=nope", "strategy='nope' is not a known strategy"),
+    ("strategy.ranks=[8,0]", "strategy.ranks=0; allowed: a positive integer"),
+    ("strategy.ranks=[]", "strategy.ranks=[]; allowed: a non-empty list of positive ints"),
+    ("train.lr=0", "train.lr=0.0; allowed: a number > 0"),
     ("train.lr=-1e-3", "train.lr=-0.001"),
     ("train.local_steps=0", "train.local_steps=0"),
     ("model.quantization=int3", "model.quantization='int3'; allowed: ['nf4', 'none']"),
     ("partitioner.name=random", "partitioner.name='random'"),
+    ("partitioner=dirichlet partitioner.alpha=0", "partitioner.alpha=0.0; allowed: > 0"),
+    ("dataset.label_column=''", "dataset.label_column=''; allowed: a column name"),
+    ("dataset.test_fraction=1", "dataset.test_fraction=1.0; allowed: 0 < x < 1"),
     ("train.wire_dtype=bfloat16", "train.wire_dtype='bfloat16'; allowed: ['float16', 'float32']"),
     ("model=hf", "without a value: ['model.path']"),
     ("no_such_key=1", "bad config override"),
@@ -41,9 +58,79 @@ def test_bad_config_is_refused_with_key_value_and_allowed(override, expected):
 
 
 def test_fedit_refuses_heterogeneous_ranks():
-    cfg = compose_config("strategy=fedit strategy.ranks=[4,8]")
     with pytest.raises(ValueError, match="fedit averages factors of one rank"):
-        build_strategy(cfg, {"m": (4, 4)})
+        compose_config("strategy=fedit strategy.ranks=[4,8]")
+
+
+def test_strategy_conf_files_are_the_known_strategies():
+    assert STRATEGY_NAMES == ["fedit", "fedspine", "ffa", "flexlora", "flora", "oneshot",
+                              "zeropad"]
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_every_strategy_conf_builds_the_class_its_target_names(name):
+    # Prepare
+    module, _, attr = OmegaConf.load(STRATEGY_CONF / f"{name}.yaml")._target_.rpartition(".")
+    expected = getattr(importlib.import_module(module), attr)
+    cfg = compose_config(f"strategy={name} {NEEDS.get(name, '')}")
+
+    # Execute
+    strategy = build_strategy(cfg, {})
+
+    # Assert
+    assert type(strategy) is expected
+    assert strategy_class(cfg) is expected and strategy.name == name
+    assert strategy.setup == run_setup(cfg)
+
+
+def test_oneshot_trains_the_whole_budget_in_one_round():
+    # Prepare
+    cfg = compose_config("strategy=oneshot num_rounds=3")
+
+    # Execute
+    strategy = build_strategy(cfg, {})
+    orders = [strategy.order_for(1, ClientIdentity(f"partition-{i}", i)) for i in range(4)]
+
+    # Assert: 3 rounds x 12 local steps, ranks [4, 8, 16, 8] cycled
+    assert isinstance(strategy, OneShot)
+    assert cfg.train.local_steps == 12
+    assert [o.local_steps for o in orders] == [36] * 4
+    assert [o.lora_r for o in orders] == [4, 8, 16, 8]
+    assert strategy.num_rounds(3) == 1
+
+
+def test_dp_is_refused_for_a_strategy_without_it():
+    with pytest.raises(ValueError, match=r"dp.enabled=True; allowed: only with strategy=flora"):
+        compose_config("strategy=fedit dp.enabled=true")
+
+
+def test_dp_is_accepted_for_flora():
+    assert isinstance(build_strategy(compose_config("dp.enabled=true"), {}), FLoRA)
+
+
+def test_unknown_strategy_key_is_refused_naming_the_strategy():
+    with pytest.raises(ValueError, match=r"strategy flora \(strategies.FLoRA\): .*'foo'"):
+        compose_config("+strategy.foo=1")
+
+
+def test_run_setup_carries_the_configured_values():
+    # Prepare
+    cfg = compose_config("strategy=fedit train.lr=5e-4 train.batch_size=2 partitioner=dirichlet "
+                         "partitioner.alpha=0.3 train.wire_dtype=float32 seed=4 "
+                         "model.quantization=none")
+
+    # Execute
+    setup = run_setup(cfg)
+
+    # Assert
+    assert setup == RunSetup(
+        model_path="smollm2-135m-instruct", quantization="none",
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), lr=5e-4, batch_size=2,
+        max_length=128, partitioner="dirichlet", partitioner_alpha=0.3, wire_dtype="float32",
+        num_threads=0, data=DataSpec(path="zaragoza-faq", instruction_column="q",
+                                     input_column="", response_column="a",
+                                     label_column="category", test_fraction=0.1, seed=4))
+    assert isinstance(build_strategy(cfg, {}), FedIT)
 
 
 def test_more_clients_than_examples_is_refused():
@@ -68,3 +155,15 @@ def test_unreadable_model_paths_are_refused(tmp_path):
 def test_hub_ids_and_model_folders_pass_through(tiny_model_dir):
     assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=abc", "train.lr='abc'; allowed: a number (float)"),
+    ("seed=1.5", "seed=1.5; allowed: a number (int)"),
+    ("lora.alpha_ratio=abc", "lora.alpha_ratio='abc'; allowed: a number (float)"),
+    ("scenario.round_retries=abc", "scenario.round_retries='abc'; allowed: a number (int)"),
+    ("model.path=''", "model.path=''; allowed: a Hugging Face model folder"),
+])
+def test_values_of_the_wrong_type_are_refused_by_key(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compose_config(override)

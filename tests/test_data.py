@@ -1,4 +1,4 @@
-"""Tests of the data pipeline (fedapp/data.py): held-out split, partitioners, local files,
+"""Tests of the data pipeline (fedapp/llm/data.py): held-out split, partitioners, local files,
 tokenisation. Uses the packaged default dataset (503 records, 39 categories)."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fedapp.llm.data import (
     make_partitioner,
     tokenize_records,
 )
+from strategies.protocol import RunSetup
 
 NUM_RECORDS = 503
 NUM_CATEGORIES = 39
@@ -40,6 +41,13 @@ ALPACA = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
     {"instruction": "Translate to Swedish.", "input": "building permit", "output": "bygglov"},
 ]
+
+
+def setup_of(partitioner: str, alpha: float = 0.0, data: DataSpec | None = None) -> RunSetup:
+    """A run setup that differs only in how the data is split."""
+    return RunSetup(model_path="unused", quantization="none", target_modules=("q_proj",),
+                    lr=1e-3, batch_size=1, max_length=8, partitioner=partitioner,
+                    partitioner_alpha=alpha, data=data or DataSpec())
 
 
 def alpaca_spec(path) -> DataSpec:
@@ -82,7 +90,7 @@ def test_test_split_is_held_out_and_reproducible():
 
 def test_bad_test_fraction_is_refused():
     # Execute / Assert
-    with pytest.raises(ValueError, match="test_fraction=1.0; allowed: 0 < x < 1"):
+    with pytest.raises(ValueError, match="dataset.test_fraction=1.0; allowed: 0 < x < 1"):
         load_split(DataSpec(test_fraction=1.0))
 
 
@@ -97,7 +105,7 @@ def test_partitions_cover_the_train_split_exactly(partitioner):
     train, test = load_split(spec)
 
     # Execute
-    parts = [load_partition(spec, partitioner, 4, i, alpha=0.5) for i in range(4)]
+    parts = [load_partition(setup_of(partitioner, 0.5, spec), 4, i) for i in range(4)]
 
     # Assert
     ids = [set(p["id"]) for p in parts]
@@ -117,7 +125,7 @@ def test_natural_partitions_do_not_share_categories():
     assert len(set(train["category"])) == NUM_CATEGORIES
 
     # Execute
-    parts = [load_partition(spec, "natural", 4, i) for i in range(4)]
+    parts = [load_partition(setup_of("natural", data=spec), 4, i) for i in range(4)]
 
     # Assert: groups of ceil(39 / 4) = 10 categories, the last one 9
     categories = [set(p["category"]) for p in parts]
@@ -127,8 +135,7 @@ def test_natural_partitions_do_not_share_categories():
 
 
 def mean_max_category_share(alpha: float) -> float:
-    spec = DataSpec()
-    parts = [load_partition(spec, "dirichlet", 4, i, alpha=alpha) for i in range(4)]
+    parts = [load_partition(setup_of("dirichlet", alpha), 4, i) for i in range(4)]
     return sum(max(Counter(p["category"]).values()) / len(p) for p in parts) / len(parts)
 
 
@@ -143,8 +150,8 @@ def test_dirichlet_small_alpha_is_more_skewed():
 
 def test_partitions_are_reproducible():
     # Execute
-    first = list(load_partition(DataSpec(), "dirichlet", 4, 2, alpha=0.5)["id"])
-    second = list(load_partition(DataSpec(), "dirichlet", 4, 2, alpha=0.5)["id"])
+    first = list(load_partition(setup_of("dirichlet", 0.5), 4, 2)["id"])
+    second = list(load_partition(setup_of("dirichlet", 0.5), 4, 2)["id"])
 
     # Assert
     assert first == second
@@ -155,29 +162,36 @@ def test_partitions_are_reproducible():
 
 
 def test_unknown_partitioner_lists_the_allowed_names():
-    # Execute / Assert
+    # Execute / Assert: the run setup refuses it, before any partitioner is made
     with pytest.raises(ValueError,
                        match=r"partitioner.name='nope'; allowed: \['iid', 'dirichlet', 'natural'\]"):
-        make_partitioner("nope", 4, "category", 0.5, NUM_CATEGORIES, 0)
+        setup_of("nope", 0.5)
 
 
-def test_label_partitioners_need_a_label_column():
+@pytest.mark.parametrize("name", ["dirichlet", "natural"])
+def test_label_partitioners_need_a_label_column(name):
     # Execute / Assert
-    for name in ("dirichlet", "natural"):
-        with pytest.raises(ValueError, match="needs dataset.label_column"):
-            make_partitioner(name, 4, "", 0.5, NUM_CATEGORIES, 0)
+    with pytest.raises(ValueError, match=rf"dataset.label_column=''; allowed: a column name "
+                                         rf"\(partitioner.name='{name}'"):
+        setup_of(name, 0.5, DataSpec(label_column=""))
 
 
 def test_dirichlet_refuses_non_positive_alpha():
     # Execute / Assert
     with pytest.raises(ValueError, match=r"partitioner.alpha=0.0; allowed: > 0"):
-        make_partitioner("dirichlet", 4, "category", 0.0, NUM_CATEGORIES, 0)
+        setup_of("dirichlet", 0.0)
 
 
 def test_natural_refuses_more_partitions_than_categories():
     # Execute / Assert
     with pytest.raises(ValueError, match=f"cannot split {NUM_CATEGORIES} labels into 40 groups"):
-        load_partition(DataSpec(), "natural", NUM_CATEGORIES + 1, 0)
+        load_partition(setup_of("natural"), NUM_CATEGORIES + 1, 0)
+
+
+def test_natural_refuses_label_groups_that_leave_a_client_empty():
+    # Execute / Assert: groups of ceil(9 / 4) = 3 labels make 3 groups, not 4
+    with pytest.raises(ValueError, match="cannot split 9 labels into 4 groups"):
+        make_partitioner(setup_of("natural"), 4, 9)
 
 
 def test_more_partitions_than_training_examples_is_refused():
@@ -186,14 +200,14 @@ def test_more_partitions_than_training_examples_is_refused():
 
     # Execute / Assert
     with pytest.raises(ValueError, match=f"{too_many} clients but only {too_many - 1} training examples"):
-        load_partition(DataSpec(), "iid", too_many, 0)
+        load_partition(setup_of("iid"), too_many, 0)
 
 
 @pytest.mark.parametrize("partition_id", [-1, 4])
 def test_partition_id_out_of_range_is_refused(partition_id):
     # Execute / Assert
     with pytest.raises(ValueError, match=rf"partition-id={partition_id} outside 0..3"):
-        load_partition(DataSpec(), "iid", 4, partition_id)
+        load_partition(setup_of("iid"), 4, partition_id)
 
 
 def test_missing_column_is_named_with_the_real_columns():
@@ -264,7 +278,7 @@ def test_local_file_partitions_iid(tmp_path):
 
     # Execute
     train, test = load_split(spec)
-    parts = [load_partition(spec, "iid", 3, i) for i in range(3)]
+    parts = [load_partition(setup_of("iid", data=spec), 3, i) for i in range(3)]
 
     # Assert
     assert (len(train), len(test)) == (18, 2)

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.flower_config import read_superlink_connection
 from flwr.cli.supernode.register import try_load_public_key
 
+from fedapp.server.report import read_metrics
 from fedapp.tools.deploy import write_connection, write_node_key, write_tls
 from fedapp.tools.loopback import LoopbackFederation
-from fedapp.server.report import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ("scenario=two_clients train.max_length=64 eval.max_examples=16 partitioner=iid "

@@ -16,11 +16,11 @@ import pytest
 from peft import PeftModel
 
 from fedapp.config import compose_config, data_spec
-from fedapp.server.evaluate import heldout_examples
 from fedapp.llm.model import load_base, load_tokenizer
+from fedapp.llm.train import eval_loss
+from fedapp.server.evaluate import heldout_examples
 from fedapp.server.report import read_metrics
 from fedapp.tools.submit import flower_env, local_superlink_pids, run_submit
-from fedapp.llm.train import eval_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
