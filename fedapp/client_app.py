@@ -1,4 +1,4 @@
-"""The Flower ClientApp: keeps the run's setup, identifies itself, and trains when asked."""
+"""The Flower ClientApp: identifies itself, keeps the run's setup, and trains when asked."""
 
 from __future__ import annotations
 
@@ -36,24 +36,24 @@ def node_partition(context: Context) -> tuple[int, int]:
         ) from None
 
 
-def run_setup(context: Context) -> RunSetup:
-    """The RunSetup this node received when the server met it (kept in context.state)."""
+def stored_setup(msg: Message, context: Context) -> RunSetup:
+    """The run's RunSetup: from the message when the server sends it (its first train
+    message to this client), which is then kept in context.state for later rounds."""
+    if SETUP in msg.content.config_records:
+        setup = RunSetup.from_dict(msg.content.config_records[SETUP])  # validated
+        context.state.config_records[SETUP] = msg.content.config_records[SETUP]
+        return setup
     if SETUP not in context.state.config_records:
         raise RuntimeError(f"{NO_SETUP}: this node has no RunSetup in its context state (the "
-                           "SuperNode restarted since the server met it?); the server sends it "
-                           "again with its next identification query")
+                           "SuperNode restarted since the server sent it?); the server sends "
+                           "it again with the next round's order")
     return RunSetup.from_dict(context.state.config_records[SETUP])
 
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Keep the run's setup (sent once per client) and tell the server who this client is,
-    by something stabler than the node id."""
+    """Tell the server who this client is, by something stabler than the node id."""
     partition_id, num_partitions = node_partition(context)
-    if SETUP in msg.content.config_records:
-        setup = msg.content.config_records[SETUP]
-        RunSetup.from_dict(setup)  # refuse a bad setup now, not at the first round
-        context.state.config_records[SETUP] = setup
     name = str(context.node_config.get("client-name", f"partition-{partition_id}"))
     reply = ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions,
                           "client-name": name})
@@ -64,7 +64,7 @@ def identify(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Carry out the round's order on the local partition; reply with the adapter."""
     received = time.time()
-    setup = run_setup(context)
+    setup = stored_setup(msg, context)
     order = TrainOrder.from_dict(msg.content[CONFIG])
     partition_id, num_partitions = node_partition(context)
     global_state = msg.content[ARRAYS].to_torch_state_dict()

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import fedapp
 from strategies.base import LoraStrategy
 from strategies.devices import DeviceProfile, device_profiles
-from strategies.protocol import DataSpec, RunSetup
+from strategies.protocol import DataSpec, RunSetup, require
 
 GROUPS = ("model", "dataset", "partitioner", "strategy", "scenario")
 
@@ -57,17 +57,12 @@ def compose_config(overrides: str | list[str] = "") -> DictConfig:
     return cfg
 
 
-def _require(ok: bool, key: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}={value!r}; allowed: {allowed}")
-
-
 def number(cfg: DictConfig, key: str, kind: type[int | float]) -> Any:
     """The value at `key` as `kind` (an int is also a float), refusing other types by key:
     the values' ranges are then checked by the objects that hold them."""
     value = OmegaConf.select(cfg, key)
     ok = isinstance(value, int | float) if kind is float else isinstance(value, int)
-    _require(ok and not isinstance(value, bool), key, value, f"a number ({kind.__name__})")
+    require(ok and not isinstance(value, bool), key, value, f"a number ({kind.__name__})")
     return kind(value)
 
 
@@ -81,11 +76,11 @@ def validate(cfg: DictConfig) -> None:
                                                          cfg.scenario.num_clients),
                        ("scenario.min_replies", cfg.scenario.min_replies),
                        ("eval.batch_size", cfg.eval.batch_size)):
-        _require(isinstance(value, int) and value >= 1, key, value, "a positive integer")
-    _require(number(cfg, "scenario.round_retries", int) >= 0, "scenario.round_retries",
+        require(isinstance(value, int) and value >= 1, key, value, "a positive integer")
+    require(number(cfg, "scenario.round_retries", int) >= 0, "scenario.round_retries",
              cfg.scenario.round_retries, "an integer >= 0")
     if cfg.eval.accuracy_examples:
-        _require(bool(cfg.dataset.label_column), "eval.accuracy_examples",
+        require(bool(cfg.dataset.label_column), "eval.accuracy_examples",
                  cfg.eval.accuracy_examples, "0 unless dataset.label_column is set")
     build_strategy(cfg, module_shapes={})
 
@@ -140,7 +135,7 @@ def build_strategy(cfg: DictConfig,
         "wait_seconds": number(cfg, "scenario.wait_seconds", float),
         "devices": scenario_devices(cfg)}
     if cfg.dp.enabled:
-        _require(cls.supports_dp, "dp.enabled", True, "only with strategy=flora (other "
+        require(cls.supports_dp, "dp.enabled", True, "only with strategy=flora (other "
                  "strategies average factors or prune, which the clipping and noise here do "
                  "not cover)")
         kwargs["dp"] = OmegaConf.to_container(cfg.dp)
@@ -150,3 +145,28 @@ def build_strategy(cfg: DictConfig,
         return make(**kwargs)
     except TypeError as err:  # e.g. a key in strategy.* the class does not take
         raise ValueError(f"strategy {cls.name} ({cfg.strategy._target_}): {err}") from None
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """A run directory's own composed config (to resume it, or to train a late client with
+    its orders), validated. A config written before strategies were built from `_target_`
+    names its strategy by `strategy.name`: it is read as that strategy's file names it today
+    (FedSpine's unused `ranks` dropped, one-shot's budget taken from `num_rounds`)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; allowed: a run directory written by "
+                                "the ServerApp")
+    cfg = OmegaConf.load(path)
+    if "_target_" not in cfg.strategy and "name" in cfg.strategy:
+        old = OmegaConf.to_container(cfg.strategy)
+        name = old.pop("name")
+        require(name in group_options("strategy"), "strategy.name", name,
+                str(group_options("strategy")))
+        target = OmegaConf.load(conf_dir() / "strategy" / f"{name}.yaml")._target_
+        if get_class(target).picks_ranks:
+            old.pop("ranks", None)
+        if name == "oneshot":
+            old.setdefault("budget_rounds", int(cfg.num_rounds))
+        cfg.strategy = {"_target_": target, **old}
+    validate(cfg)
+    return cfg

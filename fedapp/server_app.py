@@ -13,7 +13,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from fedapp.config import build_strategy, compose_config, data_spec, strategy_class, validate
+from fedapp.config import (
+    build_strategy,
+    compose_config,
+    data_spec,
+    load_run_config,
+    strategy_class,
+)
 from fedapp.llm.adapters import lora_state, with_lora
 from fedapp.llm.data import load_split
 from fedapp.llm.model import cached_base, cached_tokenizer, default_device, resolve_model_path
@@ -135,8 +141,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.resume:
         run_dir = Path(cfg.resume).expanduser().resolve()
         ckpt = load_checkpoint(run_dir)
-        cfg = OmegaConf.load(run_dir / "config.yaml")  # the run's own config, unchanged
-        validate(cfg)
+        cfg = load_run_config(run_dir)  # the run's own config, unchanged
     else:
         run_dir = make_run_dir(cfg, str(context.run_config.get("run-dir", "")))
     log(INFO, "Run directory: %s", run_dir)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -66,7 +67,7 @@ def worker_client(ratio: float, rank: int, steps: int, slices: int, criterion: s
 
     strategy = build_strategy(compose_config(""), {})
     inst = strategy.setup
-    order = strategy.make_order(1, rank)
+    order = dataclasses.replace(strategy.make_order(1, rank), seed=0)  # as in earlier benches
     examples, batches, pad = local_data(inst, order, 0, 4)
     model = attach_lora(load_base(inst.model_path, inst.quantization, "cpu"), rank,
                         order.lora_alpha, list(inst.target_modules), seed=0)

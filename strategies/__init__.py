@@ -1,24 +1,32 @@
 """Aggregation strategies for federated LoRA, one module per algorithm: a library that
 depends only on flwr, torch and numpy. The app (`fedapp`) builds one from its Hydra config
 (`_target_` in conf/strategy/*.yaml); `protocol` is the message contract with the clients.
+
+The strategy classes are imported on first use (`strategies.FLoRA`), so that importing
+`strategies.protocol` alone loads neither torch nor Flower's server side.
 """
 
-from strategies.base import LoraStrategy
-from strategies.fedit import FedIT
-from strategies.fedspine import FedSpine
-from strategies.ffa import FFALoRA
-from strategies.flexlora import FlexLoRA
-from strategies.flora import FLoRA
-from strategies.oneshot import OneShot
-from strategies.zeropad import ZeroPad
+from __future__ import annotations
 
-__all__ = [
-    "FFALoRA",
-    "FLoRA",
-    "FedIT",
-    "FedSpine",
-    "FlexLoRA",
-    "LoraStrategy",
-    "OneShot",
-    "ZeroPad",
-]
+import importlib
+from typing import Any
+
+_CLASSES = {
+    "FFALoRA": "ffa",
+    "FLoRA": "flora",
+    "FedIT": "fedit",
+    "FedSpine": "fedspine",
+    "FlexLoRA": "flexlora",
+    "LoraStrategy": "base",
+    "OneShot": "oneshot",
+    "ZeroPad": "zeropad",
+}
+
+__all__ = ["FFALoRA", "FLoRA", "FedIT", "FedSpine", "FlexLoRA", "LoraStrategy", "OneShot",
+           "ZeroPad"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _CLASSES:
+        raise AttributeError(f"module 'strategies' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"strategies.{_CLASSES[name]}"), name)

@@ -57,7 +57,8 @@ class ClientIdentity:
 class Assignment:
     client: ClientIdentity
     order: TrainOrder
-    bytes_down: int
+    bytes_down: int  # all of the train message, the run setup included when it carries it
+    setup_bytes: int = 0  # the run setup's share: traffic, but no part of this round's work
 
 
 def config_bytes(record: ConfigRecord) -> int:
@@ -69,8 +70,8 @@ class LoraStrategy(FedAvg):
     """FedAvg's sampling and message plumbing, with per-client LoRA orders and checked replies.
 
     Args:
-        setup: what every client needs for the whole run; sent once per client, with the
-            identification query.
+        setup: what every client needs for the whole run; sent once per client, in the
+            first train message it gets (again if it answers that it lost it).
         module_shapes: {peft module key: (out, in)} of the targeted layers, to check replies.
         local_steps: optimizer steps per client and round.
         ranks: LoRA rank per client, cycled over partition ids (one entry: homogeneous);
@@ -85,6 +86,7 @@ class LoraStrategy(FedAvg):
 
     name = "lora"
     global_mode = "none"  # how clients use the global arrays: see protocol.GLOBAL_MODES
+    picks_ranks = False  # True: the strategy picks each client's rank (FedSpine): no `ranks`
     supports_dp = False  # True: accepts a `dp` config (client-level DP, strategies.dp)
 
     def __init__(self, setup: RunSetup, module_shapes: Mapping[str, tuple[int, int]], *,
@@ -96,8 +98,13 @@ class LoraStrategy(FedAvg):
             raise ValueError(f"scenario.fraction_train={fraction_train}; allowed: 0 < x <= 1")
         super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
                          min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes)
-        if ranks is not None and not ranks:
-            raise ValueError("strategy.ranks=[]; allowed: a non-empty list of positive ints")
+        if (ranks is None) != self.picks_ranks or (ranks is not None and not ranks):
+            raise ValueError(f"strategy.ranks={ranks!r}; allowed: " + (
+                "none: this strategy picks each client's rank" if self.picks_ranks
+                else "a non-empty list of positive integers"))
+        if isinstance(alpha_ratio, bool) or not isinstance(alpha_ratio, int | float) \
+                or not alpha_ratio > 0:
+            raise ValueError(f"lora.alpha_ratio={alpha_ratio!r}; allowed: a number > 0")
         self.setup = setup
         self.module_shapes = dict(module_shapes)
         self.local_steps = local_steps
@@ -108,11 +115,13 @@ class LoraStrategy(FedAvg):
         self.devices = list(devices) if devices else [DeviceProfile("default")]
         self.identities: dict[int, ClientIdentity] = {}
         self.federation_met = False  # the whole federation has been waited for once
+        self.setup_owed: set[int] = set()  # nodes whose next train message carries the setup
         self.assignments: dict[int, Assignment] = {}
         self.round_log: dict[int, RoundSummary] = {}
         self.sent: list[Message] = []
-        for r in self.ranks or [1]:  # TrainOrder validates: fail now, before any training
-            self.make_order(1, r)
+        for r in self.ranks or [1]:  # TrainOrder checks the configured values: fail now
+            TrainOrder(server_round=1, lora_r=r, lora_alpha=alpha_for(r, alpha_ratio),
+                       local_steps=local_steps, seed=seed)
 
     # ------------------------------------------------------------------ who the clients are
     def wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -135,22 +144,23 @@ class LoraStrategy(FedAvg):
         return nodes
 
     def identify(self, grid: Grid, node_ids: Iterable[int]) -> None:
-        """Meet nodes we do not know yet: send each the run's `RunSetup` (kept in its
-        context.state for the whole run) and learn its partition id and name."""
+        """Ask nodes we have not met yet for their partition id and name (a query message);
+        each newly met node is owed the run's setup."""
         unknown = [n for n in node_ids if n not in self.identities]
         if not unknown:
             return
-        setup = self.setup.to_config()
-        asks = [Message(RecordDict({SETUP: setup}), message_type=MessageType.QUERY,
-                        dst_node_id=n) for n in unknown]
+        asks = [Message(RecordDict({CONFIG: ConfigRecord({"ask": "identity"})}),
+                        message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
         for reply in grid.send_and_receive(asks, timeout=self.wait_seconds):
             if reply.has_error() or IDENTITY not in reply.content.config_records:
                 log(WARNING, "A node did not identify itself: %s",
                     reply.error.reason if reply.has_error() else "no identity record")
                 continue
             ident = reply.content.config_records[IDENTITY]
-            self.identities[reply.metadata.src_node_id] = ClientIdentity(
-                name=str(ident["client-name"]), partition_id=int(ident["partition-id"]))
+            node_id = reply.metadata.src_node_id
+            self.identities[node_id] = ClientIdentity(name=str(ident["client-name"]),
+                                                      partition_id=int(ident["partition-id"]))
+            self.setup_owed.add(node_id)
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
         nodes = self.wait_for_nodes(grid)
@@ -170,10 +180,15 @@ class LoraStrategy(FedAvg):
     def device_for(self, client: ClientIdentity) -> DeviceProfile:
         return self.devices[client.partition_id % len(self.devices)]
 
+    def order_steps(self) -> int:
+        """Optimizer steps a client trains per order (one-shot: its whole budget)."""
+        return self.local_steps
+
     def make_order(self, server_round: int, r: int, **fields: object) -> TrainOrder:
         """A rank-r order of this strategy for `server_round` (validated by TrainOrder)."""
         return TrainOrder(server_round=server_round, lora_r=r,
-                          lora_alpha=alpha_for(r, self.alpha_ratio), local_steps=self.local_steps,
+                          lora_alpha=alpha_for(r, self.alpha_ratio),
+                          local_steps=self.order_steps(),
                           seed=self.seed * 1000 + server_round, global_mode=self.global_mode,
                           **fields)  # type: ignore[arg-type]
 
@@ -209,11 +224,17 @@ class LoraStrategy(FedAvg):
             client = self.identities[node_id]
             order = self.order_for(server_round, client)
             payload = self.client_arrays(client, state)
-            record = order.to_config()
-            self.assignments[node_id] = Assignment(client, order,
-                                                   payload.count_bytes() + config_bytes(record))
-            messages.append(Message(RecordDict({ARRAYS: payload, CONFIG: record}),
-                                    message_type=MessageType.TRAIN, dst_node_id=node_id))
+            content = RecordDict({ARRAYS: payload, CONFIG: order.to_config()})
+            setup_bytes = 0
+            if node_id in self.setup_owed:  # once per client: it keeps it in context.state
+                content[SETUP] = self.setup.to_config()
+                setup_bytes = config_bytes(content[SETUP])
+                self.setup_owed.discard(node_id)
+            self.assignments[node_id] = Assignment(
+                client, order, payload.count_bytes() + config_bytes(content[CONFIG])
+                + setup_bytes, setup_bytes)
+            messages.append(Message(content, message_type=MessageType.TRAIN,
+                                    dst_node_id=node_id))
         chosen = ", ".join(f"{a.client.name}(r={a.order.lora_r})"
                            for a in self.assignments.values())
         self.sent = messages  # their message ids are filled in when the grid pushes them
@@ -263,8 +284,8 @@ class LoraStrategy(FedAvg):
         outcome = ClientOutcome(bytes_down=assignment.bytes_down if assignment else 0)
         try:
             if msg.has_error():
-                if NO_SETUP in msg.error.reason:  # e.g. a restarted SuperNode: meet it again
-                    self.identities.pop(node_id, None)
+                if NO_SETUP in msg.error.reason:  # e.g. a restarted SuperNode: send it again
+                    self.setup_owed.add(node_id)
                 raise RejectedReply(f"client error: {msg.error.reason}")
             if assignment is None:
                 raise RejectedReply("reply from a node that was not asked")
@@ -279,8 +300,9 @@ class LoraStrategy(FedAvg):
         outcome.metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
         device = self.device_for(assignment.client)
         outcome.device = device.name
-        outcome.completion_seconds = device.completion_seconds(
-            outcome.metrics.get("train-seconds", 0.0), outcome.bytes_up, outcome.bytes_down)
+        outcome.completion_seconds = device.completion_seconds(  # the round's own work
+            outcome.metrics.get("train-seconds", 0.0), outcome.bytes_up,
+            outcome.bytes_down - assignment.setup_bytes)
         return name, outcome, update
 
     def parse_update(self, content: RecordDict, order: TrainOrder) -> LoraUpdate:

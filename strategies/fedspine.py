@@ -50,7 +50,15 @@ from strategies.bandit import (
 from strategies.base import ClientIdentity
 from strategies.flora import FLoRA
 from strategies.lora_math import LoraUpdate
-from strategies.protocol import KEPT, KEPT_IN, KEPT_OUT, METRICS, PruneOrder, TrainOrder
+from strategies.protocol import (
+    KEPT,
+    KEPT_IN,
+    KEPT_OUT,
+    METRICS,
+    NO_SETUP,
+    PruneOrder,
+    TrainOrder,
+)
 from strategies.replies import RejectedReply, parse_reply
 from strategies.scatter import Kept, scatter_factors
 from strategies.summary import ClientOutcome
@@ -128,6 +136,7 @@ def pruned_shapes(module_shapes: Mapping[str, tuple[int, int]],
 class FedSpine(FLoRA):
     name = "fedspine"
     supports_dp = False
+    picks_ranks = True  # each client's bandit picks its rank
 
     def __init__(self, *args, arm_policy: str = "bandit", time_weight: float = 0.1,
                  bandit: Mapping | None = None, prune: Mapping | None = None,
@@ -196,7 +205,10 @@ class FedSpine(FLoRA):
         return arrays, metrics
 
     def learn(self, server_round: int, clients: dict[str, ClientOutcome]) -> None:
-        """Reward each of this round's arms, update the bandits, log arm / reward / time."""
+        """Reward each of this round's arms, update the bandits, log arm / reward / time.
+
+        A client that only lost its run setup (protocol.NO_SETUP: a restarted SuperNode)
+        says nothing about its arm: its bandit is not updated."""
         ok = {n: c for n, c in clients.items() if n in self.arms and c.ok}
         times = [c.completion_seconds or 0.0 for c in ok.values()]
         for name, (arm, client) in sorted(self.arms.items()):
@@ -205,10 +217,11 @@ class FedSpine(FLoRA):
             if name in ok:
                 value = reward(outcome.metrics["loss-before"], outcome.metrics["loss-after"],
                                outcome.completion_seconds or 0.0, times, self.time_weight)
+            lost_setup = NO_SETUP in outcome.status
             outcome.extra.update({"arm-prune-ratio": arm.prune_ratio, "arm-rank": arm.rank,
-                                  "reward": value})
+                                  **({} if lost_setup else {"reward": value})})
             added = []
-            if self.arm_policy == "bandit":
+            if self.arm_policy == "bandit" and not lost_setup:
                 bandit = self.bank[name]
                 bandit.update(arm, value)
                 added = bandit.refine(self.feasible_for(self.device_for(client).memory_mb))
@@ -216,7 +229,7 @@ class FedSpine(FLoRA):
                 arm.prune_ratio, arm.rank, value,
                 f"{outcome.completion_seconds:.1f}" if name in ok else "-",
                 f", grid refined with {[(a.prune_ratio, a.rank) for a in added]}" if added
-                else "")
+                else ", not learned: it lost its run setup" if lost_setup else "")
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "bandits": self.bank.state_dict()}

@@ -36,7 +36,7 @@ class FLoRA(LoraStrategy):
     def __init__(self, *args, rank_budget: int = 64, dp: Mapping | None = None,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if rank_budget <= 0:
+        if isinstance(rank_budget, bool) or not isinstance(rank_budget, int) or rank_budget <= 0:
             raise ValueError(f"strategy.rank_budget={rank_budget}; allowed: a positive integer")
         self.rank_budget = rank_budget
         self.global_factors: Factors = {}

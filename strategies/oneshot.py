@@ -34,7 +34,7 @@ class OneShot(LoraStrategy):
                 or budget_rounds < 1:
             raise ValueError(f"strategy.budget_rounds={budget_rounds!r}; allowed: an int >= 1 "
                              "(it follows num_rounds)")
-        kwargs["local_steps"] = kwargs["local_steps"] * budget_rounds
+        self.budget_rounds = budget_rounds
         super().__init__(*args, **kwargs)
         if combine not in COMBINES:
             raise ValueError(f"strategy.combine={combine!r}; allowed: {list(COMBINES)}")
@@ -42,12 +42,14 @@ class OneShot(LoraStrategy):
             raise ValueError(f"strategy.combine='average' needs one rank, got strategy.ranks="
                              f"{self.ranks}; allowed: a single rank, or combine='stack'")
         self.combine = combine
-        self.budget_rounds = budget_rounds
         self.total_weight = 0.0
         self.scaling = 1.0
 
     def num_rounds(self, configured: int) -> int:
         return 1
+
+    def order_steps(self) -> int:
+        return self.local_steps * self.budget_rounds
 
     def client_arrays(self, client: ClientIdentity,
                       state: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -62,7 +64,7 @@ class OneShot(LoraStrategy):
         else:
             factors = fedavg_factors(updates)
             self.scaling = updates[0].scaling
-        return ArrayRecord(join_factors(factors)), {"budget-steps": float(self.local_steps)}
+        return ArrayRecord(join_factors(factors)), {"budget-steps": float(self.order_steps())}
 
     def global_adapter(self, arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], int, float]:
         state = arrays.to_torch_state_dict()

@@ -54,7 +54,8 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+def require(ok: bool, key: str, value: object, allowed: str) -> None:
+    """Raise ValueError "key=value; allowed: ..." unless `ok`: how every config error reads."""
     if not ok:
         raise ValueError(f"{key}={value!r}; allowed: {allowed}")
 
@@ -120,14 +121,14 @@ class DataSpec(_Record):
     seed: int = field(default=0, metadata={"config": "seed"})
 
     def __post_init__(self) -> None:
-        _require(bool(self.path), _key(self, "path"), self.path, "a non-empty path or name")
+        require(bool(self.path), _key(self, "path"), self.path, "a non-empty path or name")
         for name in ("instruction_column", "response_column"):
             value = getattr(self, name)
-            _require(isinstance(value, str) and bool(value), _key(self, name), value,
+            require(isinstance(value, str) and bool(value), _key(self, name), value,
                      "a column name")
-        _require(_is_number(self.test_fraction) and 0 < self.test_fraction < 1,
+        require(_is_number(self.test_fraction) and 0 < self.test_fraction < 1,
                  _key(self, "test_fraction"), self.test_fraction, "0 < x < 1")
-        _require(_is_int(self.seed), _key(self, "seed"), self.seed, "an integer")
+        require(_is_int(self.seed), _key(self, "seed"), self.seed, "an integer")
 
 
 @dataclass(frozen=True)
@@ -150,33 +151,33 @@ class RunSetup(_Record):
     data: DataSpec = field(default_factory=DataSpec, metadata={"record": DataSpec})
 
     def __post_init__(self) -> None:
-        _require(not isinstance(self.target_modules, str), _key(self, "target_modules"),
+        require(not isinstance(self.target_modules, str), _key(self, "target_modules"),
                  self.target_modules, "a non-empty list of module names")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        _require(isinstance(self.model_path, str) and bool(self.model_path),
+        require(isinstance(self.model_path, str) and bool(self.model_path),
                  _key(self, "model_path"), self.model_path,
                  "a Hugging Face model folder, a Hub id, or 'smollm2-135m-instruct'")
-        _require(self.quantization in QUANTIZATIONS, _key(self, "quantization"),
+        require(self.quantization in QUANTIZATIONS, _key(self, "quantization"),
                  self.quantization, str(list(QUANTIZATIONS)))
-        _require(bool(self.target_modules) and all(isinstance(m, str) and m and "," not in m
+        require(bool(self.target_modules) and all(isinstance(m, str) and m and "," not in m
                                                    for m in self.target_modules),
                  _key(self, "target_modules"), list(self.target_modules),
                  "a non-empty list of module names")
-        _require(_is_number(self.lr) and self.lr > 0, _key(self, "lr"), self.lr, "a number > 0")
+        require(_is_number(self.lr) and self.lr > 0, _key(self, "lr"), self.lr, "a number > 0")
         for name in ("batch_size", "max_length"):
             value = getattr(self, name)
-            _require(_is_int(value) and value > 0, _key(self, name), value, "a positive integer")
-        _require(self.partitioner in PARTITIONERS, _key(self, "partitioner"), self.partitioner,
+            require(_is_int(value) and value > 0, _key(self, name), value, "a positive integer")
+        require(self.partitioner in PARTITIONERS, _key(self, "partitioner"), self.partitioner,
                  str(list(PARTITIONERS)))
         if self.partitioner == "dirichlet":
-            _require(_is_number(self.partitioner_alpha) and self.partitioner_alpha > 0,
+            require(_is_number(self.partitioner_alpha) and self.partitioner_alpha > 0,
                      _key(self, "partitioner_alpha"), self.partitioner_alpha, "> 0")
-        _require(self.wire_dtype in WIRE_DTYPES, _key(self, "wire_dtype"), self.wire_dtype,
+        require(self.wire_dtype in WIRE_DTYPES, _key(self, "wire_dtype"), self.wire_dtype,
                  str(list(WIRE_DTYPES)))
-        _require(_is_int(self.num_threads) and self.num_threads >= 0, _key(self, "num_threads"),
+        require(_is_int(self.num_threads) and self.num_threads >= 0, _key(self, "num_threads"),
                  self.num_threads, "an integer >= 0")
         if self.partitioner != "iid":
-            _require(bool(self.data.label_column), "dataset.label_column",
+            require(bool(self.data.label_column), "dataset.label_column",
                      self.data.label_column, f"a column name (partitioner.name="
                      f"{self.partitioner!r} groups clients by label)")
 
@@ -190,17 +191,17 @@ class PruneOrder(_Record):
 
     ratio: float = field(metadata={"config": "strategy.bandit.prune_ratios"})
     criterion: str = field(default="taylor", metadata={"config": "strategy.prune.criterion"})
-    slices: int = field(default=1, metadata={"config": "strategy.prune.slices"})
+    slices: int = field(default=2, metadata={"config": "strategy.prune.slices"})
     tune_steps: int = field(default=20, metadata={"config": "strategy.prune.tune_steps"})
 
     def __post_init__(self) -> None:
-        _require(_is_number(self.ratio) and 0 <= self.ratio < 1, _key(self, "ratio"),
+        require(_is_number(self.ratio) and 0 <= self.ratio < 1, _key(self, "ratio"),
                  self.ratio, "0 <= ratio < 1")
-        _require(self.criterion in CRITERIA, _key(self, "criterion"), self.criterion,
+        require(self.criterion in CRITERIA, _key(self, "criterion"), self.criterion,
                  str(list(CRITERIA)))
         for name in ("slices", "tune_steps"):
             value = getattr(self, name)
-            _require(_is_int(value) and value >= 1, _key(self, name), value, "an int >= 1")
+            require(_is_int(value) and value >= 1, _key(self, name), value, "an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -220,24 +221,24 @@ class TrainOrder(_Record):
                                                              "optional": True})
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.server_round) and self.server_round >= 1,
+        require(_is_int(self.server_round) and self.server_round >= 1,
                  "server-round", self.server_round, "an int >= 1")
-        _require(_is_int(self.lora_r) and self.lora_r > 0, _key(self, "lora_r"), self.lora_r,
+        require(_is_int(self.lora_r) and self.lora_r > 0, _key(self, "lora_r"), self.lora_r,
                  "a positive integer")
-        _require(_is_number(self.lora_alpha) and self.lora_alpha > 0, _key(self, "lora_alpha"),
+        require(_is_number(self.lora_alpha) and self.lora_alpha > 0, _key(self, "lora_alpha"),
                  self.lora_alpha, "a number > 0 (lora_alpha = alpha_ratio · r)")
-        _require(_is_int(self.local_steps) and self.local_steps > 0, _key(self, "local_steps"),
+        require(_is_int(self.local_steps) and self.local_steps > 0, _key(self, "local_steps"),
                  self.local_steps, "a positive integer")
-        _require(_is_int(self.seed), _key(self, "seed"), self.seed, "an integer")
-        _require(self.global_mode in GLOBAL_MODES, "global-mode", self.global_mode,
+        require(_is_int(self.seed), _key(self, "seed"), self.seed, "an integer")
+        require(self.global_mode in GLOBAL_MODES, "global-mode", self.global_mode,
                  str(list(GLOBAL_MODES)))
-        _require(isinstance(self.train_lora_a, bool), "train-lora-a", self.train_lora_a,
+        require(isinstance(self.train_lora_a, bool), "train-lora-a", self.train_lora_a,
                  "true or false")
         if self.prune is not None:
-            _require(self.prune.slices <= self.local_steps, _key(self.prune, "slices"),
+            require(self.prune.slices <= self.local_steps, _key(self.prune, "slices"),
                      self.prune.slices, f"at most train.local_steps={self.local_steps} (every "
                      "slice is tuned at least one step)")
-            _require(self.global_mode in ("none", "frozen"), "global-mode", self.global_mode,
+            require(self.global_mode in ("none", "frozen"), "global-mode", self.global_mode,
                      "'none' or 'frozen' in a pruned round (the global update stays beside "
                      "the pruned base)")
 

@@ -30,13 +30,14 @@ class ClientOutcome:
         return self.status == OK
 
     def to_json(self) -> dict:
-        row: dict = {"bytes-down": self.bytes_down}
+        """The client's metrics, then the server's own fields (which a client cannot
+        overwrite by reporting a metric of the same name), then the strategy's."""
+        row: dict = {**self.metrics, "bytes-down": self.bytes_down}
         if self.bytes_up is not None:
             row["bytes-up"] = self.bytes_up
         row["status"] = self.status
         if self.r is not None:
             row["r"] = self.r
-        row.update(self.metrics)
         if self.device is not None:
             row["device"] = self.device
         if self.completion_seconds is not None:

@@ -73,6 +73,18 @@ def test_the_import_probe_sees_a_forbidden_import():
     assert "omegaconf" in result["forbidden"]
 
 
+def test_the_message_contract_loads_no_torch():
+    # Execute: what a tool reading the protocol alone pays for it
+    done = subprocess.run([sys.executable, "-c", ("import sys, strategies.protocol; "
+                           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+                           "('torch', 'fedapp', 'transformers')))")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+    # Assert
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def imported_top_names(tree: ast.AST) -> list[tuple[int, str]]:
     """(line, top-level package) of every absolute import; relative ones stay in-package."""
     names = []

@@ -1,6 +1,7 @@
-"""The ClientApp's handlers called directly: the identification query keeps the run's
-setup in the node's context state and answers who the client is; a node without the setup
-says so with the reason the server recognises (protocol.NO_SETUP)."""
+"""The ClientApp's handlers called directly: the identification query answers who the
+client is; the first train message's run setup is kept in the node's context state for
+later rounds; a node without the setup says so with the reason the server recognises
+(protocol.NO_SETUP)."""
 
 from __future__ import annotations
 
@@ -26,85 +27,63 @@ def make_context(partition_id: int = 2, num_partitions: int = 4, **node_config) 
     return Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
 
 
-def query(content: RecordDict | None = None) -> Message:
-    return Message(content if content is not None else RecordDict(), dst_node_id=7,
-                   message_type=MessageType.QUERY)
+def query() -> Message:
+    return Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY)
 
 
-def setup_query(record: ConfigRecord | dict | None = None) -> Message:
-    record = SETUP.to_config() if record is None else ConfigRecord(record)
-    return query(RecordDict({"setup": record}))
+def train_message(setup: ConfigRecord | dict | None = None) -> Message:
+    """A round-1 train message; with `setup`, it carries the run setup as a first one does."""
+    order = TrainOrder(server_round=1, lora_r=4, lora_alpha=8.0, local_steps=1, seed=0)
+    content = RecordDict({"arrays": ArrayRecord(), "config": order.to_config()})
+    if setup is not None:
+        content["setup"] = ConfigRecord(setup)
+    return Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
 
 
-def test_identify_keeps_the_setup_and_answers_the_identity():
-    # Prepare
-    context = make_context(partition_id=2, num_partitions=4)
-
+def test_identify_answers_who_the_client_is():
     # Execute
-    reply = client_app.identify(setup_query(), context)
+    reply = client_app.identify(query(), make_context(partition_id=2, num_partitions=4))
+    named = client_app.identify(query(), make_context(0, 2, **{"client-name": "phone-a"}))
 
     # Assert
     assert dict(reply.content.config_records["identity"].items()) == {
         "partition-id": 2, "num-partitions": 4, "client-name": "partition-2"}
-    assert RunSetup.from_dict(context.state.config_records["setup"]) == SETUP
-    assert client_app.run_setup(context) == SETUP
-
-
-def test_identify_uses_the_configured_client_name():
-    # Prepare
-    context = make_context(partition_id=0, num_partitions=2, **{"client-name": "phone-a"})
-
-    # Execute
-    reply = client_app.identify(setup_query(), context)
-
-    # Assert
-    assert reply.content.config_records["identity"]["client-name"] == "phone-a"
+    assert named.content.config_records["identity"]["client-name"] == "phone-a"
 
 
 def test_the_client_app_routes_the_query_to_identify():
-    # Prepare
-    context = make_context(partition_id=1, num_partitions=3)
-
     # Execute: through the ClientApp, as a SuperNode calls it
-    reply = client_app.app(setup_query(), context)
+    reply = client_app.app(query(), make_context(partition_id=1, num_partitions=3))
 
     # Assert
     assert reply.content.config_records["identity"]["client-name"] == "partition-1"
-    assert client_app.run_setup(context) == SETUP
 
 
-def test_identify_without_setup_keeps_the_one_already_stored():
-    # Prepare: the node met the server before; a later query carries no setup
+def test_the_first_train_message_setup_is_kept_for_later_rounds():
+    # Prepare
     context = make_context()
-    client_app.identify(setup_query(), context)
 
-    # Execute
-    reply = client_app.identify(query(), context)
+    # Execute: round 1 carries the setup, round 2 does not
+    first = client_app.stored_setup(train_message(SETUP.to_dict()), context)
+    later = client_app.stored_setup(train_message(), context)
 
     # Assert
-    assert reply.content.config_records["identity"]["partition-id"] == 2
-    assert client_app.run_setup(context) == SETUP
+    assert first == later == SETUP
+    assert RunSetup.from_dict(context.state.config_records["setup"]) == SETUP
 
 
-def test_identify_refuses_a_bad_setup_and_keeps_none():
+def test_a_bad_setup_is_refused_by_key_and_nothing_is_kept():
     # Prepare
-    record = SETUP.to_dict() | {"lr": -1.0}
     context = make_context()
+    missing = SETUP.to_dict()
+    del missing["data-path"]
 
     # Execute / Assert
     with pytest.raises(ValueError, match=r"train\.lr=-1\.0; allowed: a number > 0"):
-        client_app.identify(setup_query(record), context)
-    assert "setup" not in context.state.config_records
-
-
-def test_identify_refuses_a_setup_with_a_missing_key():
-    # Prepare
-    record = SETUP.to_dict()
-    del record["data-path"]
-
-    # Execute / Assert
+        client_app.stored_setup(train_message(SETUP.to_dict() | {"lr": -1.0}), context)
     with pytest.raises(KeyError, match="message config lacks 'data-path'"):
-        client_app.identify(setup_query(record), make_context())
+        client_app.stored_setup(train_message(missing), context)
+    assert "setup" not in context.state.config_records
 
 
 def test_identify_needs_the_partition_in_the_node_config():
@@ -114,22 +93,14 @@ def test_identify_needs_the_partition_in_the_node_config():
 
     # Execute / Assert
     with pytest.raises(ValueError, match="node config lacks 'num-partitions'"):
-        client_app.identify(setup_query(), context)
+        client_app.identify(query(), context)
 
 
-def test_run_setup_without_setup_names_the_reason_the_server_knows():
+def test_train_without_setup_fails_before_any_training_with_the_reason_the_server_knows():
+    # Prepare: a restarted node that lost this run's setup; its order carries none
+    context = make_context()
+
     # Execute / Assert
     with pytest.raises(RuntimeError) as err:
-        client_app.run_setup(make_context())
+        client_app.train(train_message(), context)
     assert NO_SETUP in str(err.value)
-
-
-def test_train_without_setup_fails_before_any_training():
-    # Prepare: a restarted node that never received this run's setup
-    order = TrainOrder(server_round=1, lora_r=4, lora_alpha=8.0, local_steps=1, seed=0)
-    msg = Message(RecordDict({"arrays": ArrayRecord(), "config": order.to_config()}),
-                  dst_node_id=7, message_type=MessageType.TRAIN)
-
-    # Execute / Assert
-    with pytest.raises(RuntimeError, match=NO_SETUP):
-        client_app.train(msg, make_context())

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fedapp.config import build_strategy, compose_config, run_setup, strategy_class
+from fedapp.config import (
+    build_strategy,
+    compose_config,
+    load_run_config,
+    run_setup,
+    strategy_class,
+)
 from fedapp.llm.model import resolve_model_path
 from fedapp.server_app import check_federation_fits_data
 from strategies import FedIT, FLoRA, OneShot
@@ -37,7 +43,7 @@ def test_default_config_composes_to_the_documented_run():
     ("dataset=nope", "is not a known dataset"),
     ("strategy=nope", "strategy='nope' is not a known strategy"),
     ("strategy.ranks=[8,0]", "strategy.ranks=0; allowed: a positive integer"),
-    ("strategy.ranks=[]", "strategy.ranks=[]; allowed: a non-empty list of positive ints"),
+    ("strategy.ranks=[]", "strategy.ranks=[]; allowed: a non-empty list of positive integers"),
     ("train.lr=0", "train.lr=0.0; allowed: a number > 0"),
     ("train.lr=-1e-3", "train.lr=-0.001"),
     ("train.local_steps=0", "train.local_steps=0"),
@@ -167,3 +173,27 @@ def test_hub_ids_and_model_folders_pass_through(tiny_model_dir):
 def test_values_of_the_wrong_type_are_refused_by_key(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         compose_config(override)
+
+
+@pytest.mark.parametrize("strategy, extra", [
+    ("flora", ""), ("oneshot", "num_rounds=3"), ("fedspine", "scenario=phones_laptops_edge")])
+def test_a_run_config_written_before_target_reads_as_today(tmp_path, strategy, extra):
+    # Prepare: today's composed config, written back in the old form (strategy.name; FedSpine
+    # with its unused ranks; one-shot without budget_rounds)
+    cfg = compose_config(f"strategy={strategy} {extra}")
+    old = OmegaConf.to_container(cfg)
+    old["strategy"].pop("_target_")
+    old["strategy"] = {"name": strategy, **old["strategy"]}
+    if strategy == "fedspine":
+        old["strategy"]["ranks"] = [8]
+    old["strategy"].pop("budget_rounds", None)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
+
+    # Execute
+    loaded = load_run_config(tmp_path)
+
+    # Assert: the same strategy as today's config builds, with the same orders
+    now, then = build_strategy(cfg, {}), build_strategy(loaded, {})
+    client = ClientIdentity("partition-2", 2)
+    assert type(then) is type(now)
+    assert then.order_for(1, client) == now.order_for(1, client)

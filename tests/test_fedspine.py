@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedapp.config import compose_config
 from fedapp.server.loop import run_rounds
 from strategies.bandit import estimated_memory_mb
+from strategies.base import config_bytes
 from strategies.devices import DeviceProfile, device_profiles
 from strategies.fedspine import FedSpine
 from strategies.flora import FLoRA
@@ -114,7 +115,9 @@ def test_rewards_follow_the_documented_formula():
 
     log = strategy.round_log[1].clients
     t1, t2 = log["partition-0"].completion_seconds, log["partition-1"].completion_seconds
-    bytes0 = log["partition-0"].bytes_up * 8 / 5e6 + log["partition-0"].bytes_down * 8 / 20e6
+    # round 1's message also carries the run setup: traffic, but not the round's own work
+    down0 = log["partition-0"].bytes_down - config_bytes(strategy.setup.to_config())
+    bytes0 = log["partition-0"].bytes_up * 8 / 5e6 + down0 * 8 / 20e6
     assert t1 == pytest.approx(30.0 * 4 + bytes0)  # phone: 4x compute + its slow link
     median = (t1 + t2) / 2
     assert log["partition-0"].extra["reward"] == pytest.approx(0.1 - 0.5 * (t1 / median - 1))

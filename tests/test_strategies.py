@@ -187,31 +187,33 @@ def test_a_federation_that_lost_its_setup_still_needs_only_min_train_nodes():
     assert sorted(m.metadata.dst_node_id for m in second) == [1, 2]
 
 
-def test_the_setup_goes_once_with_the_identity_query_and_again_after_no_setup():
-    # Prepare: round 1 meets nodes 1 and 2; node 1 then answers that it has no run setup
+def test_the_setup_goes_once_per_client_and_again_after_no_setup():
+    # Prepare: rounds 1 and 2 with nodes 1 and 2; in round 2 node 1 says it lost the setup
     grid = FakeGrid({1: 0, 2: 1})
     strategy = FLoRA(SETUP, MODULES, local_steps=1, ranks=[2], alpha_ratio=1.0)
-    msgs = {m.metadata.dst_node_id: m for m in
-            strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)}
-    first_queries = list(grid.queries)
-    lost = Message(Error(code=0, reason=f"ClientApp: {NO_SETUP} (restarted?)"),
-                   reply_to=msgs[1])
+
+    def train_round(server_round: int, lost: set[int]) -> dict[int, Message]:
+        msgs = {m.metadata.dst_node_id: m for m in
+                strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)}
+        strategy.aggregate_train(server_round, [
+            Message(Error(code=0, reason=f"ClientApp: {NO_SETUP}"), reply_to=m) if n in lost
+            else reply(m, adapter(2, n), 1.0) for n, m in msgs.items()])
+        return msgs
 
     # Execute
-    strategy.aggregate_train(1, [lost, reply(msgs[2], adapter(2, 3), 1.0)])
-    known_after_round_1 = set(strategy.identities)
-    round2 = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid))
+    rounds = [train_round(1, set()), train_round(2, {1}), train_round(3, set())]
 
-    # Assert: each node was asked once, with the run's setup; node 1 was forgotten and is
-    # asked again (with the setup) in round 2, node 2 is not; both train in round 2
-    assert sorted(q.metadata.dst_node_id for q in first_queries) == [1, 2]
-    for query in grid.queries:
-        assert RunSetup.from_dict(query.content.config_records["setup"]) == SETUP
-    assert NO_SETUP in strategy.round_log[1].clients["partition-0"].status
-    assert known_after_round_1 == {2}
-    assert [q.metadata.dst_node_id for q in grid.queries[2:]] == [1]
-    assert sorted(m.metadata.dst_node_id for m in round2) == [1, 2]
-    assert set(strategy.identities) == {1, 2}
+    # Assert: the setup rides on each node's first train message only, and on node 1's
+    # next one after it said it lost it; it is counted in that message's bytes down
+    def carries(msg: Message) -> bool:
+        return "setup" in msg.content.config_records
+
+    assert [sorted(n for n, m in r.items() if carries(m)) for r in rounds] == [[1, 2], [], [1]]
+    assert RunSetup.from_dict(rounds[0][1].content.config_records["setup"]) == SETUP
+    assert NO_SETUP in strategy.round_log[2].clients["partition-0"].status
+    assert len(grid.queries) == 2  # each node identified once
+    down = {r: strategy.round_log[r].clients["partition-1"].bytes_down for r in (1, 2)}
+    assert down[1] > down[2]
 
 
 def test_train_orders_are_small_and_carry_no_run_wide_values():

@@ -23,7 +23,7 @@ is set-up, reported by the ClientApp as `setup-seconds`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from logging import INFO
@@ -38,7 +38,7 @@ from fedapp.llm.model import cached_base, cached_tokenizer, default_device, load
 from fedapp.llm.train import TrainResult, peak_rss_mb, train_steps
 from fedapp.pruning.surgery import PruneResult, iterative_prune
 from strategies.lora_math import LORA_A
-from strategies.protocol import RunSetup, TrainOrder
+from strategies.protocol import PruneOrder, RunSetup, TrainOrder
 
 
 @dataclass
@@ -87,15 +87,52 @@ def probe_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> flo
 
 
 def sent_model_loss(setup: RunSetup, order: TrainOrder, device: str,
-                    global_state: Mapping[str, torch.Tensor],
-                    probe: Mapping[str, torch.Tensor]) -> float:
-    """Probe loss of the model the server sent (the cached unpruned base + G), measured
-    beside a reused pruned copy so that its pruning damage is always charged."""
+                    frozen: Mapping[str, torch.Tensor],
+                    probe: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+    """(probe loss, seconds of its forward) of the model the server sent: the cached
+    unpruned base + G, measured beside a reused pruned copy so that its pruning damage is
+    always charged. Attaching the adapters is set-up: neither timed nor seeding torch."""
     base = cached_base(setup.model_path, setup.quantization, device)
-    frozen = global_state if order.global_mode == "frozen" else {}
-    with with_lora(base, order.lora_r, order.lora_alpha, list(setup.target_modules),
-                   order.seed, frozen_global=frozen) as model:
-        return probe_loss(model, probe)  # the fresh LoRA's B is zero: it adds exactly 0
+    with torch.random.fork_rng(devices=[]), with_lora(
+            base, order.lora_r, order.lora_alpha, list(setup.target_modules), order.seed,
+            frozen_global=frozen) as model:
+        start = time.perf_counter()
+        loss = probe_loss(model, probe)  # the fresh LoRA's B is zero: it adds exactly 0
+        return loss, time.perf_counter() - start
+
+
+def round_base(setup: RunSetup, order: TrainOrder, partition_id: int, num_partitions: int,
+               device: str) -> tuple[tuple, torch.nn.Module, PrunedCopy | None]:
+    """(pruned-copy key, the base to train on, the reused pruned copy or None): the cached
+    base, or for a pruning order a copy pruned earlier, or a fresh one to prune."""
+    prune = order.prune
+    # A copy is reused only by the same run setup (model, targets, data), partition and plan.
+    key = (setup, num_partitions, partition_id, device, *(
+        (prune.ratio, prune.criterion, prune.slices) if prune else ()))
+    if prune is None or prune.ratio == 0:
+        return key, cached_base(setup.model_path, setup.quantization, device), None
+    copy = take_copy(key)
+    if copy is not None:
+        return key, copy.base, copy
+    return key, load_base(setup.model_path, setup.quantization, device), None
+
+
+def tune_with_probes(model: torch.nn.Module, prune: PruneOrder, slices: int | None,
+                     tune: Callable[[torch.nn.Module], None], probe: Mapping[str, torch.Tensor],
+                     probes: dict[str, float]) -> PruneResult | None:
+    """A pruning order's training: L_before (unless measured already), then prune in
+    `slices` slices with `tune` after each (None: no pruning this round, tune once), then
+    L_after. Returns how the model was pruned this round, if it was."""
+    if "loss-before" not in probes:  # the model the server sent, its fresh LoRA still zero
+        probes["loss-before"] = probe_loss(model, probe)
+    done = None
+    if slices is not None:
+        done = iterative_prune(model, prune.ratio, slices, tune, prune.criterion,
+                               batches=[probe] if prune.criterion != "magnitude" else None)
+    else:
+        tune(model)
+    probes["loss-after"] = probe_loss(model, probe)
+    return done
 
 
 def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partitions: int,
@@ -104,16 +141,16 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
     """Carry out `order` on this client's partition (see the module docstring)."""
     device = device or default_device()
     examples, batches, pad = local_data(setup, order, partition_id, num_partitions)
-    prune = order.prune
-    pruning = prune is not None and prune.ratio > 0
-    # A copy is reused only by the same run setup (model, targets, data), partition and plan.
-    key = (setup, num_partitions, partition_id, device, *(
-        (prune.ratio, prune.criterion, prune.slices) if prune else ()))
-    copy = take_copy(key) if pruning else None
-    base = (copy.base if copy else load_base(setup.model_path, setup.quantization, device)
-            if pruning else cached_base(setup.model_path, setup.quantization, device))
-    frozen = dict(global_state) if order.global_mode == "frozen" else {}
-    plan = step_plan(order, prune.slices if pruning and copy is None else 1)
+    key, base, copy = round_base(setup, order, partition_id, num_partitions, device)
+    prune, frozen = order.prune, dict(global_state) if order.global_mode == "frozen" else {}
+    probe = collate(examples[:setup.batch_size], pad)
+    probes, probe_seconds = {}, 0.0
+    if copy is not None:  # L_before beside the reused copy; `pruned-before` marks it
+        probes["loss-before"], probe_seconds = sent_model_loss(setup, order, device, frozen,
+                                                               probe)
+        probes["pruned-before"] = 1.0
+    pruning_now = prune is not None and prune.ratio > 0 and copy is None
+    plan = step_plan(order, prune.slices if pruning_now else 1)
     log(INFO, "Client %d: %d examples, r=%d, %d steps%s", partition_id, len(examples),
         order.lora_r, order.local_steps, f", prune ratio {prune.ratio:.3f} ({prune.criterion}"
         f"{', reused copy' if copy else ''}) as {plan}" if prune else "")
@@ -129,35 +166,26 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
         targets = copy.targets if copy else [n for n, m in model.named_modules()
                                              if hasattr(m, "lora_A")]
         training_started, start = time.time(), time.perf_counter()
-        probes: dict[str, float] = {}
         done = copy.result if copy else None
         if prune is None:
             tune(model)
         else:
-            probe = collate(examples[:setup.batch_size], pad)
-            probes["loss-before"] = (probe_loss(model, probe) if copy is None else
-                                     sent_model_loss(setup, order, device, frozen, probe))
-            if pruning and copy is None:
-                done = iterative_prune(model, prune.ratio, len(plan), tune, prune.criterion,
-                                       batches=[probe] if prune.criterion != "magnitude"
-                                       else None)
-            else:
-                tune(model)
-            probes["loss-after"] = probe_loss(model, probe)
-        seconds = time.perf_counter() - start
+            done = tune_with_probes(model, prune, len(plan) if pruning_now else None, tune,
+                                    probe, probes) or done
+        seconds = time.perf_counter() - start + probe_seconds
         state = lora_state(model, getattr(torch, setup.wire_dtype))
     if done is not None:  # `base` is the pruned model again, its LoRA removed
         keep_copy(key, PrunedCopy(base, done, targets))
     if not order.train_lora_a:  # the server already holds A: send B only
         state = {k: v for k, v in state.items() if LORA_A not in k}
-    metrics = round_metrics(len(examples), results, seconds, order, probes, done, copy)
+    metrics = round_metrics(len(examples), results, seconds, order, probes, done)
     metrics["training-started"] = training_started  # wall clock, for the ClientApp's figure
     return RoundResult(state, metrics, kept_arrays(done, targets) if done else {})
 
 
 def round_metrics(num_examples: int, results: list[TrainResult], seconds: float,
-                  order: TrainOrder, probes: dict[str, float], done: PruneResult | None,
-                  copy: PrunedCopy | None) -> dict[str, float]:
+                  order: TrainOrder, probes: dict[str, float],
+                  done: PruneResult | None) -> dict[str, float]:
     """The reply's metrics; pruning orders add their probes and what pruning kept."""
     steps = sum(r.steps for r in results)
     metrics = {
@@ -168,12 +196,12 @@ def round_metrics(num_examples: int, results: list[TrainResult], seconds: float,
         "lora-r": float(order.lora_r),
     }
     if order.prune is not None:
-        metrics.update(probes)
         metrics.update({
+            "loss-before": probes["loss-before"], "loss-after": probes["loss-after"],
             "tune-seconds": sum(r.seconds for r in results),
             "prune-ratio": float(order.prune.ratio),
             "params-ratio": done.params_after / done.params_before if done else 1.0,
-            "pruned-before": float(copy is not None),  # 1: pruned in an earlier round
+            "pruned-before": probes.get("pruned-before", 0.0),  # 1: pruned in an earlier round
         })
         log(INFO, "Probe loss %.4f -> %.4f, parameters kept %.3f, %.1f s",
             probes["loss-before"], probes["loss-after"], metrics["params-ratio"], seconds)

@@ -27,6 +27,7 @@ from math import floor
 import torch
 from torch import nn
 
+from fedapp.llm.adapters import GLOBAL
 from fedapp.llm.model import disable_bnb_cpu_repack
 from fedapp.pruning.importance import Importance, ImportanceTracker, score
 from fedapp.pruning.structure import (
@@ -67,9 +68,12 @@ class PruneResult:
 
 
 def parameter_count(model: nn.Module) -> int:
-    """All parameters (tied ones once); 4-bit weights count out × in values, not bytes."""
+    """All parameters of the client's model (tied ones once); 4-bit weights count out × in
+    values, not bytes. The server's frozen global adapter is not part of it: it is the
+    server's update, held beside the model for one round."""
     return sum(int(torch.Size(p.quant_state.shape).numel()) if getattr(p, "quant_state", None)
-               is not None else p.numel() for p in model.parameters())
+               is not None else p.numel() for name, p in model.named_parameters()
+               if f".{GLOBAL}." not in name)
 
 
 def prunable_parameter_count(model: nn.Module) -> int:
@@ -270,16 +274,14 @@ def _tune(model: nn.Module, tune_fn: Callable[[nn.Module], object], beta: float,
 def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
                     tune_fn: Callable[[nn.Module], object], criterion: str = "taylor",
                     batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
-                    beta: float = 0.9,
-                    on_prune: Callable[[PruneResult], None] | None = None) -> PruneResult:
+                    beta: float = 0.9) -> PruneResult:
     """Prune in `slices` equal steps to `target_ratio` of the prunable parameters, calling
     `tune_fn(model)` after each. The attached LoRA is sliced with the base, so tune_fn must
     build its optimizer from the model's parameters on every call.
 
     Taylor scores come from the previous tune_fn run's gradients; the first slice scores on
-    `batches`, or, without batches, on an extra tune_fn run before it. `on_prune(total)` is
-    called after each slice, before tuning, with the pruning so far (indices into the full
-    shapes), e.g. to re-slice something that follows the layers.
+    `batches`, or, without batches, on an extra tune_fn run before it. Every peft adapter
+    of a wrapped layer (the trainable LoRA and a frozen global one) is sliced with it.
     """
     if not 0 <= target_ratio < 1 or slices < 1:
         raise ValueError(f"target_ratio={target_ratio}, slices={slices}; allowed: "
@@ -294,8 +296,6 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
         step = max(0.0, (target_ratio * s / slices - done) / (1 - done))
         result = prune_model(model, plan_pruning(importance, step))
         total = result if total is None else compose(total, result)
-        if on_prune is not None:
-            on_prune(total)
         tracked = _tune(model, tune_fn, beta, track=taylor and s < slices)
     assert total is not None
     return total

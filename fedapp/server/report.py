@@ -48,7 +48,7 @@ class RunRecorder:
         """One line of metrics.jsonl: the evaluation, the round's traffic and clients, and the
         simulated time so far (clients train in parallel: a round lasts as long as its
         slowest accepted client's `completion-seconds`, strategies.devices)."""
-        summary = summary or RoundSummary(server_round)
+        summary = summary or RoundSummary(server_round)  # round 0: no clients yet
         self.cum_up += summary.bytes_up
         self.cum_down += summary.bytes_down
         self.sim_seconds += summary.sim_seconds
@@ -62,7 +62,8 @@ class RunRecorder:
             "cum-mb": (self.cum_up + self.cum_down) / MB,
             "wall-seconds": round(time.monotonic() - self.start, 2),
             "sim-seconds": round(self.sim_seconds, 2),
-            **{k: v for k, v in summary.to_json().items() if k != "train-loss"},
+            **({k: v for k, v in summary.to_json().items() if k != "train-loss"}
+               if summary.clients else {}),
         }
         self.rows.append(row)
         with self.metrics_path.open("a") as f:

@@ -75,16 +75,14 @@ def merge_late(adapter_dir: Path, aggregate: dict, late: LoraUpdate, out_dir: Pa
 
 def train_late_client(run_dir: Path, partition_id: int, num_partitions: int) -> LoraUpdate:
     """Run the late client's one-shot training here, with the orders the run gave."""
-    from omegaconf import OmegaConf
 
     from fedapp.client.round import run_round
-    from fedapp.config import build_strategy, validate
+    from fedapp.config import build_strategy, load_run_config
     from fedapp.llm.model import cached_base, default_device
     from fedapp.server.evaluate import target_module_shapes
     from strategies.base import ClientIdentity
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")  # the run's composed config
-    validate(cfg)
+    cfg = load_run_config(run_dir)  # the run's composed config
     base = cached_base(cfg.model.path, cfg.model.quantization, default_device())
     strategy = build_strategy(cfg, target_module_shapes(base, list(cfg.lora.target_modules)))
     order = strategy.order_for(1, ClientIdentity(f"partition-{partition_id}", partition_id))
