@@ -3,8 +3,9 @@
 Torch-free, so both sides (and tools) can import it without the model stack.
 
 - `RunSetup`: what stays the same for a whole run (model, data, batch size, learning rate,
-  wire dtype, ...). The server sends it **once per client**, with the identification query
-  at the start of the run; the client keeps it in its Flower `context.state`.
+  wire dtype, ...). The server sends it **once per client**, as the "setup" record of the
+  first train message it sends that client (again if the client answers NO_SETUP); the
+  client keeps it in its Flower `context.state`.
 - `TrainOrder`: what one client does in one round (rank, lora_alpha, steps, seed, how to use
   the global arrays, optionally a pruning order). It travels in every train message.
 
