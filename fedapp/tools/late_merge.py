@@ -26,6 +26,7 @@ from strategies.lora_math import (
     fold_in,
     fold_in_average,
     join_factors,
+    rank_of,
     split_factors,
 )
 
@@ -56,7 +57,7 @@ def merge_late(adapter_dir: Path, aggregate: dict, late: LoraUpdate, out_dir: Pa
             f"{sorted(set(late.factors) - set(factors))[:3]}; it must target the same modules")
     if combine == "stack":
         merged = fold_in(factors, aggregate["total-weight"], late)
-        rank = next(iter(merged.values()))[0].shape[0]
+        rank = rank_of(merged)
         config.update(r=rank, lora_alpha=rank)  # scaling stays 1
     else:
         if abs(late.scaling - aggregate["scaling"]) > 1e-9 or late.rank != config["r"]:
