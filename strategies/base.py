@@ -96,8 +96,11 @@ class LoraStrategy(FedAvg):
                  devices: list[DeviceProfile] | None = None) -> None:
         if not 0 < fraction_train <= 1:
             raise ValueError(f"scenario.fraction_train={fraction_train}; allowed: 0 < x <= 1")
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
+        super().__init__(fraction_train=fraction_train,
                          min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes)
+        # No federated evaluation, by design: the server evaluates the global adapter on the
+        # held-out split itself. Set after FedAvg's init, whose warning says only that.
+        self.fraction_evaluate = 0.0
         if (ranks is None) != self.picks_ranks or (ranks is not None and not ranks):
             raise ValueError(f"strategy.ranks={ranks!r}; allowed: " + (
                 "none: this strategy picks each client's rank" if self.picks_ranks
