@@ -1,27 +1,37 @@
-"""The Flower ClientApp: identifies itself, keeps the run's setup, and trains when asked."""
+"""The Flower ClientApp: identifies itself, keeps the run's setup, and trains when asked.
+
+Its Flower `context.state` (kept across rounds) holds the run's setup and, for FLoRA's
+versioned downlink, the global update it holds with its version and its last upload.
+"""
 
 from __future__ import annotations
 
 import time
 
 import psutil
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedapp.client.round import run_round
+from strategies.flora import receive_global
 from strategies.protocol import (
     ARRAYS,
     CONFIG,
+    GLOBAL,
     IDENTITY,
     KEPT,
     METRICS,
     NO_SETUP,
     SETUP,
+    GlobalVersion,
     RunSetup,
     TrainOrder,
 )
 
 app = ClientApp()
+# context.state keys: the global update this node holds, its version, and its last upload
+HELD_GLOBAL, HELD_VERSION, LAST_UPLOAD = "held-global", "held-version", "last-upload"
 _PROCESS_SEEN_A_MESSAGE = False
 
 
@@ -50,6 +60,28 @@ def stored_setup(msg: Message, context: Context) -> RunSetup:
     return RunSetup.from_dict(context.state.config_records[SETUP])
 
 
+def held_global(msg: Message, context: Context, setup: RunSetup) -> dict[str, torch.Tensor]:
+    """The global arrays to train with. When the message names a global version (FLoRA),
+    they are that version, sent whole or rebuilt from this node's held copy and its last
+    upload (`strategies.flora.receive_global`), and kept in context.state for next time."""
+    arrays = msg.content[ARRAYS].to_torch_state_dict()
+    if GLOBAL not in msg.content.config_records:
+        return arrays
+    version = GlobalVersion.from_dict(msg.content.config_records[GLOBAL])
+    state = context.state
+    held = state.array_records[HELD_GLOBAL].to_torch_state_dict() \
+        if HELD_GLOBAL in state.array_records else None
+    held_version = int(state.config_records[HELD_VERSION]["version"]) \
+        if HELD_VERSION in state.config_records else None  # type: ignore[arg-type]
+    upload = state.array_records[LAST_UPLOAD].to_torch_state_dict() \
+        if LAST_UPLOAD in state.array_records else None
+    global_state = receive_global(version, arrays, held, held_version, upload,
+                                  getattr(torch, setup.wire_dtype))
+    state[HELD_GLOBAL] = ArrayRecord(global_state)
+    state[HELD_VERSION] = ConfigRecord({"version": version.version})
+    return global_state
+
+
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Tell the server who this client is, by something stabler than the node id."""
@@ -67,8 +99,10 @@ def train(msg: Message, context: Context) -> Message:
     setup = stored_setup(msg, context)
     order = TrainOrder.from_dict(msg.content[CONFIG])
     partition_id, num_partitions = node_partition(context)
-    global_state = msg.content[ARRAYS].to_torch_state_dict()
+    global_state = held_global(msg, context, setup)
     result = run_round(setup, order, partition_id, num_partitions, global_state)
+    if GLOBAL in msg.content.config_records:  # the server may build on it next round
+        context.state[LAST_UPLOAD] = ArrayRecord(result.state)
     metrics = result.metrics
     # Overhead before training starts: model/data loading within the handler; and how old
     # the process was when its first message came (a deployed SuperNode starts a ClientApp

@@ -8,4 +8,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 export HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
 export TOKENIZERS_PARALLELISM=false
+# Ray's coming default (accelerator variables of GPU-less actors left alone), said explicitly:
+# otherwise every simulation prints a FutureWarning that it will change.
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
 export PATH="$root/.venv/bin:$PATH"

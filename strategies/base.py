@@ -1,9 +1,9 @@
 """What every LoRA strategy here shares: who the clients are, what each is told, what is
 accepted back, and a per-round log of bytes and losses.
 
-Subclasses set `global_mode`, override `client_state` / `order_for` where a client
-receives something particular, and `aggregate_updates` (the math, delegated to pure functions
-in `lora_math`).
+Subclasses set `global_mode`, override `client_state` / `order_for` / `downlink` where a
+client receives something particular, and `aggregate_updates` (the math, delegated to pure
+functions in `lora_math`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,14 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.devices import DeviceProfile
 from strategies.lora_math import LoraUpdate
+from strategies.messaging import send_and_receive
 from strategies.protocol import (
     ARRAYS,
     CONFIG,
+    GLOBAL,
     IDENTITY,
     METRICS,
+    NO_GLOBAL,
     NO_SETUP,
     SETUP,
     RunSetup,
@@ -154,7 +157,7 @@ class LoraStrategy(FedAvg):
             return
         asks = [Message(RecordDict({CONFIG: ConfigRecord({"ask": "identity"})}),
                         message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
-        for reply in grid.send_and_receive(asks, timeout=self.wait_seconds):
+        for reply in send_and_receive(grid, asks, self.wait_seconds):
             if reply.has_error() or IDENTITY not in reply.content.config_records:
                 log(WARNING, "A node did not identify itself: %s",
                     reply.error.reason if reply.has_error() else "no identity record")
@@ -217,6 +220,12 @@ class LoraStrategy(FedAvg):
         dtype = getattr(torch, self.setup.wire_dtype)
         return ArrayRecord({k: v.to(dtype) for k, v in self.client_state(client, state).items()})
 
+    def downlink(self, server_round: int, client: ClientIdentity,
+                 state: dict[str, torch.Tensor]) -> tuple[ArrayRecord, ConfigRecord | None]:
+        """The train message's arrays for `client`, and the "global" record that says how to
+        read them (None: use them as sent; FLoRA sends versions and increments)."""
+        return self.client_arrays(client, state), None
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         node_ids = self.sample(grid, server_round)
@@ -226,8 +235,10 @@ class LoraStrategy(FedAvg):
         for node_id in node_ids:
             client = self.identities[node_id]
             order = self.order_for(server_round, client)
-            payload = self.client_arrays(client, state)
+            payload, version = self.downlink(server_round, client, state)
             content = RecordDict({ARRAYS: payload, CONFIG: order.to_config()})
+            if version is not None:
+                content[GLOBAL] = version
             setup_bytes = 0
             if node_id in self.setup_owed:  # once per client: it keeps it in context.state
                 content[SETUP] = self.setup.to_config()
@@ -235,7 +246,8 @@ class LoraStrategy(FedAvg):
                 self.setup_owed.discard(node_id)
             self.assignments[node_id] = Assignment(
                 client, order, payload.count_bytes() + config_bytes(content[CONFIG])
-                + setup_bytes, setup_bytes)
+                + (config_bytes(version) if version is not None else 0) + setup_bytes,
+                setup_bytes)
             messages.append(Message(content, message_type=MessageType.TRAIN,
                                     dst_node_id=node_id))
         chosen = ", ".join(f"{a.client.name}(r={a.order.lora_r})"
@@ -265,10 +277,11 @@ class LoraStrategy(FedAvg):
         for assignment in self.assignments.values():  # asked but never answered
             summary.clients.setdefault(assignment.client.name,
                                        ClientOutcome(bytes_down=assignment.bytes_down))
+        asked = {a.client.name: a.order for a in self.assignments.values()}
         for name, c in sorted(summary.clients.items()):
-            log(INFO, "  %s: %s, r=%s, down %.3f MB, up %.3f MB, train-loss %s", name,
-                c.status, c.r if c.r is not None else "-", c.bytes_down / 2**20,
-                (c.bytes_up or 0) / 2**20, c.metrics.get("train-loss", "-"))
+            order = asked.get(name)
+            log(INFO, "  %s", c.console_line(name, order.lora_r if order else None,
+                                             order.local_steps if order else None))
         self.round_log[server_round] = summary
         if not updates:
             log(WARNING, "Round %d: no valid reply; the global adapter is unchanged", server_round)
@@ -289,6 +302,9 @@ class LoraStrategy(FedAvg):
             if msg.has_error():
                 if NO_SETUP in msg.error.reason:  # e.g. a restarted SuperNode: send it again
                     self.setup_owed.add(node_id)
+                if NO_GLOBAL in msg.error.reason:  # not accepted: next time the whole global
+                    log(INFO, "%s lost its copy of the global: it gets all of it next time",
+                        name)
                 raise RejectedReply(f"client error: {msg.error.reason}")
             if assignment is None:
                 raise RejectedReply("reply from a node that was not asked")

@@ -1,37 +1,75 @@
 """FLoRA: exact aggregation of heterogeneous-rank LoRA by stacking.
 
-Each round's update ΔW = Σ p_k s_k B_k A_k is stacked into low-rank factors (exact for any
+Each round's update Δ_t = Σ p_k s_k B_k A_k is stacked into low-rank factors (exact for any
 mix of ranks) and appended to the server-held global update G, kept as factors of rank R.
 Selected clients receive G and train a fresh LoRA beside it (G stays frozen, the 4-bit base
 is never requantised). Past `rank_budget`, G is re-compressed by a truncated SVD and the
 relative error dropped is logged.
+
+The downlink is versioned and exact. Version t is the global after round t (0: none):
+G_t = `next_global`(G_{t-1}, Δ_t, budget), from the wire-precision uploads, held at wire
+precision, so what the server evaluates is what every client holds. A client accepted in
+round t holds G_{t-1} and its own upload of round t; selected in round t+1, it gets only
+the other clients' slots of Δ_t (an `Increment`: their uploads side by side, every slot's
+rank and coefficient p_j s_j, where its own slot goes) and recomputes G_t with the same
+function (`receive_global`), unless all of G_t is smaller (Σ_{j≠k} r_j ≥ R). Everyone
+else (newcomers, clients that missed round t or were not accepted in it, the first round of
+a resumed run or of a retried attempt) gets all of G_t; so does everybody under DP, whose
+Δ_t is noised and has no own part. A client that
+cannot apply an increment fails with NO_GLOBAL; not accepted, it gets all of G next time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from strategies.base import LoraStrategy
+from strategies.base import ClientIdentity, LoraStrategy
 from strategies.dp import make_accountant, private_aggregate, spend
 from strategies.lora_math import (
     Factors,
     LoraUpdate,
-    append_factors,
+    cat_slots,
+    digest,
     join_factors,
+    next_global,
     rank_of,
+    scaled_parts,
     split_factors,
-    stack_factors,
-    truncate_factors,
+    split_slots,
+    stack_scaled,
 )
+from strategies.protocol import NO_GLOBAL, GlobalVersion, Increment
+from strategies.summary import ClientOutcome
+
+
+@dataclass(frozen=True)
+class RoundSlots:
+    """Round `server_round`'s Δ as slots: the accepted clients' uploads (wire dtype) in
+    stacking order, with their names and coefficients p_k s_k."""
+
+    server_round: int
+    names: list[str]
+    parts: list[tuple[float, Factors]]
+
+    def increment_for(self, name: str, rank_budget: int) -> tuple[ArrayRecord, Increment]:
+        """What a client that uploaded slot `name` needs to rebuild this round's global."""
+        own = self.names.index(name)
+        others = cat_slots([f for j, (_, f) in enumerate(self.parts) if j != own])
+        return ArrayRecord(join_factors(others)), Increment(
+            rank_budget=rank_budget, ranks=tuple(rank_of(f) for _, f in self.parts),
+            coefficients=tuple(c for c, _ in self.parts), own_slot=own,
+            own_digest=digest(join_factors(self.parts[own][1])))
 
 
 class FLoRA(LoraStrategy):
     name = "flora"
     global_mode = "frozen"  # clients keep G = B @ A (scaling 1) frozen beside the base
     supports_dp = True
+    increments = True  # returning clients get the round's increment (False: always all of G)
 
     def __init__(self, *args, rank_budget: int = 64, dp: Mapping | None = None,
                  **kwargs) -> None:
@@ -42,33 +80,75 @@ class FLoRA(LoraStrategy):
         self.global_factors: Factors = {}
         self.dp = dict(dp) if dp else None
         self.accountant = make_accountant(self.dp, self.min_available_nodes) if self.dp else None
+        self.slots: RoundSlots | None = None  # the last round's Δ, for returning clients
+        self.owners: dict[int, str] = {}  # id(accepted update) -> client name, this round
 
     def load_state(self, state: dict, arrays: ArrayRecord) -> None:
-        self.global_factors = split_factors(arrays.to_torch_state_dict())
+        dtype = self.held_dtype()  # a checkpoint of an older version may hold fp32
+        self.global_factors = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in
+                               split_factors(arrays.to_torch_state_dict()).items()}
+        self.slots = None  # a resumed run or a retried attempt: everyone gets all of G
         if self.accountant is not None and state.get("accountant"):
             self.accountant.load_state_dict(state["accountant"])
 
     def state_dict(self) -> dict:
         return {"accountant": self.accountant.state_dict()} if self.accountant else {}
 
+    # ------------------------------------------------------------------ downlink
+    def downlink(self, server_round: int, client: ClientIdentity,
+                 state: dict[str, torch.Tensor]) -> tuple[ArrayRecord, ConfigRecord | None]:
+        """The increment of round `server_round` − 1 for a client that uploaded one of its
+        slots, when smaller than G; all of G (version `server_round` − 1) otherwise."""
+        if not self.increments or self.dp is not None:
+            return super().downlink(server_round, client, state)
+        slots, version = self.slots, server_round - 1
+        full = self.client_arrays(client, state)
+        if (slots is not None and slots.server_round == version
+                and slots.names.count(client.name) == 1):
+            arrays, increment = slots.increment_for(client.name, self.rank_budget)
+            if arrays.count_bytes() < full.count_bytes():  # else all of G is cheaper
+                return arrays, GlobalVersion(version, increment).to_config()
+        return full, GlobalVersion(version).to_config()
+
+    def check_reply(self, server_round: int, node_id: int, msg: Message
+                    ) -> tuple[str, ClientOutcome, LoraUpdate | None]:
+        name, outcome, update = super().check_reply(server_round, node_id, msg)
+        if update is not None:  # whose slot it becomes, for the next round's increments
+            self.owners[id(update)] = name
+        return name, outcome, update
+
+    # ------------------------------------------------------------------ aggregation
+    def held_dtype(self) -> torch.dtype:
+        """G's dtype on the server: the wire dtype, so that clients rebuilding it hold the
+        same bits and the server evaluates what they hold; float32 without increments
+        (FedSpine, whose clients get G cast to the wire dtype)."""
+        return getattr(torch, self.setup.wire_dtype) if self.increments else torch.float32
+
     def round_update(self, server_round: int, updates: list[LoraUpdate]
-                     ) -> tuple[Factors, dict[str, float]]:
-        """This round's ΔW as factors: exact stacking, or its differentially private version."""
+                     ) -> tuple[Factors, dict[str, float], list[tuple[float, Factors]] | None]:
+        """This round's Δ as factors, its figures, and its slots (wire dtype; None under DP:
+        its differentially private version has no per-client parts)."""
         if self.dp is None:
-            return stack_factors(updates), {}
+            parts = scaled_parts(updates, self.held_dtype())
+            return stack_scaled(parts), {}, parts
         generator = torch.Generator().manual_seed(self.seed * 7919 + server_round)
         factors, info = private_aggregate(updates, float(self.dp["clip_norm"]),
                                           float(self.dp["noise_multiplier"]), self.rank_budget,
                                           generator)
         info["dp-epsilon"] = spend(self.accountant, float(self.dp["noise_multiplier"]),
                                    len(updates), float(self.dp["delta"]))
-        return factors, info
+        return factors, info, None
 
     def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
                           ) -> tuple[ArrayRecord, dict[str, float]]:
-        delta, info = self.round_update(server_round, updates)
-        grown = append_factors(self.global_factors, delta)
-        self.global_factors, dropped = truncate_factors(grown, self.rank_budget)
+        delta, info, parts = self.round_update(server_round, updates)
+        self.global_factors, dropped = next_global(self.global_factors, delta, self.rank_budget,
+                                                   self.held_dtype())
+        names = [self.owners.get(id(u)) for u in updates]
+        self.owners = {}
+        self.slots = None
+        if self.increments and parts is not None and None not in names:
+            self.slots = RoundSlots(server_round, names, parts)  # type: ignore[arg-type]
         return ArrayRecord(join_factors(self.global_factors)), {
             "global-rank": float(rank_of(self.global_factors)), "svd-dropped-error": dropped,
             **info}
@@ -79,3 +159,38 @@ class FLoRA(LoraStrategy):
             return {}, 0, 0.0
         rank = rank_of(split_factors(state))
         return state, rank, float(rank)  # lora_alpha = R: scaling 1, G = B @ A exactly
+
+
+def receive_global(version: GlobalVersion, arrays: Mapping[str, torch.Tensor],
+                   held: Mapping[str, torch.Tensor] | None, held_version: int | None,
+                   upload: Mapping[str, torch.Tensor] | None,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The client's side of the downlink: global version `version.version` as peft-keyed
+    factors, from the message's `arrays` (all of it, or an increment) and, for an
+    increment, the client's held global (`held`, version `held_version`) and its last
+    `upload`. Raises RuntimeError with NO_GLOBAL when the increment does not follow what it
+    holds; the server then sends all of G next time."""
+    inc = version.increment
+    if inc is None:
+        return dict(arrays)
+    if held is None or held_version != version.version - 1:
+        raise RuntimeError(f"{NO_GLOBAL}: the increment to global version {version.version} "
+                           f"needs version {version.version - 1}; this node holds "
+                           f"{'none' if held is None else held_version} (a restarted "
+                           "SuperNode?); the server sends the whole global next time")
+    if upload is None or digest({k: v.to(dtype) for k, v in upload.items()}) != inc.own_digest:
+        raise RuntimeError(f"{NO_GLOBAL}: the increment to global version {version.version} "
+                           "builds on an upload of this node's that it does not hold; the "
+                           "server sends the whole global next time")
+    own = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in split_factors(upload).items()}
+    others, other_ranks = split_factors(arrays), [r for j, r in enumerate(inc.ranks)
+                                                  if j != inc.own_slot]
+    if sorted(others) != (sorted(own) if other_ranks else []):
+        raise ValueError(f"the increment to global version {version.version} covers "
+                         f"{len(others)} modules; expected the {len(own)} of this node's "
+                         f"upload ({len(other_ranks)} other slots)")
+    slots = split_slots(others, other_ranks)
+    slots.insert(inc.own_slot, own)
+    delta = stack_scaled(list(zip(inc.coefficients, slots, strict=True)))
+    factors, _ = next_global(split_factors(held), delta, inc.rank_budget, dtype)
+    return join_factors(factors)

@@ -10,8 +10,10 @@ State dicts are keyed the way `peft.get_peft_model_state_dict` keys them, e.g.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -130,20 +132,58 @@ def fedavg_noise(updates: Sequence[LoraUpdate]) -> float:
     return (err_sq / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
 
 
+def scaled_parts(updates: Sequence[LoraUpdate],
+                 dtype: torch.dtype | None = None) -> list[tuple[float, Factors]]:
+    """Each client's (c_k = p_k s_k, factors), the factors cast to `dtype` (None: as they
+    came): the inputs of `stack_scaled`, and what FLoRA's downlink sends slot by slot."""
+    ps = normalized_weights([u.weight for u in updates])
+    return [(p * u.scaling, u.factors if dtype is None else
+             {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in u.factors.items()})
+            for p, u in zip(ps, updates)]
+
+
+def stack_scaled(parts: Sequence[tuple[float, Factors]],
+                 dtype: torch.dtype = torch.float64) -> Factors:
+    """A_s = cat_k(c_k A_k) on dim 0, B_s = cat_k(B_k) on dim 1, computed in `dtype`.
+
+    Elementwise products and concatenations only: in float64 (c_k a Python float) the
+    result is bitwise the same on any machine that gets the same inputs."""
+    out: Factors = {}
+    for module in parts[0][1]:
+        a_s = torch.cat([c * f[module][0].to(dtype) for c, f in parts], dim=0)  # (Σr, in)
+        b_s = torch.cat([f[module][1].to(dtype) for _, f in parts], dim=1)  # (out, Σr)
+        out[module] = (a_s, b_s)
+    return out
+
+
 def stack_factors(updates: Sequence[LoraUpdate]) -> Factors:
-    """FLoRA stacking: A_s = cat_k(p_k s_k A_k) on dim 0, B_s = cat_k(B_k) on dim 1.
+    """FLoRA stacking: A_s = cat_k(p_k s_k A_k) on dim 0, B_s = cat_k(B_k) on dim 1 (fp32).
 
     Then B_s @ A_s = Σ p_k s_k B_k A_k exactly, whatever the mix of ranks. The result has
     scaling 1 and rank Σ r_k.
     """
-    ps = normalized_weights([u.weight for u in updates])
-    out: Factors = {}
-    for module in updates[0].factors:
-        a_s = torch.cat([p * u.scaling * u.factors[module][0].float()
-                         for p, u in zip(ps, updates)], dim=0)  # (Σr, in)
-        b_s = torch.cat([u.factors[module][1].float() for u in updates], dim=1)  # (out, Σr)
-        out[module] = (a_s, b_s)
-    return out
+    return stack_scaled(scaled_parts(updates), torch.float32)
+
+
+def cat_slots(slots: Sequence[Factors]) -> Factors:
+    """Slots (factors of ranks r_j, same modules) side by side: A on dim 0, B on dim 1."""
+    return {m: (torch.cat([f[m][0] for f in slots]), torch.cat([f[m][1] for f in slots], 1))
+            for m in slots[0]} if slots else {}
+
+
+def split_slots(joined: Factors, ranks: Sequence[int]) -> list[Factors]:
+    """Inverse of `cat_slots`: cut every module's factors into slots of `ranks`.
+
+    Raises ValueError when a module's rank is not Σ ranks."""
+    for module, (a, _) in joined.items():
+        if a.shape[0] != sum(ranks):
+            raise ValueError(f"'{module}' has rank {a.shape[0]}; the slots of ranks "
+                             f"{list(ranks)} need {sum(ranks)}")
+    slots: list[Factors] = [{} for _ in ranks]
+    for module, (a, b) in joined.items():
+        for slot, a_j, b_j in zip(slots, a.split(list(ranks)), b.split(list(ranks), dim=1)):
+            slot[module] = (a_j, b_j)
+    return slots
 
 
 def append_factors(global_factors: Factors, new: Factors) -> Factors:
@@ -193,6 +233,46 @@ def truncate_factors(factors: Factors, budget: int) -> tuple[Factors, float]:
         out[module] = (a_t, b_t)
         worst = max(worst, dropped)
     return out, worst
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """MKL's blocked QR / SVD round differently with different thread counts: pin one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def next_global(prev: Factors, increment: Factors, budget: int,
+                dtype: torch.dtype) -> tuple[Factors, float]:
+    """FLoRA's global after a round: G_t = truncate(append(G_{t-1}, Δ_t), budget), in
+    float64 on one CPU thread, cast to `dtype` (the wire dtype); and the error dropped.
+
+    The server defines G_t this way and a returning client recomputes it from the same
+    inputs (its held G_{t-1} and the round's Δ_t, both at wire precision), so the two agree
+    bitwise on one platform (same torch and LAPACK build, same thread count: pinned here).
+    Across platforms LAPACK may round the last bits differently, or pick other signs (or,
+    for repeated singular values, other bases) for the singular vectors: the factors then
+    differ, but only the products B @ A enter the model, and those agree to rounding.
+    """
+    with _one_thread():
+        grown = append_factors({m: (a.double(), b.double()) for m, (a, b) in prev.items()},
+                               {m: (a.double(), b.double()) for m, (a, b) in increment.items()})
+        truncated, dropped = truncate_factors(grown, budget)
+    return {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in truncated.items()}, dropped
+
+
+def digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A short fingerprint of a state dict's keys, dtypes, shapes and bytes (blake2b)."""
+    h = hashlib.blake2b(digest_size=8)
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def zeropad_factors(updates: Sequence[LoraUpdate]) -> Factors:

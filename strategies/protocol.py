@@ -8,6 +8,10 @@ Torch-free, so both sides (and tools) can import it without the model stack.
   client keeps it in its Flower `context.state`.
 - `TrainOrder`: what one client does in one round (rank, lora_alpha, steps, seed, how to use
   the global arrays, optionally a pruning order). It travels in every train message.
+- `GlobalVersion` (FLoRA): which version of the global update the arrays give, and whether
+  they are the whole of it or an `Increment` that a client holding the previous version
+  completes with its own last upload (`strategies.flora`). A client that cannot (it lost
+  its copy) fails with NO_GLOBAL and gets the whole global next time.
 
 Each dataclass validates its values where it is created (`__post_init__`, as peft's
 `LoraConfig` does), naming the config key the value came from, so a bad value stops the run
@@ -26,6 +30,7 @@ from flwr.app import ConfigRecord
 QUANTIZATIONS = ("nf4", "none")
 PARTITIONERS = ("iid", "dirichlet", "natural")
 WIRE_DTYPES = ("float16", "float32")
+LOSSES = ("chunked", "plain")  # fedapp.llm.loss: the same value, chunked without full logits
 # How a client uses the arrays of a train message: ignore them ("none"), keep them as a
 # frozen low-rank term beside the base ("frozen", FLoRA), or start its LoRA from them ("init").
 GLOBAL_MODES = ("none", "frozen", "init")
@@ -33,13 +38,15 @@ CRITERIA = ("magnitude", "taylor", "llm-drop")  # structured-pruning importance 
 DEFAULT_DATASET = "zaragoza-faq"
 
 # Records of the messages. Query: "setup" (server → client), "identity" (client → server).
-# Train: "config" + "arrays" (server → client); "arrays", "metrics", "kept" (client → server).
-SETUP, IDENTITY, CONFIG, ARRAYS, METRICS, KEPT = (
-    "setup", "identity", "config", "arrays", "metrics", "kept")
+# Train: "config" + "arrays" (+ "global", FLoRA) (server → client); "arrays", "metrics",
+# "kept" (client → server).
+SETUP, IDENTITY, CONFIG, ARRAYS, METRICS, KEPT, GLOBAL = (
+    "setup", "identity", "config", "arrays", "metrics", "kept", "global")
 # A pruned client names its kept indices in its "kept" ArrayRecord
 # "<peft module key>.kept-out" and "<peft module key>.kept-in" (int64, empty if dropped).
 KEPT_OUT, KEPT_IN = ".kept-out", ".kept-in"
 NO_SETUP = "no run setup"  # a client's error reason when it never received the RunSetup
+NO_GLOBAL = "no held global"  # ... when it cannot apply a global increment (wrong version)
 
 
 def alpha_for(r: int, alpha_ratio: float) -> float:
@@ -80,7 +87,7 @@ class _Record:
             elif value is None:
                 continue  # an absent optional part
             elif isinstance(value, tuple):  # lists would break ConfigRecord.count_bytes
-                record[key] = ",".join(value)
+                record[key] = ",".join(map(str, value))  # str(float) round-trips exactly
             else:
                 record[key] = value
         return record
@@ -149,6 +156,11 @@ class RunSetup(_Record):
     wire_dtype: str = field(default="float16", metadata={"config": "train.wire_dtype"})
     num_threads: int = field(default=0, metadata={"config": "train.num_threads",
                                                   "help": "torch threads; 0 = torch's default"})
+    loss: str = field(default="chunked", metadata={
+        "config": "train.loss", "help": f"one of {LOSSES}: chunked never holds full logits"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "config": "train.gradient_checkpointing",
+        "help": "recompute each layer's activations in the backward pass: less memory, slower"})
     data: DataSpec = field(default_factory=DataSpec, metadata={"record": DataSpec})
 
     def __post_init__(self) -> None:
@@ -177,6 +189,10 @@ class RunSetup(_Record):
                  str(list(WIRE_DTYPES)))
         require(_is_int(self.num_threads) and self.num_threads >= 0, _key(self, "num_threads"),
                  self.num_threads, "an integer >= 0")
+        require(self.loss in LOSSES, _key(self, "loss"), self.loss, str(list(LOSSES)))
+        require(isinstance(self.gradient_checkpointing, bool),
+                 _key(self, "gradient_checkpointing"), self.gradient_checkpointing,
+                 "true or false")
         if self.partitioner != "iid":
             require(bool(self.data.label_column), "dataset.label_column",
                      self.data.label_column, f"a column name (partitioner.name="
@@ -247,3 +263,49 @@ class TrainOrder(_Record):
     def scaling(self) -> float:
         """peft's scaling of this order's LoRA: lora_alpha / r."""
         return self.lora_alpha / self.lora_r
+
+
+@dataclass(frozen=True)
+class Increment(_Record):
+    """The arrays are round `version`'s stacked update Δ less the receiving client's own
+    slot: the other slots side by side (lora_A rows, lora_B columns), in slot order.
+
+    Slot j has rank `ranks[j]` and coefficient `coefficients[j]` (p_j · s_j); the client's
+    own slot is `own_slot`, its upload of that round, which it recognises by `own_digest`
+    (`lora_math.digest` of the upload as the server accepted it)."""
+
+    rank_budget: int
+    ranks: tuple[int, ...] = field(metadata={"tuple": True})
+    coefficients: tuple[float, ...] = field(metadata={"tuple": True})
+    own_slot: int
+    own_digest: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
+        object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
+        require(_is_int(self.rank_budget) and self.rank_budget > 0, "increment-rank-budget",
+                 self.rank_budget, "a positive integer")
+        require(bool(self.ranks) and all(r > 0 for r in self.ranks), "increment-ranks",
+                 self.ranks, "positive ranks, one per slot")
+        require(len(self.coefficients) == len(self.ranks)
+                and all(map(math.isfinite, self.coefficients)), "increment-coefficients",
+                 self.coefficients, f"{len(self.ranks)} finite numbers, one per slot")
+        require(_is_int(self.own_slot) and 0 <= self.own_slot < len(self.ranks),
+                 "increment-own-slot", self.own_slot, f"0 <= slot < {len(self.ranks)}")
+
+
+@dataclass(frozen=True)
+class GlobalVersion(_Record):
+    """Which global update a train message's arrays give: version t is the global after
+    round t (0: none yet). Without `increment` the arrays are all of it; with one, they
+    take a client from version − 1 to `version`."""
+
+    version: int
+    increment: Increment | None = field(default=None, metadata={"record": Increment,
+                                                                "optional": True})
+
+    def __post_init__(self) -> None:
+        require(_is_int(self.version) and self.version >= 0, "global-version", self.version,
+                 "an int >= 0")
+        require(self.increment is None or self.version >= 1, "global-version", self.version,
+                 "an int >= 1 with an increment (it follows version - 1)")

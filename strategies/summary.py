@@ -44,6 +44,23 @@ class ClientOutcome:
             row["completion-seconds"] = self.completion_seconds
         return {**row, **self.extra}
 
+    def console_line(self, name: str, r: int | None, steps: int | None) -> str:
+        """One readable line of the round log: the client, what it was asked (rank `r`,
+        `steps` optimizer steps), how it went (train loss, seconds per step, peak RSS of its
+        process, from its metrics), and the traffic both ways."""
+        asked = f"r={r if r is not None else '-'}, {steps if steps is not None else '-'} steps"
+        traffic = f"down {self.bytes_down / 2**20:.3f} MB, up {(self.bytes_up or 0) / 2**20:.3f} MB"
+        if not self.ok:
+            return f"{name}: {self.status}, {asked}, {traffic}"
+        m = self.metrics
+        # a pruning round also times its probes and slicing: seconds per step are the tuning's
+        seconds = m.get("tune-seconds", m.get("train-seconds"))
+        loss = f"{m['train-loss']:.4f}" if "train-loss" in m else "-"
+        per_step = f"{seconds / steps:.2f}" if seconds is not None and steps else "-"
+        rss = f"{m['peak-rss-mb']:.0f}" if "peak-rss-mb" in m else "-"
+        return (f"{name}: {asked}, train-loss {loss}, {per_step} s/step, "
+                f"peak RSS {rss} MiB, {traffic}")
+
 
 @dataclass
 class RoundSummary:

@@ -4,6 +4,8 @@ test_spine_client.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -217,8 +219,9 @@ def test_a_round_where_nobody_pruned_is_exactly_floras_stack():
         rep, _ = kept_reply(messages[node], list(range(6)), ranks[node], i)
         del rep.content["kept"]
         replies.append(rep)
-    flora = FLoRA(SETUP, MODULES, local_steps=1, ranks=[ranks[11], ranks[12]],
-                  alpha_ratio=2.0, min_available_nodes=2)
+    # FLoRA holds its global at wire precision, FedSpine in fp32: compare at fp32
+    flora = FLoRA(dataclasses.replace(SETUP, wire_dtype="float32"), MODULES, local_steps=1,
+                  ranks=[ranks[11], ranks[12]], alpha_ratio=2.0, min_available_nodes=2)
     sent = {m.metadata.dst_node_id: m for m in flora.configure_train(
         1, ArrayRecord(), ConfigRecord(), FakeGrid({11: 0, 12: 1}))}
     flora_replies = [Message(r.content, reply_to=sent[n]) for r, n in zip(replies, (11, 12),

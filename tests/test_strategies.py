@@ -34,6 +34,15 @@ class FakeGrid:
     def get_node_ids(self):
         return list(self.partitions)
 
+    def push_messages(self, messages):
+        """Answer at once; the ids returned are those of the messages answered."""
+        self.pending = list(self.send_and_receive(messages))
+        return [r.metadata.reply_to_message_id for r in self.pending]
+
+    def pull_messages(self, message_ids):
+        replies, self.pending = self.pending, []
+        return replies
+
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for msg in messages:
@@ -85,12 +94,14 @@ def test_flora_assigns_ranks_by_partition_and_aggregates_only_valid_replies():
     assert "client crashed" in log.clients["partition-3"].status
     assert log.bytes_up == sum(ArrayRecord(s).count_bytes() for s in good.values()) + \
         ArrayRecord(adapter(4, 2)).count_bytes()
-    expected = [LoraUpdate(strategy_factors(good[n]), 2.0, w) for n, w in ((11, 10.), (13, 30.))]
+    # the global is the exact stack of the uploads at wire precision, held in fp16 itself
+    expected = [LoraUpdate(strategy_factors({k: v.half() for k, v in good[n].items()}), 2.0, w)
+                for n, w in ((11, 10.), (13, 30.))]
     state, r, alpha = strategy.global_adapter(arrays)
-    assert (r, alpha) == (4, 4.0)
+    assert (r, alpha) == (4, 4.0) and state[next(iter(state))].dtype == torch.float16
     for module in MODULES:
-        torch.testing.assert_close(state[module + LORA_B] @ state[module + LORA_A],
-                                   exact_delta(expected, module), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state[module + LORA_B].float() @ state[module + LORA_A].float(),
+                                   exact_delta(expected, module), rtol=2e-3, atol=2e-3)
     assert metrics["train-loss"] == 1.0
 
 

@@ -19,6 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from strategies.base import LoraStrategy
+from strategies.messaging import send_and_receive
 
 
 class TooFewReplies(RuntimeError):
@@ -36,7 +37,7 @@ def run_rounds(strategy: LoraStrategy, grid: Grid, arrays: ArrayRecord, first_ro
                 f" retry {attempt}/{retries}" if attempt else "")
             before = strategy.state_dict()  # a discarded attempt must leave no trace
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-            replies = grid.send_and_receive(messages, timeout=timeout)
+            replies = send_and_receive(grid, messages, timeout)
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
             accepted = strategy.round_log[server_round].accepted
             if new_arrays is not None and accepted >= min_replies:

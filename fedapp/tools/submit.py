@@ -23,16 +23,20 @@ import sys
 import time
 from pathlib import Path
 
+from fedapp.console import stale_notice
+
 FINAL_OK = "finished:completed"
 
 
 def flower_env(flwr_home: str | Path, isolated_ports: bool = False) -> dict[str, str]:
     """Environment for the `flwr` CLI: a private Flower home, no telemetry, no per-run
-    dependency install (it would pull CUDA torch), offline hubs. `isolated_ports` picks free
-    loopback ports for the local SuperLink so that several can coexist (tests, sweeps)."""
+    dependency install (it would pull CUDA torch), offline hubs, Ray's coming default for
+    actors without GPUs (leave the accelerator variables alone; said explicitly, Ray stops
+    warning that the default will change). `isolated_ports` picks free loopback ports for
+    the local SuperLink so that several can coexist (tests, sweeps)."""
     env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
                FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -60,8 +64,8 @@ def run_submit(app: str | Path, num_supernodes: int, overrides: str, run_dir: st
         check=False)
 
 
-def flwr(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["flwr", *args], capture_output=capture, text=True, check=False)
+def flwr(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["flwr", *args], capture_output=True, text=True, check=False)
 
 
 def local_superlink_pids(flwr_home: str | None = None) -> list[int]:
@@ -79,6 +83,17 @@ def local_superlink_pids(flwr_home: str | None = None) -> list[int]:
         if any(b"flower-superlink" in c for c in cmd) and db.encode() in cmd:
             pids.append(int(proc.name))
     return pids
+
+
+def stream_log(run_id: str, superlink: str) -> None:
+    """`flwr log --stream` to our stdout, less flwr's `stale_notice` lines."""
+    with subprocess.Popen(["flwr", "log", run_id, superlink, "--stream"], text=True,
+                          stdout=subprocess.PIPE, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if not stale_notice(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
 
 
 def run_status(run_id: str, superlink: str) -> str:
@@ -119,7 +134,7 @@ def main() -> int:
     run_id = submit(args.app, args.superlink, run_config, federation)
     print(f"[submit] run {run_id} submitted to '{args.superlink}'", flush=True)
     try:
-        flwr("log", run_id, args.superlink, "--stream", capture=False)
+        stream_log(run_id, args.superlink)
         status = run_status(run_id, args.superlink)
         for _ in range(30):  # the log stream can end a moment before the status is final
             if status.startswith("finished"):
