@@ -103,6 +103,9 @@ def run_setup(cfg: DictConfig) -> RunSetup:
         partitioner=cfg.partitioner.name,
         partitioner_alpha=number(cfg, "partitioner.alpha", float),
         wire_dtype=cfg.train.wire_dtype, num_threads=cfg.train.num_threads,
+        loss=cfg.train.get("loss", "chunked"),
+        gradient_checkpointing=cfg.train.get("gradient_checkpointing", False),
+        release_memory=cfg.train.get("release_memory", False),
         data=data_spec(cfg))
 
 

@@ -1,20 +1,29 @@
 """Client benchmark, all figures measured in this one run (the machines are noisy):
 
-1. The same SmolLM2 client training steps with a 4-bit NF4 base vs a full-precision base
-   (`model.quantization=none`): seconds per step and peak RSS, each in its own process
-   (peak RSS is a per-process high-water mark), printed as ratios.
-2. The federation's overhead: wall time of a real `flwr run` simulation (K clients, R rounds,
-   FLoRA) vs a bare Python loop doing the same client training, aggregation and server
-   evaluation with no Flower at all.
+1. Where a client's memory goes: each variant of one client (SmolLM2-135M, LoRA r8 on
+   q/k/v/o, batch 4, seq <= 128) in its own fresh process, its peak RSS split into
+   interpreter + imports, the data pipeline, base weights, LoRA + optimizer state,
+   activations kept for the backward pass, the rest of the step (logits/loss, temporaries)
+   and what stays resident besides (allocator, caches); with seconds per step.
+   Variants: 4-bit NF4 and full precision (`model.quantization=none`), each with and
+   without gradient checkpointing; 4-bit with the plain loss (what the chunked loss saves)
+   and without the allocator pin (what `fedapp.llm.memory` saves); 4-bit pruned to FedSpine's
+   ratio 0.5 (what pruning buys); a first run (nothing prepared: the partition and the 4-bit
+   copy are made by helper processes) and the client quantising in its own process.
+2. The federation's overhead: a real `flwr run` simulation (K clients, R rounds, FLoRA) vs a
+   bare Python loop doing the same client training, aggregation and server evaluation with
+   no Flower: start-up and steady per-round seconds apart.
 
-    .venv/bin/python scripts/bench_client.py                 # defaults: 8 steps, 2x2
-    .venv/bin/python scripts/bench_client.py --steps 20 --clients 4 --rounds 3
+    .venv/bin/python scripts/bench_client.py                  # everything, ≈12 min here
+    .venv/bin/python scripts/bench_client.py --part memory --steps 4
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -25,35 +34,162 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import run_worker
 
-from fedapp.tools.submit import flower_env, run_submit
+MiB = 2**20
+VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release_memory
+    "nf4": ("nf4", ""),
+    "none": ("none", ""),
+    "nf4 lean": ("nf4", "ckpt pin"),
+    "none lean": ("none", "ckpt pin"),
+    "nf4+ckpt": ("nf4", "ckpt"),
+    "nf4+release": ("nf4", "pin"),
+    "nf4 plain loss": ("nf4", "plain"),
+    "nf4 pruned 0.5": ("nf4", "prune"),
+    "nf4 pruned lean": ("nf4", "prune ckpt pin"),
+    "nf4 1st run": ("nf4", "fresh"),
+    "nf4 quantised here": ("nf4", "inproc"),
+}
+PARTS = ("imports", "data", "weights", "lora+optim", "activations", "step rest", "resident rest")
+PART_NAMES = {
+    "imports": "interpreter + imports", "data": "data pipeline (datasets, tokenizer)",
+    "weights": "base weights", "lora+optim": "LoRA + grads + AdamW state",
+    "activations": "activations kept for backward", "step rest": "logits/loss, temporaries",
+    "resident rest": "allocator slack, caches, other"}
 
 
-def worker_steps(quantization: str, steps: int) -> dict:
-    """In a fresh process: load the base, train `steps` LoRA steps, report time and memory."""
-    import dataclasses
+def tensor_bytes(tensors) -> int:
+    """Bytes of distinct storages among `tensors`."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    return sum(seen.values())
 
-    from fedapp.client.round import run_round
+
+def saved_activation_bytes(model, batch, loss: str) -> int:
+    """Bytes autograd keeps from one forward for its backward (distinct storages, the
+    frozen weights excluded), then runs that backward."""
+    import torch
+
+    from fedapp.llm.loss import lm_loss
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: list = []
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: kept.append(t) or t, lambda t: t):
+        value = lm_loss(model, batch, loss)
+    value.backward()
+    model.zero_grad(set_to_none=True)
+    return tensor_bytes(t for t in kept if t.untyped_storage().data_ptr() not in params)
+
+
+def worker_client(quantization: str, options: str, steps: int) -> dict:
+    """One client in this fresh process; its peak RSS split into parts (MiB), s/step."""
+    from fedapp.llm import memory
+
+    if "fresh" in options:  # a first run: nothing prepared yet (the converted model is kept)
+        cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+        (cache / "models").symlink_to(Path(os.environ.get(
+            "FEDAPP_CACHE", Path.home() / ".cache" / "fedapp")) / "models")
+        os.environ["FEDAPP_CACHE"] = str(cache)
+    interpreter = memory.rss_mb()
+    import bitsandbytes  # noqa: F401  the client process imports all of these
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    from fedapp.client.round import local_data
     from fedapp.config import build_strategy, compose_config
-    from fedapp.llm.model import cached_base
-    from fedapp.llm.train import peak_rss_mb
-    from strategies.base import ClientIdentity
+    from fedapp.llm.adapters import attach_lora
+    from fedapp.llm.data import collate
+    from fedapp.llm.model import load_base
+    from fedapp.llm.train import set_gradient_checkpointing, train_steps
+    from fedapp.pruning.surgery import iterative_prune
 
-    cfg = compose_config(f"model.quantization={quantization}")
-    strategy = build_strategy(cfg, {})
-    order = dataclasses.replace(strategy.order_for(1, ClientIdentity("partition-0", 0)),
-                                local_steps=2, seed=0)  # batch order as in earlier benches
+    rss = {"interpreter": interpreter, "imports": memory.rss_mb()}
+    if "pin" in options:  # train.release_memory
+        memory.return_freed_memory()
+    loss = "plain" if "plain" in options else "chunked"
+    strategy = build_strategy(compose_config(f"model.quantization={quantization}"), {})
+    setup, order = strategy.setup, strategy.make_order(1, 8)
+    examples, batches, pad = local_data(setup, order, 0, 4)
+    rss["data"] = memory.rss_mb()
+    if "inproc" in options:  # quantise from full precision in this process, as before
+        os.environ["FEDAPP_PREPARED"] = "0"
+    memory.reset_peak()
     start = time.perf_counter()
-    cached_base(strategy.setup.model_path, quantization, "cpu")
-    load_s = time.perf_counter() - start
-    run_round(strategy.setup, order, 0, 4, {}, device="cpu")  # warm-up: data, allocator, kernels
-    metrics = run_round(strategy.setup, dataclasses.replace(order, local_steps=steps), 0, 4, {},
-                        device="cpu").metrics
-    return {"quantization": quantization, "load-seconds": load_s,
-            "seconds-per-step": metrics["train-seconds"] / steps, "peak-rss-mb": peak_rss_mb()}
+    model = attach_lora(load_base(setup.model_path, quantization, "cpu"), 8, order.lora_alpha,
+                        list(setup.target_modules), seed=0)
+    load = {"seconds": time.perf_counter() - start, "peak": memory.peak_rss_mb()}
+    params = 1.0
+    if "prune" in options:  # FedSpine's client: Taylor scores on a probe batch, one slice
+        done = iterative_prune(model, 0.5, 1, lambda m: None, "taylor",
+                               batches=[collate(examples[:setup.batch_size], pad)])
+        params = done.params_after / done.params_before
+    set_gradient_checkpointing(model.get_base_model(), "ckpt" in options)
+    train_steps(model, batches, 2, setup.lr, log_every=0, loss=loss)  # warm-up
+    model.train()
+    activations = saved_activation_bytes(model, next(batches), loss) / MiB
+    resident = memory.rss_mb()
+    memory.reset_peak()
+    timed = train_steps(model, batches, steps, setup.lr, log_every=0, loss=loss)
+    peak = memory.peak_rss_mb()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    parts = {"imports": rss["imports"], "data": rss["data"] - rss["imports"],
+             "weights": tensor_bytes(frozen) / MiB,
+             "lora+optim": 4 * tensor_bytes(trainable) / MiB,  # param, grad, exp_avg(_sq)
+             "activations": activations}
+    parts["resident rest"] = resident - sum(v for k, v in parts.items() if k != "activations")
+    parts["step rest"] = peak - resident - activations
+    return {"quantization": quantization, "options": options, "parts": parts,
+            "peak-rss-mb": peak, "seconds-per-step": timed.seconds / steps,
+            "load-seconds": load["seconds"], "load-peak-mb": load["peak"],
+            "params-ratio": params}
+
+
+def print_memory(rows: dict[str, dict], steps: int) -> None:
+    print(f"\nwhere a client's peak RSS goes, MiB (SmolLM2-135M, LoRA r8 q/k/v/o, batch 4, "
+          f"seq <= 128, {steps} timed steps); columns:")
+    for part in PARTS:
+        print(f"  {part:>13}: {PART_NAMES[part]}")
+    heads = (*PARTS, "= peak", "s/step", "load s", "load peak")
+    print(f"{'':20}" + "".join(f"{h:>14}" for h in heads))
+    for name, row in rows.items():
+        cells = [f"{row['parts'][part]:>14.0f}" for part in PARTS]
+        cells += [f"{row['peak-rss-mb']:>14.0f}", f"{row['seconds-per-step']:>14.3f}",
+                  f"{row['load-seconds']:>14.1f}", f"{row['load-peak-mb']:>14.0f}"]
+        print(f"{name:20}" + "".join(cells))
+
+
+def print_ratios(rows: dict[str, dict]) -> None:
+    def ratio(a: str, b: str, key: str) -> float:
+        return rows[a][key] / rows[b][key]
+
+    peak, step = "peak-rss-mb", "seconds-per-step"
+    print("\nratios measured above")
+    for a, b in (("nf4", "none"), ("nf4 lean", "none lean"), ("nf4 lean", "none")):
+        print(f"  {a} / {b}: peak RSS {ratio(a, b, peak):.2f}x, s/step {ratio(a, b, step):.2f}x")
+    for name, base in (("nf4+ckpt", "nf4"), ("nf4+release", "nf4"), ("nf4 lean", "nf4"),
+                       ("none lean", "none"), ("nf4 plain loss", "nf4")):
+        print(f"  {name} / {base}: peak RSS {ratio(name, base, peak):.2f}x, "
+              f"s/step {ratio(name, base, step):.2f}x")
+
+    def above_floor(row: dict) -> float:
+        return row[peak] - row["parts"]["imports"] - row["parts"]["data"]
+
+    for pruned, full in (("nf4 pruned 0.5", "nf4"), ("nf4 pruned lean", "nf4 lean")):
+        p, f = rows[pruned], rows[full]
+        print(f"  {pruned} / {full}: parameters {p['params-ratio']:.3f}x, peak RSS "
+              f"{p[peak] / f[peak]:.2f}x (above the imports + data floor "
+              f"{above_floor(p) / above_floor(f):.2f}x), s/step {p[step] / f[step]:.2f}x")
+    here, first, full = rows["nf4 quantised here"], rows["nf4 1st run"], rows["nf4"]
+    print(f"  load peak RSS: quantising in the client's process {here['load-peak-mb']:.0f} MiB"
+          f" (training peak {here[peak]:.0f}), first run with a helper process "
+          f"{first['load-peak-mb']:.0f} MiB (training peak {first[peak]:.0f}; load "
+          f"{first['load-seconds']:.1f} s), prepared copy {full['load-peak-mb']:.0f} MiB")
 
 
 def worker_bare(overrides: str) -> dict:
-    """The federated computation without Flower: same clients, same math, same evaluation."""
+    """The federated computation without Flower: same clients, same math, same evaluation;
+    seconds until round 1 starts and each round's seconds (training, aggregation, eval)."""
     from flwr.app import ArrayRecord
 
     from fedapp.client.round import run_round
@@ -72,10 +208,14 @@ def worker_bare(overrides: str) -> dict:
     strategy = build_strategy(cfg, target_module_shapes(base, list(cfg.lora.target_modules)))
     clients = [ClientIdentity(f"partition-{i}", i) for i in range(cfg.scenario.num_clients)]
     arrays = ArrayRecord()
-    losses = [evaluate_adapter(base, *strategy.global_adapter(arrays), examples,
-                               cfg.eval.batch_size, tokenizer.pad_token_id)["eval-loss"]]
+
+    def evaluate() -> float:
+        return evaluate_adapter(base, *strategy.global_adapter(arrays), examples,
+                                cfg.eval.batch_size, tokenizer.pad_token_id)["eval-loss"]
+
+    losses, rounds = [evaluate()], []
     for server_round in range(1, cfg.num_rounds + 1):
-        updates = []
+        round_start, updates = time.perf_counter(), []
         for client in clients:
             order = strategy.order_for(server_round, client)
             result = run_round(strategy.setup, order, client.partition_id, len(clients),
@@ -83,13 +223,18 @@ def worker_bare(overrides: str) -> dict:
             updates.append(LoraUpdate(split_factors(result.state), order.scaling,
                                       result.metrics["num-examples"]))
         arrays, _ = strategy.aggregate_updates(server_round, updates)
-        losses.append(evaluate_adapter(base, *strategy.global_adapter(arrays), examples,
-                                       cfg.eval.batch_size, tokenizer.pad_token_id)["eval-loss"])
-    return {"wall-seconds": time.perf_counter() - start, "eval-losses": losses}
+        losses.append(evaluate())
+        rounds.append(time.perf_counter() - round_start)
+    return {"wall-seconds": time.perf_counter() - start, "round-seconds": rounds,
+            "eval-losses": losses}
 
 
-def flwr_wall(overrides: str, clients: int) -> float:
-    """Wall seconds of `flwr run` (local simulation SuperLink started and stopped by us)."""
+def flwr_run(overrides: str, clients: int) -> dict:
+    """`flwr run` (its own local simulation SuperLink): total wall seconds, and each round's
+    seconds from the run's metrics (the server's clock, evaluation included)."""
+    from fedapp.server.report import read_metrics
+    from fedapp.tools.submit import flower_env, run_submit
+
     with tempfile.TemporaryDirectory() as tmp:
         env = flower_env(f"{tmp}/flwr-home", isolated_ports=True)
         start = time.perf_counter()
@@ -97,44 +242,59 @@ def flwr_wall(overrides: str, clients: int) -> float:
         wall = time.perf_counter() - start
         if out.returncode != 0:
             sys.exit(f"flwr run failed:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}")
-        return wall
+        marks = [r["wall-seconds"] for r in read_metrics(Path(tmp) / "run" / "metrics.jsonl")]
+    return {"wall-seconds": wall, "round-seconds": [b - a for a, b in itertools.pairwise(marks)]}
+
+
+def print_overhead(bare: dict, flwr: dict, args: argparse.Namespace) -> None:
+    def split(run: dict) -> tuple[float, float]:
+        """(steady seconds per round: rounds 2.., start-up: the rest of the wall time)."""
+        later = run["round-seconds"][1:] or run["round-seconds"]
+        steady = sum(later) / len(later)
+        return steady, run["wall-seconds"] - steady * len(run["round-seconds"])
+
+    (bare_round, bare_start), (flwr_round, flwr_start) = split(bare), split(flwr)
+    print(f"\nfederation overhead ({args.clients} clients x {args.rounds} rounds x "
+          f"{args.steps} steps, FLoRA, server evaluation every round)")
+    print(f"{'':12}{'wall s':>9}{'start-up s':>12}{'per round s':>13}   rounds")
+    for name, run, start, per in (("bare loop", bare, bare_start, bare_round),
+                                  ("flwr run", flwr, flwr_start, flwr_round)):
+        print(f"{name:12}{run['wall-seconds']:>9.1f}{start:>12.1f}{per:>13.1f}   "
+              + " ".join(f"{s:.1f}" for s in run["round-seconds"]))
+    print(f"ratio flwr/bare: per round (rounds 2..) {flwr_round / bare_round:.2f}x, start-up "
+          f"{flwr_start / bare_start:.2f}x, whole wall "
+          f"{flwr['wall-seconds'] / bare['wall-seconds']:.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("all", "memory", "overhead"), default="all")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per client")
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "ARG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         kind, arg = args.worker
-        result = worker_steps(arg, args.steps) if kind == "steps" else worker_bare(arg)
+        result = (worker_client(*VARIANTS[arg], args.steps) if kind == "client"
+                  else worker_bare(arg))
         print(json.dumps(result))
         return
-
-    print(f"[bench] 1/3: {args.steps} training steps, 4-bit NF4 base", flush=True)
-    nf4 = run_worker(__file__, "--steps", str(args.steps), "--worker", "steps", "nf4")
-    print(f"[bench] 2/3: {args.steps} training steps, full-precision base", flush=True)
-    full = run_worker(__file__, "--steps", str(args.steps), "--worker", "steps", "none")
-    overrides = (f"scenario.num_clients={args.clients} num_rounds={args.rounds} "
-                 f"train.local_steps={args.steps} scenario.min_train_nodes={args.clients}")
-    print(f"[bench] 3/3: {args.clients} clients x {args.rounds} rounds: bare loop, then flwr run",
-          flush=True)
-    bare = run_worker(__file__, "--worker", "bare", overrides)
-    flwr = flwr_wall(overrides, args.clients)
-
-    print("\nclient training step (SmolLM2-135M, LoRA r=4 on q/k/v/o, batch 4, seq <= 128)")
-    print(f"{'':14}{'s/step':>10}{'peak RSS MiB':>15}{'load s':>9}")
-    for row in (nf4, full):
-        print(f"{row['quantization']:14}{row['seconds-per-step']:>10.3f}"
-              f"{row['peak-rss-mb']:>15.0f}{row['load-seconds']:>9.1f}")
-    print(f"ratio none/nf4: time {full['seconds-per-step'] / nf4['seconds-per-step']:.2f}x, "
-          f"peak RSS {full['peak-rss-mb'] / nf4['peak-rss-mb']:.2f}x")
-    print(f"\nfederation overhead ({args.clients} clients x {args.rounds} rounds x "
-          f"{args.steps} steps, FLoRA, with server evaluation)")
-    print(f"bare loop {bare['wall-seconds']:.1f} s, flwr run {flwr:.1f} s: "
-          f"ratio flwr/bare {flwr / bare['wall-seconds']:.2f}x")
+    if args.part in ("all", "memory"):
+        rows = {}
+        for i, name in enumerate(VARIANTS, 1):
+            print(f"[bench] {i}/{len(VARIANTS)}: client '{name}', {args.steps} steps", flush=True)
+            rows[name] = run_worker(__file__, "--steps", str(args.steps), "--worker", "client",
+                                    name)
+        print_memory(rows, args.steps)
+        print_ratios(rows)
+    if args.part in ("all", "overhead"):
+        overrides = (f"scenario.num_clients={args.clients} num_rounds={args.rounds} "
+                     f"train.local_steps={args.steps} scenario.min_train_nodes={args.clients}")
+        print(f"[bench] {args.clients} clients x {args.rounds} rounds: bare loop, then flwr run",
+              flush=True)
+        bare = run_worker(__file__, "--worker", "bare", overrides)
+        print_overhead(bare, flwr_run(overrides, args.clients), args)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,9 @@ class RunSetup(_Record):
     gradient_checkpointing: bool = field(default=False, metadata={
         "config": "train.gradient_checkpointing",
         "help": "recompute each layer's activations in the backward pass: less memory, slower"})
+    release_memory: bool = field(default=False, metadata={
+        "config": "train.release_memory",
+        "help": "return freed activation memory to the OS at once: less memory, slower"})
     data: DataSpec = field(default_factory=DataSpec, metadata={"record": DataSpec})
 
     def __post_init__(self) -> None:
@@ -190,9 +193,9 @@ class RunSetup(_Record):
         require(_is_int(self.num_threads) and self.num_threads >= 0, _key(self, "num_threads"),
                  self.num_threads, "an integer >= 0")
         require(self.loss in LOSSES, _key(self, "loss"), self.loss, str(list(LOSSES)))
-        require(isinstance(self.gradient_checkpointing, bool),
-                 _key(self, "gradient_checkpointing"), self.gradient_checkpointing,
-                 "true or false")
+        for name in ("gradient_checkpointing", "release_memory"):
+            require(isinstance(getattr(self, name), bool), _key(self, name),
+                     getattr(self, name), "true or false")
         if self.partitioner != "iid":
             require(bool(self.data.label_column), "dataset.label_column",
                      self.data.label_column, f"a column name (partitioner.name="

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
+import fedapp.llm.model as model_module
 from fedapp.llm.model import load_base, prepared_dir
 
 
@@ -47,3 +49,27 @@ def test_a_changed_model_folder_is_prepared_again(tiny_model_dir, tmp_path, monk
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
     assert before != after
+
+
+def test_a_large_checkpoint_is_quantised_in_a_helper_process(tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    """Above the size limit, the prepared copy is made by a helper process: this process
+    only ever loads the 4-bit copy (same model as quantising here)."""
+    monkeypatch.setenv("FEDAPP_CACHE", str(tmp_path))
+    monkeypatch.setattr(model_module, "HELPER_PREPARES_ABOVE", 0)
+    made = []
+    real = model_module.prepare_elsewhere
+    monkeypatch.setattr(model_module, "prepare_elsewhere",
+                        lambda *args: made.append(args) or real(*args))
+    helped = load_base(str(tiny_model_dir), "nf4", "cpu")
+    assert made == [(str(tiny_model_dir), "cpu")]
+    assert (prepared_dir(str(tiny_model_dir), "cpu") / "config.json").exists()
+    monkeypatch.setenv("FEDAPP_PREPARED", "0")
+    torch.testing.assert_close(logits(helped), logits(load_base(str(tiny_model_dir), "nf4",
+                                                                "cpu")))
+
+
+def test_a_failing_helper_names_the_model_and_the_reason(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(RuntimeError, match=f"quantising {tmp_path} failed: .+"):
+        model_module.prepare_elsewhere(str(tmp_path), "cpu")

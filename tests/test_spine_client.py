@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from fedapp.client import pruned
-from fedapp.client.round import partition_examples, probe_loss, run_round
+from fedapp.client.partition import partition_examples
+from fedapp.client.round import probe_loss, run_round
 from fedapp.config import compose_config, run_setup
 from fedapp.llm.adapters import GLOBAL, PEFT_PREFIX, attach_lora, with_lora
 from fedapp.llm.data import collate
-from fedapp.llm.model import cached_base, cached_tokenizer, load_base
+from fedapp.llm.model import cached_base, load_base
 from fedapp.pruning.surgery import PrunePlan, iterative_prune, parameter_count, prune_model
 from strategies.lora_math import LORA_A, LORA_B, split_factors
 from strategies.protocol import KEPT_IN, KEPT_OUT, PruneOrder, RunSetup, TrainOrder
@@ -160,8 +161,8 @@ def empty_pruned_cache(monkeypatch):
 def sent_model_oracle(setup: RunSetup, g: dict[str, torch.Tensor]) -> float:
     """Probe loss of the unpruned base + G (loaded as the only adapter, scaling 1) on the
     first batch_size examples of partition 1 of 2."""
-    examples = partition_examples(setup, 2, 1)[:setup.batch_size]
-    probe = collate(examples, cached_tokenizer(setup.model_path).pad_token_id)
+    examples, pad = partition_examples(setup, 2, 1)
+    probe = collate(examples[:setup.batch_size], pad)
     base = load_base(setup.model_path, setup.quantization, "cpu")
     with with_lora(base, 3, 3.0, list(setup.target_modules), 0, init_state=g) as model:
         return probe_loss(model, probe)

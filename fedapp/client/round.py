@@ -25,17 +25,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cache
 from logging import INFO
 
 import torch
 from flwr.common.logger import log
 
+from fedapp.client.partition import partition_examples
 from fedapp.client.pruned import PrunedCopy, keep_copy, kept_arrays, slice_global, take_copy
 from fedapp.llm.adapters import lora_state, with_lora
-from fedapp.llm.data import collate, load_partition, tokenize_records, train_batches
-from fedapp.llm.model import cached_base, cached_tokenizer, default_device, load_base
-from fedapp.llm.train import TrainResult, peak_rss_mb, train_steps
+from fedapp.llm.data import collate, train_batches
+from fedapp.llm.loss import lm_loss
+from fedapp.llm.memory import peak_rss_mb, return_freed_memory
+from fedapp.llm.model import cached_base, default_device, load_base
+from fedapp.llm.train import TrainResult, set_gradient_checkpointing, train_steps
 from fedapp.pruning.surgery import PruneResult, iterative_prune
 from strategies.lora_math import LORA_A
 from strategies.protocol import PruneOrder, RunSetup, TrainOrder
@@ -50,21 +52,12 @@ class RoundResult:
     kept: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-@cache
-def partition_examples(setup: RunSetup, num_partitions: int, partition_id: int) -> list[dict]:
-    """This client's tokenised training examples, computed once per process."""
-    records = load_partition(setup, num_partitions, partition_id)
-    return tokenize_records(records, setup.data, cached_tokenizer(setup.model_path),
-                            setup.max_length)
-
-
 def local_data(setup: RunSetup, order: TrainOrder, partition_id: int, num_partitions: int
                ) -> tuple[list[dict], Iterator[dict[str, torch.Tensor]], int]:
     """Apply the thread count; (this client's examples, its endless batches, pad token id)."""
     if setup.num_threads > 0:
         torch.set_num_threads(setup.num_threads)
-    examples = partition_examples(setup, num_partitions, partition_id)
-    pad = cached_tokenizer(setup.model_path).pad_token_id
+    examples, pad = partition_examples(setup, num_partitions, partition_id)
     return examples, train_batches(examples, setup.batch_size, pad,
                                    seed=order.seed + 1000 * partition_id), pad
 
@@ -81,7 +74,7 @@ def step_plan(order: TrainOrder, slices: int) -> list[int]:
 def probe_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
     device = next(model.parameters()).device
     model.eval()
-    loss = float(model(**{k: v.to(device) for k, v in batch.items()}).loss)
+    loss = float(lm_loss(model, {k: v.to(device) for k, v in batch.items()}))
     model.train()
     return loss
 
@@ -140,8 +133,11 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
               device: str | None = None) -> RoundResult:
     """Carry out `order` on this client's partition (see the module docstring)."""
     device = device or default_device()
+    if setup.release_memory:
+        return_freed_memory()  # once per process: see fedapp.llm.memory
     examples, batches, pad = local_data(setup, order, partition_id, num_partitions)
     key, base, copy = round_base(setup, order, partition_id, num_partitions, device)
+    set_gradient_checkpointing(base, setup.gradient_checkpointing)
     prune, frozen = order.prune, dict(global_state) if order.global_mode == "frozen" else {}
     probe = collate(examples[:setup.batch_size], pad)
     probes, probe_seconds = {}, 0.0
@@ -157,7 +153,8 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
     results: list[TrainResult] = []
 
     def tune(model: torch.nn.Module) -> None:
-        results.append(train_steps(model, batches, plan[len(results)], setup.lr))
+        results.append(train_steps(model, batches, plan[len(results)], setup.lr,
+                                   loss=setup.loss))
 
     with with_lora(base, order.lora_r, order.lora_alpha, list(setup.target_modules),
                    order.seed, global_state if order.global_mode == "init" else None,

@@ -166,7 +166,9 @@ def load_base(path: str, quantization: str, device: str | None = None) -> torch.
     the hardware supports it. Every parameter is frozen: only LoRA factors train. The first
     4-bit load saves the quantised model under the cache; later loads (a deployed client
     starts a fresh process every round) read that smaller copy instead. FEDAPP_PREPARED=0
-    turns this off (to measure what it saves).
+    turns this off (to measure what it saves). A large local checkpoint is quantised in a
+    helper process (`prepare_elsewhere`), so that its full-precision copy never enters this
+    one: a client process lives for the whole run in a simulation.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -177,6 +179,10 @@ def load_base(path: str, quantization: str, device: str | None = None) -> torch.
     kwargs: dict = {"dtype": torch.float32, "device_map": device}
     use_prepared = quantization == "nf4" and os.environ.get("FEDAPP_PREPARED", "1") != "0"
     prepared = prepared_dir(source, device) if use_prepared else None
+    if prepared is not None and not (prepared / "config.json").exists() \
+            and checkpoint_bytes(source) > HELPER_PREPARES_ABOVE \
+            and os.environ.get("FEDAPP_HELPER_PREPARING") != "1":
+        prepare_elsewhere(source, device)
     if prepared is not None and (prepared / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(prepared, **kwargs)
     else:
@@ -194,6 +200,41 @@ def load_base(path: str, quantization: str, device: str | None = None) -> torch.
     model.requires_grad_(False)
     model.config.use_cache = False
     return model
+
+
+HELPER_PREPARES_ABOVE = 64 * 2**20  # bytes of weights; tiny test models quantise in-process
+
+
+def checkpoint_bytes(source: str) -> int:
+    """Size of a local model folder's weight files (0 for a Hub id: not known before its
+    download)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.suffix in (".safetensors", ".bin"))
+
+
+def prepare_elsewhere(source: str, device: str) -> None:
+    """Quantise `source` and save its prepared 4-bit copy in a short-lived helper process.
+
+    Measured on SmolLM2 (scripts/bench_client.py, "nf4 1st load"): quantising in the
+    client's own process peaked at 944 MiB during the load and left ≈400 MiB of the
+    full-precision checkpoint resident for the process's life; loading the prepared copy
+    peaks at ≈500 MiB."""
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    log(INFO, "Quantising %s to 4-bit in a helper process (once per machine)", source)
+    out = subprocess.run([sys.executable, "-m", "fedapp.llm.model", source, device], env=env,
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+        raise RuntimeError(f"quantising {source} failed: "
+                           + (lines[-1] if lines else f"exit status {out.returncode}"))
 
 
 def _save_prepared(model: torch.nn.Module, target: Path) -> None:
@@ -216,3 +257,10 @@ def cached_base(path: str, quantization: str, device: str) -> torch.nn.Module:
 @cache
 def cached_tokenizer(path: str):  # -> PreTrainedTokenizerBase
     return load_tokenizer(path)
+
+
+if __name__ == "__main__":  # prepare_elsewhere's helper: quantise and save, in-process
+    import sys
+
+    os.environ["FEDAPP_HELPER_PREPARING"] = "1"
+    load_base(sys.argv[1], "nf4", sys.argv[2])

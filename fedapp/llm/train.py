@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import torch
 from flwr.common.logger import log
 
 from fedapp.llm.data import IGNORE_INDEX, collate
+from fedapp.llm.loss import lm_loss
 
 
 @dataclass(frozen=True)
@@ -21,14 +21,22 @@ class TrainResult:
     steps: int
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Recompute each decoder layer's activations in the backward pass (or stop doing so).
+    Exact: the same numbers are recomputed; only memory and time change."""
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
 
 
 def train_steps(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]],
-                steps: int, lr: float, log_every: int = 10) -> TrainResult:
-    """`steps` AdamW steps on the parameters that require grad; mean loss over steps."""
+                steps: int, lr: float, log_every: int = 10, loss: str = "chunked",
+                log_seconds: float = 30.0) -> TrainResult:
+    """`steps` AdamW steps on the parameters that require grad; mean loss over steps.
+
+    Progress is logged every `log_every` steps and at least every `log_seconds` (0 turns
+    logging off), so a slow device's log shows it is alive."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: attach a LoRA first")
@@ -36,17 +44,19 @@ def train_steps(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor
     device = params[0].device
     model.train()
     losses: list[float] = []
-    start = time.perf_counter()
+    start = logged = time.perf_counter()
     for step in range(1, steps + 1):
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        loss = model(**batch).loss
-        loss.backward()
+        value = lm_loss(model, batch, loss)
+        value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if log_every and step % log_every == 0:
+        losses.append(value.item())
+        now = time.perf_counter()
+        if log_every and step < steps and (step % log_every == 0 or now - logged > log_seconds):
+            logged = now
             log(INFO, "  step %d/%d  loss %.4f  (%.2f s/step)", step, steps, losses[-1],
-                (time.perf_counter() - start) / step)
+                (now - start) / step)
     seconds = time.perf_counter() - start
     return TrainResult(loss=sum(losses) / len(losses), seconds=seconds, steps=steps)
 
@@ -64,6 +74,6 @@ def eval_loss(model: torch.nn.Module, examples: list[dict], batch_size: int,
         batch = collate(examples[start:start + batch_size], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += float(model(**batch).loss) * n_tokens
+        total += float(lm_loss(model, batch)) * n_tokens
         count += n_tokens
     return total / count

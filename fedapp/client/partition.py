@@ -1,0 +1,97 @@
+"""A client's tokenised training partition: prepared once, then read from disk.
+
+Preparing it takes `datasets`, flwr-datasets (pandas, pyarrow) and the tokenizer: about
+150 MiB of a client's resident memory (scripts/bench_client.py measures it) that training
+never uses again, and seconds of imports in every deployed round (a SuperNode starts a
+fresh ClientApp process per message). So a client process that has not loaded `datasets`
+prepares its partition in a short-lived helper process (`python -m fedapp.client.partition`)
+that writes the examples under the cache; every later round, run and process reads the
+file in milliseconds. A process that holds `datasets` already (the server, the test suite)
+prepares in-process and writes the same file. The file name hashes everything that decides
+the examples: model (tokenizer), data spec, partitioner, max length, the partition, and the
+size and time of the local files involved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from fedapp.llm.model import cache_dir, resolve_model_path
+from strategies.protocol import RunSetup
+
+FORMAT = 1  # bump when the examples' layout changes
+
+
+def _file_stamp(path: str) -> list:
+    """Size and mtime of a local file, or of every file in a local folder; [] otherwise."""
+    target = Path(path).expanduser()
+    files = sorted(target.iterdir()) if target.is_dir() else [target] if target.is_file() else []
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+
+
+def partition_file(setup: RunSetup, num_partitions: int, partition_id: int) -> Path:
+    """Where this partition's examples are kept, named by everything that decides them."""
+    model = resolve_model_path(setup.model_path)
+    key = {"format": FORMAT, "model": model, "model-files": _file_stamp(model),
+           "data": setup.data.to_dict(), "data-files": _file_stamp(setup.data.path),
+           "partitioner": setup.partitioner, "alpha": setup.partitioner_alpha,
+           "max-length": setup.max_length, "partition": [partition_id, num_partitions]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / "partitions" / f"{partition_id}-of-{num_partitions}-{digest}.pt"
+
+
+def prepare(setup: RunSetup, num_partitions: int, partition_id: int, target: Path) -> None:
+    """Load, partition and tokenise (this process imports `datasets`); write atomically."""
+    from fedapp.llm.data import load_partition, tokenize_records
+    from fedapp.llm.model import cached_tokenizer
+
+    tokenizer = cached_tokenizer(setup.model_path)
+    records = load_partition(setup, num_partitions, partition_id)
+    examples = tokenize_records(records, setup.data, tokenizer, setup.max_length)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    torch.save({"examples": examples, "pad-token-id": int(tokenizer.pad_token_id)}, tmp)
+    tmp.rename(target)
+
+
+def _prepare_elsewhere(setup: RunSetup, num_partitions: int, partition_id: int,
+                       target: Path) -> None:
+    root = str(Path(__file__).resolve().parents[2])  # where fedapp/ and strategies/ live
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    out = subprocess.run([sys.executable, "-m", "fedapp.client.partition",
+                          json.dumps(setup.to_dict()), str(num_partitions), str(partition_id),
+                          str(target)], env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+        raise RuntimeError(f"preparing partition {partition_id} of {num_partitions} failed: "
+                           + (lines[-1] if lines else f"exit status {out.returncode}"))
+
+
+@cache
+def partition_examples(setup: RunSetup, num_partitions: int,
+                       partition_id: int) -> tuple[list[dict], int]:
+    """(this client's tokenised examples, the pad token id), once per process."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id={partition_id} outside 0..{num_partitions - 1}")
+    target = partition_file(setup, num_partitions, partition_id)
+    if not target.exists():
+        if "datasets" in sys.modules:
+            prepare(setup, num_partitions, partition_id, target)
+        else:
+            _prepare_elsewhere(setup, num_partitions, partition_id, target)
+    saved = torch.load(target, weights_only=True)
+    return saved["examples"], saved["pad-token-id"]
+
+
+if __name__ == "__main__":
+    _setup, _n, _i, _target = sys.argv[1:5]
+    prepare(RunSetup.from_dict(json.loads(_setup)), int(_n), int(_i), Path(_target))

@@ -1,0 +1,135 @@
+"""The causal-LM loss without the full-vocabulary logits.
+
+A plain forward computes `lm_head` over every position of the batch (batch × seq × vocab
+fp32: 100 MiB for SmolLM2 at 4 × 128 × 49,152), then log-softmax, then the same sizes again
+in the backward pass; on a small model that is most of a training step's memory and a third
+of its time. The loss only needs the positions that have a label (the responses, shifted
+by one). `lm_loss` takes the decoder's hidden states, keeps those positions, and computes
+the cross-entropy in chunks of `chunk_tokens` rows: each chunk's logits live only inside
+the chunk, and the gradient with respect to the hidden states, (softmax − one-hot) @ W, is
+computed in the same pass and kept (it is tokens × hidden, small). The backward pass only
+scales it. The output head must be frozen (it is: LoRA never targets it here), which is
+what makes the gradient of W unnecessary.
+
+Same value as the model's own loss (mean over labelled tokens, logits upcast to fp32,
+Gemma's final soft-capping applied) up to summation order; `tests/test_loss.py` pins it.
+Models whose head does something else (a trainable or quantised head, a bias, a logit
+scale) fall back to the plain forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedapp.llm.data import IGNORE_INDEX
+from strategies.protocol import LOSSES
+
+CHUNK_BYTES = 16 * 2**20  # fp32 logits held at once: 16 MiB = 85 tokens of a 49k vocabulary
+_SCALE_ATTRS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class _Capture(torch.nn.Module):
+    """Stands in for the output head for one forward: keeps the hidden states it is given
+    and returns a one-wide placeholder, so no full logits are ever computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.hidden = hidden
+        return hidden.new_zeros((*hidden.shape[:-1], 1))
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers CausalLM inside a peft model (or the model itself)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner
+
+
+def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The frozen plain `nn.Linear` output head the chunked loss can use, else None."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    config = getattr(lm, "config", None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return None
+    if any(getattr(config, a, None) not in (None, 1, 1.0) for a in _SCALE_ATTRS):
+        return None
+    return head
+
+
+def softcap_of(model: torch.nn.Module) -> float | None:
+    cap = getattr(getattr(causal_lm(model), "config", None), "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(softcap(h_i Wᵀ), y_i) over rows, in chunks; dL/dh computed on the way."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                softcap: float | None, rows: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        n = hidden.shape[0]
+        for start in range(0, n, rows):
+            h, y = hidden[start:start + rows], targets[start:start + rows]
+            logits = (h @ weight.to(h.dtype).T).float()
+            if softcap is not None:
+                squashed = torch.tanh(logits / softcap)
+                logits = squashed * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad is None:
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[torch.arange(len(y), device=y.device), y] -= 1.0
+            if softcap is not None:
+                probs.mul_(1.0 - squashed.square_())  # d(c·tanh(z/c))/dz
+            grad[start:start + rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
+        ctx.n = n
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_out / ctx.n).to(grad.dtype), None, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          softcap: float | None = None, rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` (optionally soft-capped) against `targets`,
+    rows (tokens) at a time; `weight` is frozen. hidden (N, H), weight (V, H), targets (N,)."""
+    if hidden.shape[0] == 0:
+        raise ValueError("no labelled tokens in the batch")
+    rows = rows or _chunk_rows(weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, rows)
+
+
+def lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+            loss: str = "chunked") -> torch.Tensor:
+    """The mean next-token loss over the labelled tokens of `batch`, as `model(**batch).loss`
+    computes it; "chunked" never materialises the full logits (see the module docstring)."""
+    if loss not in LOSSES:
+        raise ValueError(f"train.loss={loss!r}; allowed: {list(LOSSES)}")
+    head = chunkable_head(model) if loss == "chunked" else None
+    if head is None:
+        return model(**batch).loss
+    lm = causal_lm(model)
+    capture = _Capture()
+    lm.set_output_embeddings(capture)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    finally:
+        lm.set_output_embeddings(head)
+    hidden, labels = capture.hidden[:, :-1], batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    return chunked_cross_entropy(hidden[keep], head.weight, labels[keep], softcap_of(model))

@@ -1,0 +1,121 @@
+"""The chunked loss equals the model's own loss (value and gradients) without ever calling
+the output head; gradient checkpointing changes nothing but memory and time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedapp.llm.adapters import attach_lora, detach_lora
+from fedapp.llm.data import IGNORE_INDEX
+from fedapp.llm.loss import chunkable_head, chunked_cross_entropy, lm_loss
+from fedapp.llm.model import load_base
+from fedapp.llm.train import set_gradient_checkpointing, train_steps
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("rows", [1, 4, 7, 100])
+def test_chunked_cross_entropy_matches_the_plain_one(softcap, rows):
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (23,))
+    chunked = chunked_cross_entropy(hidden, weight, targets, softcap, rows)
+    (grad_chunked,) = torch.autograd.grad(chunked * 3.0, hidden)
+    logits = hidden @ weight.T
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    plain = F.cross_entropy(logits, targets)
+    (grad_plain,) = torch.autograd.grad(plain * 3.0, hidden)
+    assert float(chunked) == pytest.approx(float(plain), rel=1e-6)
+    torch.testing.assert_close(grad_chunked, grad_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_cross_entropy_refuses_an_empty_batch():
+    with pytest.raises(ValueError, match="no labelled tokens"):
+        chunked_cross_entropy(torch.zeros(0, 4), torch.zeros(3, 4), torch.zeros(0, dtype=torch.long))
+
+
+def _batch(vocab: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(1, vocab, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[2, 15:] = 0  # a padded row
+    labels = ids.clone()
+    labels[:, :8] = IGNORE_INDEX  # the prompt
+    labels[mask == 0] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _lora_grads(model, batch, loss: str) -> tuple[float, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    value = lm_loss(model, batch, loss)
+    value.backward()
+    grads = [p.grad.flatten() for p in model.parameters() if p.requires_grad]
+    return float(value), torch.cat(grads)
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_lm_loss_equals_the_models_own_loss_and_gradients(tiny_model_dir, quantization):
+    base = load_base(str(tiny_model_dir), quantization, "cpu")
+    model = attach_lora(base, 4, 8, TARGETS, seed=0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a non-zero B, so that every LoRA factor gets a gradient
+            torch.nn.init.normal_(param, std=0.05)
+    batch = _batch(base.config.vocab_size)
+    plain_loss, plain_grads = _lora_grads(model, batch, "plain")
+    chunked_loss, chunked_grads = _lora_grads(model, batch, "chunked")
+    assert float(model(**batch).loss) == pytest.approx(plain_loss, abs=0)
+    assert chunked_loss == pytest.approx(plain_loss, abs=1e-5)
+    assert float((chunked_grads - plain_grads).norm() / plain_grads.norm()) < 1e-4
+    detach_lora(model)
+
+
+def test_the_chunked_loss_never_calls_the_output_head(tiny_model_dir, monkeypatch):
+    base = load_base(str(tiny_model_dir), "nf4", "cpu")
+    batch = _batch(base.config.vocab_size)
+    expected = float(lm_loss(base, batch, "plain"))
+
+    def full_logits(*args, **kwargs):
+        raise AssertionError("the full-vocabulary logits were computed")
+
+    monkeypatch.setattr(base.get_output_embeddings(), "forward", full_logits)
+    assert float(lm_loss(base, batch, "chunked")) == pytest.approx(expected, abs=1e-5)
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight  # still tied
+
+
+def test_a_head_it_cannot_chunk_falls_back_to_the_plain_loss(tiny_model_dir):
+    base = load_base(str(tiny_model_dir), "none", "cpu")
+    assert chunkable_head(base) is base.get_output_embeddings()
+    base.get_output_embeddings().weight.requires_grad_(True)  # a trained head needs its grad
+    assert chunkable_head(base) is None
+    batch = _batch(base.config.vocab_size)
+    assert float(lm_loss(base, batch, "chunked")) == pytest.approx(
+        float(base(**batch).loss), abs=0)
+    with pytest.raises(ValueError, match="train.loss='fused'; allowed"):
+        lm_loss(base, batch, "fused")
+
+
+def _train(tiny_model_dir, loss: str, checkpointing: bool) -> list[float]:
+    base = load_base(str(tiny_model_dir), "nf4", "cpu")
+    set_gradient_checkpointing(base, checkpointing)
+    model = attach_lora(base, 4, 8, TARGETS, seed=0)
+    batch = _batch(base.config.vocab_size)
+    losses = []
+    for _ in range(4):
+        losses.append(train_steps(model, iter([batch]), 1, 1e-2, log_every=0, loss=loss).loss)
+    return losses
+
+
+def test_training_with_the_chunked_loss_follows_the_plain_one(tiny_model_dir):
+    plain = _train(tiny_model_dir, "plain", False)
+    assert plain[-1] < plain[0] - 0.01  # it trains
+    assert _train(tiny_model_dir, "chunked", False) == pytest.approx(plain, abs=1e-3)
+
+
+def test_gradient_checkpointing_changes_no_number(tiny_model_dir):
+    assert _train(tiny_model_dir, "chunked", True) == pytest.approx(
+        _train(tiny_model_dir, "chunked", False), abs=1e-6)
