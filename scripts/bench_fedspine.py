@@ -43,24 +43,13 @@ VARIANTS = {  # name -> strategy overrides
 }
 
 
-def training_peak_rss_mb() -> float:
-    """VmHWM of this process since the last `reset_peak_rss` (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-
 def worker_client(ratio: float, rank: int, steps: int, slices: int, criterion: str) -> dict:
     """Load (and prune) a client's model, then time `steps` LoRA steps on it."""
     from fedapp.client.round import local_data
     from fedapp.config import build_strategy, compose_config
     from fedapp.llm.adapters import attach_lora
     from fedapp.llm.data import collate
+    from fedapp.llm.memory import peak_rss_mb, reset_peak
     from fedapp.llm.model import load_base
     from fedapp.llm.train import train_steps
     from fedapp.pruning.surgery import iterative_prune
@@ -82,10 +71,10 @@ def worker_client(ratio: float, rank: int, steps: int, slices: int, criterion: s
         params = result.params_after / result.params_before
     prune_s = time.perf_counter() - start - sum(tuned)
     train_steps(model, batches, 1, inst.lr, log_every=0)  # new shapes: warm-up again
-    reset_peak_rss()
+    reset_peak()
     timed = train_steps(model, batches, steps, inst.lr, log_every=0)
     return {"ratio": ratio, "rank": rank, "seconds-per-step": timed.seconds / steps,
-            "training-peak-rss-mb": training_peak_rss_mb(), "prune-seconds": prune_s,
+            "training-peak-rss-mb": peak_rss_mb(), "prune-seconds": prune_s,
             "params-ratio": params}
 
 

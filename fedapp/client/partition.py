@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from fedapp.llm.helper import run_helper
 from fedapp.llm.model import cache_dir, resolve_model_path
 from strategies.protocol import RunSetup
 
@@ -62,20 +62,6 @@ def prepare(setup: RunSetup, num_partitions: int, partition_id: int, target: Pat
     tmp.rename(target)
 
 
-def _prepare_elsewhere(setup: RunSetup, num_partitions: int, partition_id: int,
-                       target: Path) -> None:
-    root = str(Path(__file__).resolve().parents[2])  # where fedapp/ and strategies/ live
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
-    out = subprocess.run([sys.executable, "-m", "fedapp.client.partition",
-                          json.dumps(setup.to_dict()), str(num_partitions), str(partition_id),
-                          str(target)], env=env, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
-        raise RuntimeError(f"preparing partition {partition_id} of {num_partitions} failed: "
-                           + (lines[-1] if lines else f"exit status {out.returncode}"))
-
-
 @cache
 def partition_examples(setup: RunSetup, num_partitions: int,
                        partition_id: int) -> tuple[list[dict], int]:
@@ -87,7 +73,9 @@ def partition_examples(setup: RunSetup, num_partitions: int,
         if "datasets" in sys.modules:
             prepare(setup, num_partitions, partition_id, target)
         else:
-            _prepare_elsewhere(setup, num_partitions, partition_id, target)
+            run_helper("fedapp.client.partition", [json.dumps(setup.to_dict()),
+                       str(num_partitions), str(partition_id), str(target)],
+                       f"preparing partition {partition_id} of {num_partitions}")
     saved = torch.load(target, weights_only=True)
     return saved["examples"], saved["pad-token-id"]
 

@@ -222,19 +222,10 @@ def prepare_elsewhere(source: str, device: str) -> None:
     client's own process peaked at 944 MiB during the load and left ≈400 MiB of the
     full-precision checkpoint resident for the process's life; loading the prepared copy
     peaks at ≈500 MiB."""
-    import subprocess
-    import sys
+    from fedapp.llm.helper import run_helper
 
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
     log(INFO, "Quantising %s to 4-bit in a helper process (once per machine)", source)
-    out = subprocess.run([sys.executable, "-m", "fedapp.llm.model", source, device], env=env,
-                         capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
-        raise RuntimeError(f"quantising {source} failed: "
-                           + (lines[-1] if lines else f"exit status {out.returncode}"))
+    run_helper("fedapp.llm.model", [source, device], f"quantising {source}")
 
 
 def _save_prepared(model: torch.nn.Module, target: Path) -> None:
