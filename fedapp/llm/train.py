@@ -24,10 +24,11 @@ class TrainResult:
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
     """Recompute each decoder layer's activations in the backward pass (or stop doing so).
     Exact: the same numbers are recomputed; only memory and time change."""
-    if on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    if on:  # transformers 5's names (the gradient_checkpointing_* ones are deprecated)
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    elif model.is_activation_checkpointing:
+        model.activation_checkpointing_disable()
 
 
 def train_steps(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]],
