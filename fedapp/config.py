@@ -20,6 +20,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import fedapp
+from fedapp.server.ranking import SCORES
 from strategies.base import LoraStrategy
 from strategies.devices import DeviceProfile, device_profiles
 from strategies.protocol import DataSpec, RunSetup, require
@@ -79,6 +80,16 @@ def validate(cfg: DictConfig) -> None:
         require(isinstance(value, int) and value >= 1, key, value, "a positive integer")
     require(number(cfg, "scenario.round_retries", int) >= 0, "scenario.round_retries",
              cfg.scenario.round_retries, "an integer >= 0")
+    require(number(cfg, "eval.ranking_examples", int) >= 0, "eval.ranking_examples",
+             cfg.eval.ranking_examples, "an integer >= 0 (0 turns answer ranking off)")
+    require(number(cfg, "eval.ranking_k", int) >= 1, "eval.ranking_k", cfg.eval.ranking_k,
+             "an integer >= 1 (other answers each question's true answer is ranked against)")
+    require(cfg.eval.ranking_score in SCORES, "eval.ranking_score", cfg.eval.ranking_score,
+             str(list(SCORES)))
+    require(number(cfg, "eval.generate_examples", int) >= 0, "eval.generate_examples",
+             cfg.eval.generate_examples, "an integer >= 0 (0 turns generation off)")
+    require(number(cfg, "eval.generate_tokens", int) >= 1, "eval.generate_tokens",
+             cfg.eval.generate_tokens, "an integer >= 1")
     if cfg.eval.accuracy_examples:
         require(bool(cfg.dataset.label_column), "eval.accuracy_examples",
                  cfg.eval.accuracy_examples, "0 unless dataset.label_column is set")

@@ -27,11 +27,14 @@ from fedapp.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoin
 from fedapp.server.evaluate import (
     evaluate_adapter,
     export_adapter,
+    generation_report,
     heldout_choice_items,
     heldout_examples,
+    heldout_ranking_items,
     target_module_shapes,
 )
 from fedapp.server.loop import run_rounds
+from fedapp.server.ranking import RankingSet
 from fedapp.server.report import RunRecorder, plot_eval_loss
 from strategies.base import LoraStrategy
 
@@ -79,6 +82,34 @@ def resume(strategy: LoraStrategy, recorder: RunRecorder, ckpt: Checkpoint) -> A
     return arrays
 
 
+def evaluation_sets(cfg: DictConfig, tokenizer) -> tuple[list[dict], list, RankingSet | None]:
+    """The held-out examples of the loss, label-accuracy items and answer-ranking set (the
+    last two empty / None when off): built before round 0, so a bad value fails first."""
+    spec, max_length = data_spec(cfg), cfg.train.max_length
+    examples = heldout_examples(spec, tokenizer, max_length, cfg.eval.max_examples)
+    ranking = None
+    if cfg.eval.ranking_examples:
+        ranking = heldout_ranking_items(spec, tokenizer, max_length, cfg.eval.ranking_examples,
+                                        cfg.eval.ranking_k, cfg.eval.ranking_score)
+    choice_items = []
+    if cfg.eval.accuracy_examples:
+        choice_items = heldout_choice_items(spec, tokenizer, max_length,
+                                            cfg.eval.accuracy_examples)
+    return examples, choice_items, ranking
+
+
+def report_generations(cfg: DictConfig, base: torch.nn.Module, tokenizer,
+                       adapter: tuple[dict, int, float], run_dir: Path) -> None:
+    """Greedy answers of the base and the final model with ROUGE-L, in generations.json."""
+    log(INFO, "Answering %d held-out prompts greedily (base, then final adapter)",
+        cfg.eval.generate_examples)
+    rouge = generation_report(base, *adapter, data_spec(cfg), tokenizer,
+                              cfg.eval.generate_examples, cfg.eval.generate_tokens,
+                              run_dir / "generations.json")
+    log(INFO, "ROUGE-L of the greedy answers: base %.4f -> final %.4f (generations.json)",
+        rouge["rouge-l-base"], rouge["rouge-l-final"])
+
+
 def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = None) -> dict:
     """Everything after the config (from a checkpoint when resuming): the last metrics row."""
     check_federation_fits_data(cfg)
@@ -86,22 +117,19 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = No
     base = cached_base(cfg.model.path, cfg.model.quantization, device)
     tokenizer = cached_tokenizer(cfg.model.path)
     targets = list(cfg.lora.target_modules)
-    examples = heldout_examples(data_spec(cfg), tokenizer, cfg.train.max_length,
-                                cfg.eval.max_examples)
-    choice_items = []
-    if cfg.eval.accuracy_examples:
-        choice_items = heldout_choice_items(data_spec(cfg), tokenizer, cfg.train.max_length,
-                                            cfg.eval.accuracy_examples)
+    examples, choice_items, ranking_items = evaluation_sets(cfg, tokenizer)
     strategy = build_strategy(cfg, target_module_shapes(base, targets))
     recorder = RunRecorder(run_dir, strategy.name)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> None:
         state, r, alpha = strategy.global_adapter(arrays)
         metrics = evaluate_adapter(base, state, r, alpha, examples, cfg.eval.batch_size,
-                                   tokenizer.pad_token_id, choice_items)
+                                   tokenizer.pad_token_id, choice_items, ranking_items)
         row = recorder.record(server_round, metrics, strategy.round_log.get(server_round))
-        log(INFO, "Round %d: held-out loss %.4f (ppl %.2f), %.2f MB on the wire so far",
-            server_round, row["eval-loss"], row["eval-ppl"], row["cum-mb"])
+        ranked = (f", answer ranking {row['eval-rank-accuracy']:.3f} (MRR "
+                  f"{row['eval-rank-mrr']:.3f})" if "eval-rank-accuracy" in row else "")
+        log(INFO, "Round %d: held-out loss %.4f (ppl %.2f)%s, %.2f MB on the wire so far",
+            server_round, row["eval-loss"], row["eval-ppl"], ranked, row["cum-mb"])
 
     def after_round(server_round: int, arrays: ArrayRecord) -> None:
         evaluate(server_round, arrays)
@@ -125,6 +153,8 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = No
     export_adapter(base, state, r, alpha, run_dir / "adapter",
                    resolve_model_path(cfg.model.path))
     (run_dir / "aggregate.json").write_text(json.dumps(strategy.export_metadata(), indent=2))
+    if cfg.eval.generate_examples:
+        report_generations(cfg, base, tokenizer, (state, r, alpha), run_dir)
     plot_eval_loss(recorder.rows, run_dir / "eval_loss.png", strategy.name)
     first, last = recorder.rows[0], recorder.rows[-1]
     log(INFO, "Held-out loss %.4f -> %.4f over %d rounds; %.2f MB exchanged; results in %s",

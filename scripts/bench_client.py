@@ -195,7 +195,12 @@ def worker_bare(overrides: str) -> dict:
     from fedapp.client.round import run_round
     from fedapp.config import build_strategy, compose_config, data_spec
     from fedapp.llm.model import cached_base, cached_tokenizer
-    from fedapp.server.evaluate import evaluate_adapter, heldout_examples, target_module_shapes
+    from fedapp.server.evaluate import (
+        evaluate_adapter,
+        heldout_examples,
+        heldout_ranking_items,
+        target_module_shapes,
+    )
     from strategies.base import ClientIdentity
     from strategies.lora_math import LoraUpdate, split_factors
 
@@ -205,13 +210,18 @@ def worker_bare(overrides: str) -> dict:
     tokenizer = cached_tokenizer(cfg.model.path)
     examples = heldout_examples(data_spec(cfg), tokenizer, cfg.train.max_length,
                                 cfg.eval.max_examples)
+    ranking = (heldout_ranking_items(data_spec(cfg), tokenizer, cfg.train.max_length,
+                                     cfg.eval.ranking_examples, cfg.eval.ranking_k,
+                                     cfg.eval.ranking_score)
+               if cfg.eval.ranking_examples else None)
     strategy = build_strategy(cfg, target_module_shapes(base, list(cfg.lora.target_modules)))
     clients = [ClientIdentity(f"partition-{i}", i) for i in range(cfg.scenario.num_clients)]
     arrays = ArrayRecord()
 
     def evaluate() -> float:
         return evaluate_adapter(base, *strategy.global_adapter(arrays), examples,
-                                cfg.eval.batch_size, tokenizer.pad_token_id)["eval-loss"]
+                                cfg.eval.batch_size, tokenizer.pad_token_id,
+                                ranking_items=ranking)["eval-loss"]
 
     losses, rounds = [evaluate()], []
     for server_round in range(1, cfg.num_rounds + 1):

@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 _CLASSES = {
+    "Centralized": "centralized",
     "FFALoRA": "ffa",
     "FLoRA": "flora",
     "FedIT": "fedit",
@@ -22,8 +23,8 @@ _CLASSES = {
     "ZeroPad": "zeropad",
 }
 
-__all__ = ["FFALoRA", "FLoRA", "FedIT", "FedSpine", "FlexLoRA", "LoraStrategy", "OneShot",
-           "ZeroPad"]
+__all__ = ["Centralized", "FFALoRA", "FLoRA", "FedIT", "FedSpine", "FlexLoRA", "LoraStrategy",
+           "OneShot", "ZeroPad"]
 
 
 def __getattr__(name: str) -> Any:

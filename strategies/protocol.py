@@ -237,6 +237,9 @@ class TrainOrder(_Record):
     global_mode: str = field(default="none", metadata={"help": f"one of {GLOBAL_MODES}"})
     # False: lora_A stays at its initial value and only lora_B is trained and sent (FFA-LoRA).
     train_lora_a: bool = True
+    # True: train on the pooled training partitions of every client (the centralized upper
+    # bound, strategies.centralized), not on this client's own.
+    pooled: bool = False
     prune: PruneOrder | None = field(default=None, metadata={"record": PruneOrder,
                                                              "optional": True})
 
@@ -254,10 +257,13 @@ class TrainOrder(_Record):
                  str(list(GLOBAL_MODES)))
         require(isinstance(self.train_lora_a, bool), "train-lora-a", self.train_lora_a,
                  "true or false")
+        require(isinstance(self.pooled, bool), "pooled", self.pooled, "true or false")
         if self.prune is not None:
             require(self.prune.slices <= self.local_steps, _key(self.prune, "slices"),
                      self.prune.slices, f"at most train.local_steps={self.local_steps} (every "
                      "slice is tuned at least one step)")
+            require(not self.pooled, "pooled", self.pooled, "false in a pruned round (the "
+                    "pooled upper bound trains the whole model)")
             require(self.global_mode in ("none", "frozen"), "global-mode", self.global_mode,
                      "'none' or 'frozen' in a pruned round (the global update stays beside "
                      "the pruned base)")

@@ -66,6 +66,7 @@ def test_train_order_wire_format():
     # Assert: kebab-case keys, the prune order flattened under "prune-"
     assert record == {"server-round": 3, "lora-r": 8, "lora-alpha": 16.0, "local-steps": 12,
                       "seed": 3, "global-mode": "frozen", "train-lora-a": True,
+                      "pooled": False,
                       "prune-ratio": 0.5, "prune-criterion": "magnitude", "prune-slices": 2,
                       "prune-tune-steps": 4}
 
@@ -208,6 +209,9 @@ BAD = [
     (make_order, {"seed": "3"}, "seed='3'; allowed: an integer"),
     (make_order, {"global_mode": "x"}, "global-mode='x'; allowed: ['none', 'frozen', 'init']"),
     (make_order, {"train_lora_a": 1}, "train-lora-a=1; allowed: true or false"),
+    (make_order, {"pooled": "yes"}, "pooled='yes'; allowed: true or false"),
+    (make_order, {"prune": PruneOrder(ratio=0.5), "pooled": True},
+     "pooled=True; allowed: false in a pruned round"),
     (make_order, {"prune": PruneOrder(ratio=0.5, slices=13)},
      "strategy.prune.slices=13; allowed: at most train.local_steps=12"),
     (make_order, {"prune": PruneOrder(ratio=0.5), "global_mode": "init"},

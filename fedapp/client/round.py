@@ -54,10 +54,14 @@ class RoundResult:
 
 def local_data(setup: RunSetup, order: TrainOrder, partition_id: int, num_partitions: int
                ) -> tuple[list[dict], Iterator[dict[str, torch.Tensor]], int]:
-    """Apply the thread count; (this client's examples, its endless batches, pad token id)."""
+    """Apply the thread count; (this client's examples, its endless batches, pad token id).
+    A pooled order (the centralized upper bound) trains on every client's partition."""
     if setup.num_threads > 0:
         torch.set_num_threads(setup.num_threads)
     examples, pad = partition_examples(setup, num_partitions, partition_id)
+    if order.pooled:
+        examples = [e for i in range(num_partitions)
+                    for e in partition_examples(setup, num_partitions, i)[0]]
     return examples, train_batches(examples, setup.batch_size, pad,
                                    seed=order.seed + 1000 * partition_id), pad
 

@@ -17,6 +17,8 @@ from fedapp.llm.adapters import PEFT_PREFIX, adapter_targets, with_lora
 from fedapp.llm.data import DataSpec, load_split, tokenize_records
 from fedapp.llm.train import eval_loss
 from fedapp.server.accuracy import ChoiceItem, build_choice_items, choice_accuracy
+from fedapp.server.generate import greedy_answers, heldout_prompts, write_generations
+from fedapp.server.ranking import RankingSet, build_ranking_items, ranking_metrics
 
 
 def heldout_examples(spec: DataSpec, tokenizer, max_length: int, max_examples: int) -> list[dict]:
@@ -56,19 +58,44 @@ def heldout_choice_items(spec: DataSpec, tokenizer, max_length: int,
     return build_choice_items(test, spec, labels, tokenizer, max_length)
 
 
+def heldout_ranking_items(spec: DataSpec, tokenizer, max_length: int, questions: int,
+                          k: int, score: str) -> RankingSet:
+    """The first `questions` held-out records, each with `k` other held-out answers drawn
+    by the run's seed (`fedapp.server.ranking`)."""
+    _, test = load_split(spec)
+    return build_ranking_items(test, spec, tokenizer, max_length, questions, k, spec.seed,
+                               score)
+
+
 def evaluate_adapter(base: torch.nn.Module, state: Mapping[str, torch.Tensor], r: int,
                      lora_alpha: float, examples: list[dict], batch_size: int,
-                     pad_token_id: int,
-                     choice_items: list[ChoiceItem] | None = None) -> dict[str, float]:
-    """Held-out loss and perplexity of base + adapter (an empty state means the base), and
-    label accuracy when `choice_items` are given."""
+                     pad_token_id: int, choice_items: list[ChoiceItem] | None = None,
+                     ranking_items: RankingSet | None = None) -> dict[str, float]:
+    """Held-out loss and perplexity of base + adapter (an empty state means the base),
+    answer-ranking accuracy and MRR when `ranking_items` are given, and label accuracy when
+    `choice_items` are."""
     with _global_lora(base, state, r, lora_alpha) as model:
         loss = eval_loss(model, examples, batch_size, pad_token_id)
         metrics = {"eval-loss": loss, "eval-ppl": math.exp(min(loss, 50.0))}
+        if ranking_items:
+            metrics.update(ranking_metrics(model, ranking_items, pad_token_id, batch_size))
         if choice_items:
             metrics["eval-accuracy"] = choice_accuracy(model, choice_items, pad_token_id,
                                                        batch_size)
     return metrics
+
+
+def generation_report(base: torch.nn.Module, state: Mapping[str, torch.Tensor], r: int,
+                      lora_alpha: float, spec: DataSpec, tokenizer, examples: int,
+                      max_new_tokens: int, out: Path) -> dict[str, float]:
+    """Greedy answers of the base and of base + adapter to the first `examples` held-out
+    prompts, written with their ROUGE-L to `out` (`fedapp.server.generate`); the means."""
+    _, test = load_split(spec)
+    prompts, references = heldout_prompts(test, spec, tokenizer, examples)
+    answers = {"base": greedy_answers(base, tokenizer, prompts, max_new_tokens)}
+    with _global_lora(base, state, r, lora_alpha) as model:
+        answers["final"] = greedy_answers(model, tokenizer, prompts, max_new_tokens)
+    return write_generations(out, prompts, references, answers)
 
 
 def export_adapter(base: torch.nn.Module, state: Mapping[str, torch.Tensor], r: int,

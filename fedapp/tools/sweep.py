@@ -2,17 +2,20 @@
 
     python -m fedapp.tools.sweep -m strategy=fedit,flora,flexlora,ffa,zeropad,oneshot seed=0,1
     python -m fedapp.tools.sweep -m strategy=fedit,flora,oneshot +preset=quick
+    python -m fedapp.tools.sweep --seeds 3 -m strategy=flora,fedit,centralized +preset=quick
 
 Each job submits the app with `flwr run` (the same conf/ the ServerApp composes, the job's
 overrides passed through) into `<sweep dir>/<job>/run`. After every job the sweep directory's
-comparison is rewritten: `comparison.csv`, `comparison.md` (per strategy × seed, then mean ±
-spread per strategy) and `loss_vs_round.png`, `loss_vs_mb.png`. A failed job is a row with
-its reason, never silently dropped.
+comparison is rewritten: `comparison.csv`, `comparison.md` (per strategy, mean and 95 %
+interval over seeds; the gap to `centralized` when it ran; pairwise differences; per job)
+and `loss_vs_round.png`, `loss_vs_mb.png`, `rank_accuracy_vs_round.png` (`sweep_report`).
+A failed job is a row with its reason, never silently dropped.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -40,10 +43,15 @@ def job_result(run_dir: Path, overrides: list[str], cfg: DictConfig, status: str
             "start-loss": rows[0]["eval-loss"],
             "final-loss": rows[-1]["eval-loss"],
             "best-loss": min(r["eval-loss"] for r in rows),
+            "start-rank-accuracy": rows[0].get("eval-rank-accuracy"),
+            "final-rank-accuracy": rows[-1].get("eval-rank-accuracy"),
             "mb-up": sum(r["bytes-up"] for r in rows) / 2**20,
             "mb-down": sum(r["bytes-down"] for r in rows) / 2**20,
             "sim-seconds": rows[-1].get("sim-seconds"),
         })
+    generations = run_dir / "generations.json"
+    if generations.exists():
+        row["rouge-l"] = json.loads(generations.read_text()).get("rouge-l-final")
     return row
 
 
@@ -74,5 +82,23 @@ def _reason(log: str) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
+def seeds_argument(argv: list[str]) -> list[str]:
+    """Hydra's arguments with `--seeds N` (run every configuration over seeds 0..N-1)
+    turned into the multirun sweep `seed=0,...,N-1`."""
+    if "--seeds" not in argv:
+        return argv
+    at = argv.index("--seeds")
+    value = argv[at + 1] if at + 1 < len(argv) else ""
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"--seeds={value!r}; allowed: an integer >= 1 (the number of seeds "
+                         "each configuration runs with, seeds 0..N-1)")
+    rest = argv[:at] + argv[at + 2:]
+    if any(a.startswith("seed=") for a in rest):
+        raise SystemExit("--seeds and seed=... both given; allowed: one of them")
+    sweep = "seed=" + ",".join(str(i) for i in range(int(value)))
+    return rest + ([] if "-m" in rest or "--multirun" in rest else ["-m"]) + [sweep]
+
+
 if __name__ == "__main__":
+    sys.argv = seeds_argument(sys.argv)
     main()
