@@ -23,6 +23,7 @@ from fedapp.config import (
 from fedapp.llm.adapters import lora_state, with_lora
 from fedapp.llm.data import load_split
 from fedapp.llm.model import cached_base, cached_tokenizer, default_device, resolve_model_path
+from fedapp.pruning.structure import check_prunable
 from fedapp.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedapp.server.evaluate import (
     evaluate_adapter,
@@ -119,6 +120,8 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = No
     targets = list(cfg.lora.target_modules)
     examples, choice_items, ranking_items = evaluation_sets(cfg, tokenizer)
     strategy = build_strategy(cfg, target_module_shapes(base, targets))
+    if strategy.prunes:  # a family the pruning does not know fails here, not mid-round
+        check_prunable(base)
     recorder = RunRecorder(run_dir, strategy.name)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> None:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Create (or complete) the project's virtual environment at <repo>/.venv from nothing.
 # Idempotent: a second run checks what is there and installs only what is missing.
-# Order matters (PLATFORM.md): torch first, pinned, then everything else under a
-# constraint that forbids upgrading it (an unpinned torch pulls several GB of CUDA wheels),
-# then the offline default model and data packages.
+# Order matters: torch first, pinned to its CPU build, then everything else under a
+# constraint that forbids upgrading it (an unpinned torch, or a newer pin, pulls several GB
+# of CUDA wheels), then the offline default model and data packages (README, "Quick start").
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

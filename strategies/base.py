@@ -91,6 +91,7 @@ class LoraStrategy(FedAvg):
     global_mode = "none"  # how clients use the global arrays: see protocol.GLOBAL_MODES
     picks_ranks = False  # True: the strategy picks each client's rank (FedSpine): no `ranks`
     supports_dp = False  # True: accepts a `dp` config (client-level DP, strategies.dp)
+    prunes = False  # True: clients prune the base structurally (FedSpine): the model must allow it
 
     def __init__(self, setup: RunSetup, module_shapes: Mapping[str, tuple[int, int]], *,
                  local_steps: int, ranks: Sequence[int] | None, alpha_ratio: float,

@@ -136,6 +136,7 @@ def pruned_shapes(module_shapes: Mapping[str, tuple[int, int]],
 class FedSpine(FLoRA):
     name = "fedspine"
     supports_dp = False
+    prunes = True
     picks_ranks = True  # each client's bandit picks its rank
     increments = False  # a client's slot is its upload scattered to full shape: send all of G
 

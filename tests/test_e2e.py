@@ -21,6 +21,7 @@ from fedapp.llm.train import eval_loss
 from fedapp.server.evaluate import heldout_examples
 from fedapp.server.report import read_metrics
 from fedapp.tools.submit import flower_env, local_superlink_pids, run_submit
+from tests.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,6 +98,38 @@ def test_flwr_run_fedspine_on_unequal_devices(tiny_model_dir, tmp_path, flwr_env
     assert any(c["params-ratio"] < 1 for c in rows[1]["clients"].values())
     saved = json.loads((tmp_path / "run" / "aggregate.json").read_text())
     assert set(saved["bandits"]["clients"]) == {f"partition-{i}" for i in range(4)}
+
+
+@pytest.mark.parametrize("strategy", ["flora", "fedspine"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_flwr_run_on_other_model_families(family, strategy, tmp_path, flwr_env):
+    """A round of a tiny Gemma-3 (BOS, tied embeddings, q/k norms, sliding window) and a tiny
+    Qwen2 (q/k/v biases, ChatML template): FLoRA, and FedSpine pruning every client by half."""
+    path = build_tiny_model(tmp_path / family, family=family)
+    overrides = (f"strategy={strategy} model.path={path} scenario=two_clients num_rounds=1 "
+                 "train.local_steps=4 train.lr=0.01 train.max_length=64 eval.max_examples=8 "
+                 "eval.ranking_examples=4 eval.generate_examples=1 eval.generate_tokens=4 "
+                 "partitioner=iid")
+    if strategy == "fedspine":
+        overrides += (" strategy.bandit.prune_ratios=[0.5] strategy.bandit.ranks=[4] "
+                      "strategy.prune.tune_steps=1")
+    else:
+        overrides += " strategy.ranks=[2,4]"
+
+    proc = submit(flwr_env, overrides, tmp_path / "run")
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["accepted"] == 2
+    assert all(math.isfinite(r["eval-loss"]) and "eval-rank-accuracy" in r for r in rows)
+    if strategy == "fedspine":
+        assert all(c["params-ratio"] < 0.9 for c in rows[1]["clients"].values())
+    saved = json.loads((tmp_path / "run" / "generations.json").read_text())
+    assert set(saved) == {"rouge-l-base", "rouge-l-final", "examples"}
+    model = PeftModel.from_pretrained(load_base(str(path), "nf4", "cpu"),
+                                      tmp_path / "run" / "adapter")
+    # the stacked global rank: 2 + 4 (FLoRA's ranks), 4 + 4 (FedSpine's single arm)
+    assert model.peft_config["default"].r == (8 if strategy == "fedspine" else 6)
 
 
 def test_a_failed_run_makes_the_wrapper_exit_non_zero(tiny_model_dir, tmp_path, flwr_env):

@@ -131,10 +131,34 @@ def prompt_text(record: dict, spec: DataSpec, tokenizer) -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+@cache
+def _bos_expected(tokenizer) -> int | None:
+    """The BOS id when this tokenizer's own encoding begins every text with it (Llama 3,
+    Gemma, Mistral ...), else None (SmolLM2, Qwen2, GPT-2 ...): the model was trained that
+    way, so every sequence it is given should start the same."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def encode_prompt(prompt: str, tokenizer) -> list[int]:
+    """The prompt's token ids as the model expects them: special tokens the text spells (a
+    chat template's own BOS, turn markers) are read as such, and the BOS is added when the
+    model's format begins with one and the text did not write it (no chat template: the
+    Alpaca fallback). Training, evaluation, scoring and generation all encode prompts here."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = _bos_expected(tokenizer)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
 def prompt_and_response(prompt: str, response: str, tokenizer,
                         max_length: int) -> dict[str, list[int]]:
     """Token ids of prompt + response + eos, with labels only over the response."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompt(prompt, tokenizer)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     response_ids = response_ids + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + response_ids)[:max_length]

@@ -43,6 +43,35 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(f"{type(base).__name__} has no decoder `layers`; allowed: Llama-family LMs")
 
 
+def check_prunable(model: nn.Module) -> None:
+    """Refuse, naming the family, a model whose decoder layers are not built from the units
+    this pruning knows (separate q/k/v/o projections with a `head_dim`, a gated MLP of
+    gate/up/down projections): Llama, Mistral, Qwen2, Gemma-3 and their kin are; GPT-2,
+    GPT-NeoX, Phi-3 (fused qkv), Falcon and others are not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = f"{type(base).__name__} (model_type {getattr(base.config, 'model_type', '?')!r})"
+    allowed = ("allowed: decoder layers with self_attn.{q,k,v,o}_proj and head_dim, and "
+               "mlp.{gate,up,down}_proj (Llama, Mistral, Qwen2, Gemma-3 families), or a "
+               "strategy that does not prune")
+    try:
+        _, layers = decoder_layers(model)
+    except ValueError:
+        raise ValueError(f"structured pruning does not support {family}: no decoder "
+                         f"`layers`; {allowed}") from None
+    for i, layer in enumerate(layers):
+        for kind, (rows, cols) in UNIT_LINEARS.items():
+            block = getattr(layer, kind, None)
+            if isinstance(block, DroppedBlock):
+                continue
+            missing = [f"{kind}.{n}" for n in (*rows, *cols)
+                       if not hasattr(getattr(block, n, None), "in_features")]
+            if kind == "self_attn" and block is not None and not hasattr(block, "head_dim"):
+                missing.append("self_attn.head_dim")
+            if block is None or missing:
+                raise ValueError(f"structured pruning does not support {family}: layer {i} "
+                                 f"lacks {missing or [kind]}; {allowed}")
+
+
 def live_blocks(model: nn.Module) -> dict[Block, nn.Module]:
     _, layers = decoder_layers(model)
     return {(i, kind): getattr(layer, kind) for i, layer in enumerate(layers) for kind in BLOCKS

@@ -34,6 +34,7 @@ from fedapp.pruning.structure import (
     UNIT_LINEARS,
     Block,
     DroppedBlock,
+    check_prunable,
     decoder_layers,
     dense_weight,
     linear_params,
@@ -286,6 +287,7 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
     if not 0 <= target_ratio < 1 or slices < 1:
         raise ValueError(f"target_ratio={target_ratio}, slices={slices}; allowed: "
                          "0 <= target_ratio < 1 and slices >= 1")
+    check_prunable(model)
     taylor = criterion == "taylor"
     reference = prunable_parameter_count(model)
     tracked = _tune(model, tune_fn, beta, track=True) if taylor and not batches else None

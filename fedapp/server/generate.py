@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fedapp.llm.data import DataSpec, prompt_text
+from fedapp.llm.data import DataSpec, encode_prompt, prompt_text
 
 
 class WordTokenizer:
@@ -44,7 +44,7 @@ def greedy_answers(model: torch.nn.Module, tokenizer, prompts: list[str],
     device = next(model.parameters()).device
     answers = []
     for prompt in prompts:  # one at a time: no padding to get wrong
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([encode_prompt(prompt, tokenizer)])
         out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(
             device), max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -25,7 +25,7 @@ from fedapp.tools.deploy import (
     write_node_key,
     write_tls,
 )
-from fedapp.tools.submit import flower_env, free_port
+from fedapp.tools.submit import flower_env, flwr_cli, free_port
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "deploy"
 CONNECTION = "loopback"
@@ -67,7 +67,7 @@ class LoopbackFederation:
             time.sleep(1)
 
     def online_nodes(self) -> int:
-        out = subprocess.run(["flwr", "supernode", "ls", CONNECTION, "--format", "json"],
+        out = subprocess.run([flwr_cli(), "supernode", "ls", CONNECTION, "--format", "json"],
                              env=self.cli_env, capture_output=True, text=True, check=False)
         try:
             nodes = json.loads(out.stdout)["nodes"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,8 +65,29 @@ def run_submit(app: str | Path, num_supernodes: int, overrides: str, run_dir: st
         check=False)
 
 
+def flwr_cli() -> str:
+    """The Flower CLI: the `flwr` beside this interpreter (the venv's, even when the venv is
+    not activated), else the one on PATH."""
+    beside = Path(sys.executable).parent / "flwr"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    if found := shutil.which("flwr"):
+        return found
+    raise FileNotFoundError(
+        f"the Flower CLI `flwr` is neither beside this Python ({beside}) nor on PATH; allowed: "
+        "the project's interpreter (.venv/bin/python, which scripts/setup.sh installs with "
+        "flwr) or an environment with `flwr` on PATH")
+
+
+def cli_env() -> dict[str, str]:
+    """This environment with the CLI's folder first on PATH: `flwr` starts the local
+    SuperLink (`flower-superlink`) and simulation processes from there."""
+    return dict(os.environ, PATH=f"{Path(flwr_cli()).parent}:{os.environ.get('PATH', '')}")
+
+
 def flwr(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["flwr", *args], capture_output=True, text=True, check=False)
+    return subprocess.run([flwr_cli(), *args], capture_output=True, text=True, check=False,
+                          env=cli_env())
 
 
 def local_superlink_pids(flwr_home: str | None = None) -> list[int]:
@@ -87,8 +109,8 @@ def local_superlink_pids(flwr_home: str | None = None) -> list[int]:
 
 def stream_log(run_id: str, superlink: str) -> None:
     """`flwr log --stream` to our stdout, less flwr's `stale_notice` lines."""
-    with subprocess.Popen(["flwr", "log", run_id, superlink, "--stream"], text=True,
-                          stdout=subprocess.PIPE, bufsize=1) as proc:
+    with subprocess.Popen([flwr_cli(), "log", run_id, superlink, "--stream"], text=True,
+                          stdout=subprocess.PIPE, bufsize=1, env=cli_env()) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             if not stale_notice(line):

@@ -1,0 +1,42 @@
+"""The Flower CLI is found beside the project's interpreter, activated venv or not."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedapp.tools import submit
+from tests.conftest import ROOT
+
+
+def test_flwr_is_found_beside_the_interpreter_without_path(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+
+    assert submit.flwr_cli() == str(Path(sys.executable).parent / "flwr")
+    assert submit.cli_env()["PATH"].startswith(f"{Path(sys.executable).parent}:")
+
+
+def test_without_flwr_anywhere_the_error_says_where_it_looked(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+
+    with pytest.raises(FileNotFoundError, match=f"beside this Python \\({tmp_path}/flwr\\) "
+                                                "nor on PATH"):
+        submit.flwr_cli()
+
+
+def test_the_submit_tool_runs_with_the_venv_interpreter_and_no_venv_on_path(tmp_path):
+    # what failed with FileNotFoundError: 'flwr' before: `flwr ls` through the tool's own
+    # helper, from a shell whose PATH has no venv
+    code = ("from fedapp.tools.submit import flwr\n"
+            "out = flwr('--version')\n"
+            "print(out.returncode, out.stdout.strip())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                          timeout=120, check=False)
+
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("0 ") and "1.41" in proc.stdout
