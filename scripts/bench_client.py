@@ -9,13 +9,16 @@
    without gradient checkpointing; 4-bit with the plain loss (what the chunked loss saves)
    and without the allocator pin (what `fedapp.llm.memory` saves); 4-bit pruned to FedSpine's
    ratio 0.5 (what pruning buys); a first run (nothing prepared: the partition and the 4-bit
-   copy are made by helper processes) and the client quantising in its own process.
+   copy are made by helper processes) and the client quantising in its own process; a
+   Gemma-3-270M-shaped model (262k-token vocabulary, random weights) with the chunked and the
+   plain loss.
 2. The federation's overhead: a real `flwr run` simulation (K clients, R rounds, FLoRA) vs a
    bare Python loop doing the same client training, aggregation and server evaluation with
    no Flower: start-up and steady per-round seconds apart.
 
     .venv/bin/python scripts/bench_client.py                  # everything, ≈12 min here
     .venv/bin/python scripts/bench_client.py --part memory --steps 4
+    .venv/bin/python scripts/bench_client.py --part memory --variants "262k vocab,262k vocab plain"
 """
 
 from __future__ import annotations
@@ -47,7 +50,16 @@ VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release
     "nf4 pruned lean": ("nf4", "prune ckpt pin"),
     "nf4 1st run": ("nf4", "fresh"),
     "nf4 quantised here": ("nf4", "inproc"),
+    "262k vocab": ("nf4", "bigvocab"),
+    "262k vocab plain": ("nf4", "bigvocab plain"),
 }
+# The large-vocabulary variants: a Gemma-3-270M-shaped text model (262,144 tokens, hidden 640,
+# 18 layers) built from its config with random weights (memory and time need the shapes, not
+# the values), fed SmolLM2's tokens; where the full-vocabulary logits hurt most.
+BIG_VOCAB = {"vocab_size": 262_144, "hidden_size": 640, "intermediate_size": 2048,
+             "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
+             "head_dim": 256, "query_pre_attn_scalar": 256, "max_position_embeddings": 2048,
+             "sliding_window": 512, "tie_word_embeddings": True}
 PARTS = ("imports", "data", "weights", "lora+optim", "activations", "step rest", "resident rest")
 PART_NAMES = {
     "imports": "interpreter + imports", "data": "data pipeline (datasets, tokenizer)",
@@ -81,6 +93,28 @@ def saved_activation_bytes(model, batch, loss: str) -> int:
     return tensor_bytes(t for t in kept if t.untyped_storage().data_ptr() not in params)
 
 
+def big_vocab_model() -> Path:
+    """The large-vocabulary model folder, built once under the cache."""
+    from fedapp.llm.model import cache_dir, load_tokenizer, resolve_model_path
+
+    folder = cache_dir() / "bench" / "gemma3-262k-random"
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(**BIG_VOCAB, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id,
+                              bos_token_id=tokenizer.eos_token_id)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    Gemma3ForCausalLM(config).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
 def worker_client(quantization: str, options: str, steps: int) -> dict:
     """One client in this fresh process; its peak RSS split into parts (MiB), s/step."""
     from fedapp.llm import memory
@@ -107,7 +141,9 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
     if "pin" in options:  # train.release_memory
         memory.return_freed_memory()
     loss = "plain" if "plain" in options else "chunked"
-    strategy = build_strategy(compose_config(f"model.quantization={quantization}"), {})
+    model_path = f"model=hf model.path={big_vocab_model()} " if "bigvocab" in options else ""
+    strategy = build_strategy(compose_config(f"{model_path}model.quantization={quantization}"),
+                              {})
     setup, order = strategy.setup, strategy.make_order(1, 8)
     examples, batches, pad = local_data(setup, order, 0, 4)
     rss["data"] = memory.rss_mb()
@@ -160,17 +196,23 @@ def print_memory(rows: dict[str, dict], steps: int) -> None:
 
 
 def print_ratios(rows: dict[str, dict]) -> None:
-    def ratio(a: str, b: str, key: str) -> float:
-        return rows[a][key] / rows[b][key]
-
+    """Every ratio whose two variants ran (`--variants` may pick a few)."""
     peak, step = "peak-rss-mb", "seconds-per-step"
     print("\nratios measured above")
-    for a, b in (("nf4", "none"), ("nf4 lean", "none lean"), ("nf4 lean", "none")):
-        print(f"  {a} / {b}: peak RSS {ratio(a, b, peak):.2f}x, s/step {ratio(a, b, step):.2f}x")
-    for name, base in (("nf4+ckpt", "nf4"), ("nf4+release", "nf4"), ("nf4 lean", "nf4"),
-                       ("none lean", "none"), ("nf4 plain loss", "nf4")):
-        print(f"  {name} / {base}: peak RSS {ratio(name, base, peak):.2f}x, "
-              f"s/step {ratio(name, base, step):.2f}x")
+    for a, b in (("nf4", "none"), ("nf4 lean", "none lean"), ("nf4 lean", "none"),
+                 ("nf4+ckpt", "nf4"), ("nf4+release", "nf4"), ("nf4 lean", "nf4"),
+                 ("none lean", "none"), ("nf4 plain loss", "nf4"),
+                 ("262k vocab plain", "262k vocab")):
+        if a in rows and b in rows:
+            print(f"  {a} / {b}: peak RSS {rows[a][peak] / rows[b][peak]:.2f}x, "
+                  f"s/step {rows[a][step] / rows[b][step]:.2f}x")
+    if {"nf4 pruned 0.5", "nf4 pruned lean", "nf4 quantised here", "nf4 1st run", "nf4",
+            "nf4 lean"} <= rows.keys():
+        print_pruning_and_loading(rows)
+
+
+def print_pruning_and_loading(rows: dict[str, dict]) -> None:
+    peak, step = "peak-rss-mb", "seconds-per-step"
 
     def above_floor(row: dict) -> float:
         return row[peak] - row["parts"]["imports"] - row["parts"]["data"]
@@ -282,6 +324,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per client")
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"memory part: comma-separated subset of {list(VARIANTS)}")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "ARG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -291,9 +335,14 @@ def main() -> None:
         print(json.dumps(result))
         return
     if args.part in ("all", "memory"):
+        names = [v.strip() for v in args.variants.split(",")]
+        if unknown := [v for v in names if v not in VARIANTS]:
+            sys.exit(f"--variants: {unknown} unknown; allowed: {list(VARIANTS)}")
+        if any("bigvocab" in VARIANTS[v][1] for v in names):
+            print(f"[bench] large-vocabulary model: {big_vocab_model()}", flush=True)
         rows = {}
-        for i, name in enumerate(VARIANTS, 1):
-            print(f"[bench] {i}/{len(VARIANTS)}: client '{name}', {args.steps} steps", flush=True)
+        for i, name in enumerate(names, 1):
+            print(f"[bench] {i}/{len(names)}: client '{name}', {args.steps} steps", flush=True)
             rows[name] = run_worker(__file__, "--steps", str(args.steps), "--worker", "client",
                                     name)
         print_memory(rows, args.steps)

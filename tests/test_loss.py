@@ -119,3 +119,53 @@ def test_training_with_the_chunked_loss_follows_the_plain_one(tiny_model_dir):
 def test_gradient_checkpointing_changes_no_number(tiny_model_dir):
     assert _train(tiny_model_dir, "chunked", True) == pytest.approx(
         _train(tiny_model_dir, "chunked", False), abs=1e-6)
+
+
+class LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of the largest tensor any op produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_a_262k_vocabulary_never_gets_its_full_logits(tmp_path):
+    """Gemma-3's 262,144-token vocabulary (the model family where the plain loss cost most):
+    the chunked loss gives the plain loss's value and gradients while no op ever produces
+    more than a chunk of logits."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    vocab = 262_144
+    config = Gemma3TextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                              head_dim=8, query_pre_attn_scalar=8, sliding_window=16,
+                              layer_types=["full_attention"], tie_word_embeddings=True)
+    model = attach_lora(Gemma3ForCausalLM(config).requires_grad_(False), 2, 4.0, TARGETS, 0)
+    ids = torch.randint(0, vocab, (2, 48))
+    labels = ids.clone()
+    labels[:, :8] = IGNORE_INDEX
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    probe = LargestOutput()
+
+    with probe:
+        chunked = lm_loss(model, batch)
+    grads = torch.autograd.grad(chunked, [p for p in model.parameters() if p.requires_grad])
+    plain_probe = LargestOutput()
+    with plain_probe:
+        plain = lm_loss(model, batch, loss="plain")
+    plain_grads = torch.autograd.grad(plain, [p for p in model.parameters() if p.requires_grad])
+
+    assert float(chunked) == pytest.approx(float(plain), rel=1e-5)
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    full_logits = ids.numel() * vocab
+    assert plain_probe.largest >= full_logits  # the plain loss holds them all at once
+    assert probe.largest <= full_logits // 4  # a chunk (and the embedding), never all of it
