@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fedapp.llm.adapters import attach_lora, detach_lora
 from fedapp.llm.data import IGNORE_INDEX
-from fedapp.llm.loss import chunkable_head, chunked_cross_entropy, lm_loss
+from fedapp.llm.loss import chunkable_head, chunked_cross_entropy, labelled_logprobs, lm_loss
 from fedapp.llm.model import load_base
 from fedapp.llm.train import set_gradient_checkpointing, train_steps
 
@@ -169,3 +169,17 @@ def test_a_262k_vocabulary_never_gets_its_full_logits(tmp_path):
     full_logits = ids.numel() * vocab
     assert plain_probe.largest >= full_logits  # the plain loss holds them all at once
     assert probe.largest <= full_logits // 4  # a chunk (and the embedding), never all of it
+
+
+def test_labelled_logprobs_are_the_full_log_softmax_at_the_labels(tiny_model_dir):
+    model = load_base(str(tiny_model_dir), "none", "cpu")
+    batch = _batch(model.config.vocab_size)
+
+    picked, keep = labelled_logprobs(model, batch)
+
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1].float(), -1)
+    labels = batch["labels"][:, 1:]
+    assert torch.equal(keep, labels != IGNORE_INDEX)
+    torch.testing.assert_close(picked, logp[keep].gather(1, labels[keep][:, None]).squeeze(1),
+                               rtol=1e-5, atol=1e-5)

@@ -114,6 +114,44 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, rows)
 
 
+def _hidden_states(model: torch.nn.Module, head: torch.nn.Linear,
+                   batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden states (batch, len, hidden), the output head never run."""
+    lm = causal_lm(model)
+    capture = _Capture()
+    lm.set_output_embeddings(capture)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    finally:
+        lm.set_output_embeddings(head)
+    assert capture.hidden is not None
+    return capture.hidden
+
+
+@torch.no_grad()
+def labelled_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each labelled next token, row by row; the (batch, len-1) mask of
+    where they are). Through the chunked head when the model allows, so that evaluating a
+    262k-token vocabulary costs a chunk of logits, not batch × len × vocab."""
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    head = chunkable_head(model)
+    if head is None:
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch.get("attention_mask")).logits[:, :-1][keep].float()
+        return torch.log_softmax(logits, -1).gather(1, labels[keep][:, None]).squeeze(1), keep
+    hidden, targets = _hidden_states(model, head, batch)[:, :-1][keep], labels[keep]
+    softcap, rows, out = softcap_of(model), _chunk_rows(head.weight.shape[0]), []
+    for start in range(0, hidden.shape[0], rows):
+        logits = (hidden[start:start + rows] @ head.weight.to(hidden.dtype).T).float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        picked = logits.gather(1, targets[start:start + rows, None]).squeeze(1)
+        out.append(picked - torch.logsumexp(logits, dim=-1))
+    return (torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)), keep
+
+
 def lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
             loss: str = "chunked") -> torch.Tensor:
     """The mean next-token loss over the labelled tokens of `batch`, as `model(**batch).loss`
@@ -123,13 +161,6 @@ def lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
     head = chunkable_head(model) if loss == "chunked" else None
     if head is None:
         return model(**batch).loss
-    lm = causal_lm(model)
-    capture = _Capture()
-    lm.set_output_embeddings(capture)
-    try:
-        model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    finally:
-        lm.set_output_embeddings(head)
-    hidden, labels = capture.hidden[:, :-1], batch["labels"][:, 1:]
+    hidden, labels = _hidden_states(model, head, batch)[:, :-1], batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     return chunked_cross_entropy(hidden[keep], head.weight, labels[keep], softcap_of(model))

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedapp.llm.data import IGNORE_INDEX, DataSpec, collate, prompt_and_response, prompt_text
+from fedapp.llm.data import DataSpec, collate, prompt_and_response, prompt_text
+from fedapp.llm.loss import labelled_logprobs
 
 
 @dataclass(frozen=True)
@@ -36,19 +37,14 @@ def build_choice_items(records, spec: DataSpec, labels: list[str], tokenizer,
     return items
 
 
-@torch.no_grad()
 def mean_label_logprob(model: torch.nn.Module, examples: list[dict],
                        pad_token_id: int) -> torch.Tensor:
     """Mean log-probability of each example's labelled tokens: (len(examples),)."""
     batch = collate(examples, pad_token_id)
     device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device),
-                   attention_mask=batch["attention_mask"].to(device)).logits.float()
-    targets = batch["labels"][:, 1:].to(device)  # (batch, len-1): next tokens
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (batch, len-1, vocab)
-    mask = targets != IGNORE_INDEX
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    return picked.sum(1) / mask.sum(1).clamp(min=1)
+    picked, keep = labelled_logprobs(model, {k: v.to(device) for k, v in batch.items()})
+    return torch.stack([t.mean() if t.numel() else t.new_zeros(())
+                        for t in picked.split(keep.sum(dim=1).tolist())])
 
 
 def choice_accuracy(model: torch.nn.Module, items: list[ChoiceItem], pad_token_id: int,

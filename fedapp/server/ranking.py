@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from fedapp.llm.data import IGNORE_INDEX, DataSpec, collate, prompt_and_response, prompt_text
+from fedapp.llm.loss import labelled_logprobs
 
 SCORES = ("pmi", "conditional")
 
@@ -111,7 +112,6 @@ def build_ranking_items(records, spec: DataSpec, tokenizer, max_length: int, que
     return RankingSet(items, list(bare.values()), score)
 
 
-@torch.no_grad()
 def label_logprobs(model: torch.nn.Module, examples: list[dict], pad_token_id: int,
                    batch_size: int) -> list[torch.Tensor]:
     """Each example's log-probabilities of its labelled tokens, in order."""
@@ -119,12 +119,8 @@ def label_logprobs(model: torch.nn.Module, examples: list[dict], pad_token_id: i
     out = []
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-        targets = batch["labels"][:, 1:].to(device)  # (batch, len-1): next tokens
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).cpu()
-        out += [row[t != IGNORE_INDEX] for row, t in zip(picked, targets.cpu(), strict=True)]
+        picked, keep = labelled_logprobs(model, {k: v.to(device) for k, v in batch.items()})
+        out += list(picked.cpu().split(keep.sum(dim=1).tolist()))
     return out
 
 
