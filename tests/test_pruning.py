@@ -222,14 +222,31 @@ def test_taylor_equals_weight_gradient_times_weight_with_ema(tiny_model_dir):
     torch.testing.assert_close(importance.units[1, "mlp"], channels, rtol=1e-4, atol=1e-9)
 
 
+class RecordingTracker(ImportanceTracker):
+    """Keeps every step's raw (signed) scores before they enter the EMA."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.raw: list[dict] = []
+        super().__init__(*args, **kwargs)
+
+    def step(self) -> None:
+        self.raw.append({k: v.clone() for k, v in self._pending.items()})
+        super().step()
+
+
 def test_tracker_learns_from_lora_training_steps(tiny_model_dir):
     model = attach_lora(load_base(str(tiny_model_dir), "nf4", "cpu"), 4, 8, TARGETS, seed=0)
 
-    with ImportanceTracker(model, beta=0.9) as tracker:
-        sgd_tune(model, steps=3)
+    with RecordingTracker(model, beta=0.5) as tracker:
+        sgd_tune(model, steps=3)  # a plain training loop: it never calls tracker.step()
         importance = tracker.importance()
 
-    assert tracker.steps == 1  # sgd_tune never called step(): its 3 passes form one step
+    assert tracker.steps == 3  # each optimizer step closed one
+    for key, ema in importance.units.items():  # s1, then 0.5 s + 0.5 |s2|, then |s3|
+        s1, s2, s3 = (raw[key].abs() for raw in tracker.raw)
+        torch.testing.assert_close(ema, 0.5 * (0.5 * s1 + 0.5 * s2) + 0.5 * s3)
+    sgd_tune(model, steps=1)  # after the tracker is removed, steps no longer reach it
+    assert tracker.steps == 3
     assert len(importance.units) == 4 and all(s.sum() > 0 for s in importance.units.values())
     assert all(s.shape == (2,) for (_, k), s in importance.units.items() if k == "self_attn")
 

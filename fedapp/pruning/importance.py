@@ -16,6 +16,7 @@ from typing import Self
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fedapp.llm.model import disable_bnb_cpu_repack
 from fedapp.pruning.structure import (
@@ -73,8 +74,10 @@ class ImportanceTracker:
     so the first-order loss change is -Σ_tokens a·∂L/∂a. Per step the score is
     |Σ_tokens a·∂L/∂a|, which equals |Σ g·w| over the unit's o_proj / down_proj weights (the
     Taylor criterion) yet needs no base-weight gradient: hooks read activation × gradient in
-    the backward pass LoRA training runs anyway (with or without LoRA, 4-bit or not). Call
-    `step()` per optimizer step; the EMA is s <- beta·s + (1 - beta)·score (first: s = score).
+    the backward pass LoRA training runs anyway (with or without LoRA, 4-bit or not). Every
+    optimizer step taken while the tracker is live closes a step (a torch optimizer hook, so
+    the training loop needs no change; `step()` does it by hand): the EMA is
+    s <- beta·s + (1 - beta)·score (first: s = score).
     """
 
     def __init__(self, model: nn.Module, beta: float = 0.9) -> None:
@@ -86,6 +89,7 @@ class ImportanceTracker:
         self._handles = [getattr(block, UNIT_LINEARS[key[1]][1][0]).register_forward_hook(
             partial(self._capture, key, num_units(block, key[1])))
             for key, block in live_blocks(model).items()]
+        self._handles.append(register_optimizer_step_post_hook(lambda *_: self.step()))
 
     def _capture(self, key: Block, n: int, _m: nn.Module, inputs: tuple[torch.Tensor, ...],
                  _out: torch.Tensor) -> None:
