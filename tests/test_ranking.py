@@ -139,3 +139,15 @@ def test_an_unknown_score_is_refused(tokenizer):
     with pytest.raises(ValueError, match="eval.ranking_score='x'; allowed:"):
         build_ranking_items([{"q": "a", "a": "b"}, {"q": "c", "a": "d"}], SPEC, tokenizer, 64,
                             questions=1, k=1, seed=0, score="x")
+
+
+def test_the_server_refuses_a_k_the_held_out_split_cannot_supply_before_round_0(tiny_model_dir):
+    from fedapp.config import compose_config
+    from fedapp.server_app import evaluation_sets
+
+    cfg = compose_config(f"model.path={tiny_model_dir} eval.ranking_k=60")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    with pytest.raises(ValueError, match=r"eval.ranking_k=60 but the held-out split has 51 "
+                                         r"records; allowed: at most 50"):
+        evaluation_sets(cfg, tokenizer)
