@@ -182,5 +182,14 @@ def load_run_config(run_dir: Path) -> DictConfig:
         if name == "oneshot":
             old.setdefault("budget_rounds", int(cfg.num_rounds))
         cfg.strategy = {"_target_": target, **old}
+    for key, value in KEYS_ADDED_SINCE.items():  # an older run resumes as it started
+        if OmegaConf.select(cfg, key) is None:
+            OmegaConf.update(cfg, key, value)
     validate(cfg)
     return cfg
+
+
+# Keys a run directory written before they existed lacks, with the value that reproduces
+# what that run did: evaluations added later stay off, so its metrics stay comparable.
+KEYS_ADDED_SINCE = {"eval.ranking_examples": 0, "eval.ranking_k": 3, "eval.ranking_score": "pmi",
+                    "eval.generate_examples": 0, "eval.generate_tokens": 48}

@@ -202,3 +202,16 @@ def test_a_run_config_written_before_target_reads_as_today(tmp_path, strategy, e
     client = ClientIdentity("partition-2", 2)
     assert type(then) is type(now)
     assert then.order_for(1, client) == now.order_for(1, client)
+
+
+def test_a_run_written_before_ranking_and_generations_resumes_without_them(tmp_path):
+    old = OmegaConf.to_container(compose_config(""))
+    for key in ("ranking_examples", "ranking_k", "ranking_score", "generate_examples",
+                "generate_tokens"):
+        old["eval"].pop(key)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
+
+    loaded = load_run_config(tmp_path)
+
+    assert loaded.eval.ranking_examples == 0 and loaded.eval.generate_examples == 0
+    assert loaded.eval.ranking_k == 3 and loaded.eval.ranking_score == "pmi"
