@@ -153,6 +153,8 @@ def plot_jobs(sweep_dir: Path, rows: list[dict]) -> None:
             for points in runs:
                 ax.plot(*zip(*points, strict=True), color=line.get_color(), alpha=0.25, lw=0.8)
         ax.set(xlabel=x_label, ylabel=y_label, title=f"{y_label} vs {x_label}")
+        if x_key == "round":
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
