@@ -182,8 +182,8 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
 
 
 def print_memory(rows: dict[str, dict], steps: int) -> None:
-    print(f"\nwhere a client's peak RSS goes, MiB (SmolLM2-135M, LoRA r8 q/k/v/o, batch 4, "
-          f"seq <= 128, {steps} timed steps); columns:")
+    print(f"\nwhere a client's peak RSS goes, MiB (SmolLM2-135M unless the row says 262k "
+          f"vocab; LoRA r8 q/k/v/o, batch 4, seq <= 128, {steps} timed steps); columns:")
     for part in PARTS:
         print(f"  {part:>13}: {PART_NAMES[part]}")
     heads = (*PARTS, "= peak", "s/step", "load s", "load peak")
