@@ -362,3 +362,34 @@ def test_bad_arguments_name_the_value(tiny_model_dir):
         score(base, "fisher")
     with pytest.raises(ValueError, match=r"layer 5 mlp is out of range"):
         prune_model(base, PrunePlan(channels={5: [0]}))
+
+
+def test_mlp_units_of_whole_4bit_blocks_prune_without_new_weight_error(tmp_path):
+    """An MLP of 8 quantisation blocks per down_proj row (intermediate 512): its units are
+    64 channels wide, and the kept down_proj weights re-quantise to exactly what they were.
+    With single channels (the tiny model's 2 blocks: below MIN_CHANNEL_GROUPS) they do not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedapp.pruning.structure import channel_group, num_units
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=512,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "wide")
+    wide = load_base(str(tmp_path / "wide"), "nf4", "cpu")
+    mlp = wide.model.layers[0].mlp
+    before = dense_weight(mlp.down_proj)  # (64, 512)
+    assert channel_group(mlp) == 64 and num_units(mlp, "mlp") == 8
+
+    result = prune_model(wide, PrunePlan(channels={0: [1, 6]}))
+
+    kept = result.kept["model.layers.0.mlp.down_proj"].in_idx
+    assert kept.tolist() == [*range(64), *range(128, 384), *range(448, 512)]
+    assert torch.equal(dense_weight(wide.model.layers[0].mlp.down_proj), before[:, kept])
+    assert wide.model.layers[0].mlp.intermediate_size == 384
+
+    tiny = load_base(str(tmp_path / "wide"), "nf4", "cpu")
+    mixed = tiny.model.layers[0].mlp
+    sliced = slice_linear(mixed.down_proj, torch.arange(64), torch.arange(1, 512, 2))
+    error = (dense_weight(sliced) - before[:, 1::2]).norm() / before[:, 1::2].norm()
+    assert error > 0.01  # single channels from every block: new blocks, new rounding

@@ -80,7 +80,23 @@ def live_blocks(model: nn.Module) -> dict[Block, nn.Module]:
 
 def num_units(block: nn.Module, kind: str) -> int:
     return block.k_proj.out_features // block.head_dim if kind == "self_attn" else \
-        block.up_proj.out_features
+        block.up_proj.out_features // channel_group(block)
+
+
+MIN_CHANNEL_GROUPS = 8  # fewer block-wide groups than this: prune single channels
+
+
+def channel_group(block: nn.Module) -> int:
+    """MLP channels that form one unit: a 4-bit down_proj's quantisation block size, when its
+    rows are whole blocks and the MLP has at least MIN_CHANNEL_GROUPS of them (SmolLM2: 24);
+    else 1. Removing whole blocks of every down_proj row leaves the kept weights in their
+    own blocks, so re-quantising them gives back the same 4-bit codes: pruning adds no
+    weight error (single channels mix blocks: ~7 % more error on SmolLM2)."""
+    down = base_linear(block.down_proj)
+    state = getattr(down.weight, "quant_state", None)
+    size = int(getattr(state, "blocksize", 1) or 1) if state is not None else 1
+    whole = size > 1 and down.in_features % size == 0
+    return size if whole and down.in_features // size >= MIN_CHANNEL_GROUPS else 1
 
 
 def base_linear(module: nn.Module) -> nn.Module:

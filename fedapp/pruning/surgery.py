@@ -83,8 +83,9 @@ def prunable_parameter_count(model: nn.Module) -> int:
                live_blocks(model).items() for names in UNIT_LINEARS[kind] for name in names)
 
 
-def expected_parameter_count(config: object, plan: PrunePlan) -> int:
-    """Parameters of an unpruned bias-free Llama built from `config` after `plan`."""
+def expected_parameter_count(config: object, plan: PrunePlan, channel_group: int = 1) -> int:
+    """Parameters of an unpruned bias-free Llama built from `config` after `plan`, whose MLP
+    units are `channel_group` channels wide."""
     c = config
     hidden, layers = c.hidden_size, c.num_hidden_layers
     hd = getattr(c, "head_dim", None) or hidden // c.num_attention_heads
@@ -94,7 +95,7 @@ def expected_parameter_count(config: object, plan: PrunePlan) -> int:
     total = c.vocab_size * hidden * (1 if c.tie_word_embeddings else 2) + hidden \
         + layers * (attn + mlp + 2 * hidden)  # embeddings, final norm, layers with 2 norms
     total -= sum((2 * n_rep + 2) * hd * hidden * len(g) for g in plan.kv_groups.values())
-    total -= sum(3 * hidden * len(ch) for ch in plan.channels.values())
+    total -= sum(3 * hidden * channel_group * len(ch) for ch in plan.channels.values())
     return total - sum(attn if kind == "self_attn" else mlp for _, kind in plan.blocks)
 
 
@@ -173,8 +174,9 @@ def _prune_block(block: nn.Module, kind: str, removed: list[int], name: str
                       if attr in rows else
                       (torch.arange(m.out_features), _units(keep, m.in_features // n)))
         _slice_module(block, attr, *cuts[attr])
-    sizes = {"num_key_value_heads": len(keep), "intermediate_size": len(keep),
-             "num_heads": len(keep) * getattr(block, "num_key_value_groups", 1)}
+    sizes = {"num_key_value_heads": len(keep), "num_heads": len(keep) * getattr(
+        block, "num_key_value_groups", 1)} if kind == "self_attn" else {
+        "intermediate_size": block.up_proj.out_features}
     for attr, value in sizes.items():  # not read by forward in transformers 5; kept true
         if hasattr(block, attr):
             setattr(block, attr, value)
