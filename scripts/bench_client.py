@@ -206,9 +206,7 @@ def print_ratios(rows: dict[str, dict]) -> None:
         if a in rows and b in rows:
             print(f"  {a} / {b}: peak RSS {rows[a][peak] / rows[b][peak]:.2f}x, "
                   f"s/step {rows[a][step] / rows[b][step]:.2f}x")
-    if {"nf4 pruned 0.5", "nf4 pruned lean", "nf4 quantised here", "nf4 1st run", "nf4",
-            "nf4 lean"} <= rows.keys():
-        print_pruning_and_loading(rows)
+    print_pruning_and_loading(rows)
 
 
 def print_pruning_and_loading(rows: dict[str, dict]) -> None:
@@ -218,10 +216,14 @@ def print_pruning_and_loading(rows: dict[str, dict]) -> None:
         return row[peak] - row["parts"]["imports"] - row["parts"]["data"]
 
     for pruned, full in (("nf4 pruned 0.5", "nf4"), ("nf4 pruned lean", "nf4 lean")):
+        if pruned not in rows or full not in rows:
+            continue
         p, f = rows[pruned], rows[full]
         print(f"  {pruned} / {full}: parameters {p['params-ratio']:.3f}x, peak RSS "
               f"{p[peak] / f[peak]:.2f}x (above the imports + data floor "
               f"{above_floor(p) / above_floor(f):.2f}x), s/step {p[step] / f[step]:.2f}x")
+    if not {"nf4 quantised here", "nf4 1st run", "nf4"} <= rows.keys():
+        return
     here, first, full = rows["nf4 quantised here"], rows["nf4 1st run"], rows["nf4"]
     print(f"  load peak RSS: quantising in the client's process {here['load-peak-mb']:.0f} MiB"
           f" (training peak {here[peak]:.0f}), first run with a helper process "
