@@ -80,6 +80,8 @@ def test_seeds_argument_becomes_a_seed_sweep():
     assert seeds_argument(["sweep", "--seeds", "3", "-m", "strategy=flora"]) == [
         "sweep", "-m", "strategy=flora", "seed=0,1,2"]
     assert seeds_argument(["sweep", "--seeds", "1"]) == ["sweep", "-m", "seed=0"]
+    assert seeds_argument(["sweep", "--seeds", "2", "strategy=flora"]) == [
+        "sweep", "-m", "strategy=flora", "seed=0,1"]  # -m before the overrides Hydra parses
     for bad in (["--seeds", "0"], ["--seeds", "x"], ["--seeds"]):
         with pytest.raises(SystemExit, match="allowed: an integer >= 1"):
             seeds_argument(["sweep", *bad])

@@ -27,7 +27,7 @@ from fedapp.llm.helper import run_helper
 from fedapp.llm.model import cache_dir, resolve_model_path
 from strategies.protocol import RunSetup
 
-FORMAT = 1  # bump when the examples' layout changes
+FORMAT = 2  # bump when the examples' layout changes
 
 
 def _file_stamp(path: str) -> list:

@@ -96,7 +96,8 @@ def seeds_argument(argv: list[str]) -> list[str]:
     if any(a.startswith("seed=") for a in rest):
         raise SystemExit("--seeds and seed=... both given; allowed: one of them")
     sweep = "seed=" + ",".join(str(i) for i in range(int(value)))
-    return rest + ([] if "-m" in rest or "--multirun" in rest else ["-m"]) + [sweep]
+    multirun = [] if "-m" in rest or "--multirun" in rest else ["-m"]
+    return rest[:1] + multirun + rest[1:] + [sweep]
 
 
 if __name__ == "__main__":
