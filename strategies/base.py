@@ -174,9 +174,12 @@ class LoraStrategy(FedAvg):
         self.federation_met = True
         self.identify(grid, nodes)
         nodes = [n for n in nodes if n in self.identities]
-        size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
         rng = random.Random(self.seed * 100_003 + server_round)
-        return sorted(rng.sample(nodes, size))
+        return sorted(rng.sample(nodes, self.sample_size(len(nodes))))
+
+    def sample_size(self, available: int) -> int:
+        """How many of `available` identified nodes train this round."""
+        return min(available, max(int(available * self.fraction_train), self.min_train_nodes))
 
     # ------------------------------------------------------------------ what each is told
     def rank_for(self, client: ClientIdentity) -> int:

@@ -12,10 +12,6 @@ so a round boundary costs the optimizer's moments and nothing else.
 
 from __future__ import annotations
 
-import random
-
-from flwr.serverapp import Grid
-
 from strategies.base import ClientIdentity
 from strategies.fedit import FedIT
 from strategies.protocol import TrainOrder
@@ -32,13 +28,9 @@ class Centralized(FedIT):
     def order_steps(self) -> int:
         return self.local_steps * self.clients_per_round()
 
-    def sample(self, grid: Grid, server_round: int) -> list[int]:
+    def sample_size(self, available: int) -> int:
         """One connected client node, drawn by the seed (another one if it has died)."""
-        nodes = self.wait_for_nodes(grid)
-        self.federation_met = True
-        self.identify(grid, nodes)
-        nodes = [n for n in nodes if n in self.identities]
-        return random.Random(self.seed * 100_003 + server_round).sample(nodes, min(1, len(nodes)))
+        return min(1, available)
 
     def order_for(self, server_round: int, client: ClientIdentity) -> TrainOrder:
         return self.make_order(server_round, self.rank, pooled=True)

@@ -37,14 +37,23 @@ def build_choice_items(records, spec: DataSpec, labels: list[str], tokenizer,
     return items
 
 
+def label_logprobs(model: torch.nn.Module, examples: list[dict], pad_token_id: int,
+                   batch_size: int) -> list[torch.Tensor]:
+    """Each example's log-probabilities of its labelled tokens, in order."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_token_id)
+        picked, keep = labelled_logprobs(model, {k: v.to(device) for k, v in batch.items()})
+        out += list(picked.cpu().split(keep.sum(dim=1).tolist()))
+    return out
+
+
 def mean_label_logprob(model: torch.nn.Module, examples: list[dict],
                        pad_token_id: int) -> torch.Tensor:
     """Mean log-probability of each example's labelled tokens: (len(examples),)."""
-    batch = collate(examples, pad_token_id)
-    device = next(model.parameters()).device
-    picked, keep = labelled_logprobs(model, {k: v.to(device) for k, v in batch.items()})
     return torch.stack([t.mean() if t.numel() else t.new_zeros(())
-                        for t in picked.split(keep.sum(dim=1).tolist())])
+                        for t in label_logprobs(model, examples, pad_token_id, len(examples))])
 
 
 def choice_accuracy(model: torch.nn.Module, items: list[ChoiceItem], pad_token_id: int,

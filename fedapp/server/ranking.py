@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedapp.llm.data import IGNORE_INDEX, DataSpec, collate, prompt_and_response, prompt_text
-from fedapp.llm.loss import labelled_logprobs
+from fedapp.llm.data import IGNORE_INDEX, DataSpec, prompt_and_response, prompt_text
+from fedapp.server.accuracy import label_logprobs
 
 SCORES = ("pmi", "conditional")
 
@@ -110,18 +110,6 @@ def build_ranking_items(records, spec: DataSpec, tokenizer, max_length: int, que
     order = {j: n for n, j in enumerate(bare)}
     items = [RankingItem(it.candidates, [order[j] for j in it.answers]) for it in items]
     return RankingSet(items, list(bare.values()), score)
-
-
-def label_logprobs(model: torch.nn.Module, examples: list[dict], pad_token_id: int,
-                   batch_size: int) -> list[torch.Tensor]:
-    """Each example's log-probabilities of its labelled tokens, in order."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_token_id)
-        picked, keep = labelled_logprobs(model, {k: v.to(device) for k, v in batch.items()})
-        out += list(picked.cpu().split(keep.sum(dim=1).tolist()))
-    return out
 
 
 def ranking_metrics(model: torch.nn.Module, ranking: RankingSet, pad_token_id: int,
