@@ -24,6 +24,7 @@ from strategies.protocol import (
     METRICS,
     NO_SETUP,
     SETUP,
+    UNITS,
     GlobalVersion,
     RunSetup,
     TrainOrder,
@@ -100,7 +101,10 @@ def train(msg: Message, context: Context) -> Message:
     order = TrainOrder.from_dict(msg.content[CONFIG])
     partition_id, num_partitions = node_partition(context)
     global_state = held_global(msg, context, setup)
-    result = run_round(setup, order, partition_id, num_partitions, global_state)
+    units = msg.content[UNITS].to_torch_state_dict() if UNITS in msg.content.array_records \
+        else {}
+    result = run_round(setup, order, partition_id, num_partitions, global_state,
+                       units=units)
     if GLOBAL in msg.content.config_records:  # the server may build on it next round
         context.state[LAST_UPLOAD] = ArrayRecord(result.state)
     metrics = result.metrics
@@ -116,4 +120,6 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({ARRAYS: ArrayRecord(result.state), METRICS: MetricRecord(metrics)})
     if result.kept:
         content[KEPT] = ArrayRecord(result.kept)
+    if result.units:
+        content[UNITS] = ArrayRecord(result.units)
     return Message(content, reply_to=msg)

@@ -148,6 +148,8 @@ def build_strategy(cfg: DictConfig,
         "min_available_nodes": number(cfg, "scenario.num_clients", int),
         "wait_seconds": number(cfg, "scenario.wait_seconds", float),
         "devices": scenario_devices(cfg)}
+    if cls.prunes:  # FedSpine: every device reaches its target sparsity by the last round
+        kwargs["num_rounds"] = number(cfg, "num_rounds", int)
     if cfg.dp.enabled:
         require(cls.supports_dp, "dp.enabled", True, "only with strategy=flora (other "
                  "strategies average factors or prune, which the clipping and noise here do "

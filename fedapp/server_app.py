@@ -25,6 +25,7 @@ from fedapp.llm.data import load_split
 from fedapp.llm.model import cached_base, cached_tokenizer, default_device, resolve_model_path
 from fedapp.pruning.structure import check_prunable
 from fedapp.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedapp.server.deployed import export_deployments
 from fedapp.server.evaluate import (
     evaluate_adapter,
     export_adapter,
@@ -156,6 +157,13 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = No
     export_adapter(base, state, r, alpha, run_dir / "adapter",
                    resolve_model_path(cfg.model.path))
     (run_dir / "aggregate.json").write_text(json.dumps(strategy.export_metadata(), indent=2))
+    if deployments := strategy.deployments():  # FedSpine: each device's pruned model
+        def evaluate_deployed(model, cut, r_, alpha_) -> dict:
+            return evaluate_adapter(model, cut, r_, alpha_, examples, cfg.eval.batch_size,
+                                    tokenizer.pad_token_id, choice_items, ranking_items)
+        export_deployments(deployments, resolve_model_path(cfg.model.path),
+                           cfg.model.quantization, (state, r, alpha), run_dir / "devices",
+                           tokenizer, evaluate_deployed)
     if cfg.eval.generate_examples:
         report_generations(cfg, base, tokenizer, (state, r, alpha), run_dir)
     plot_eval_loss(recorder.rows, run_dir / "eval_loss.png", strategy.name)

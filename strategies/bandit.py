@@ -194,6 +194,18 @@ def memory_feasible(budget_mb: float, base_mb: float, lora_mb_per_rank: float,
     return fits
 
 
+def needed_prune_ratio(budget_mb: float, rank: int, base_mb: float, lora_mb_per_rank: float,
+                       activation_mb: float) -> float:
+    """The least prune ratio at which `estimated_memory_mb` with `rank` fits `budget_mb`
+    (0 when the unpruned model fits; math.inf when no ratio below 1 does)."""
+    room = budget_mb - activation_mb - lora_mb_per_rank * rank
+    if room >= base_mb:
+        return 0.0
+    if room <= 0:
+        return math.inf
+    return 1.0 - room / base_mb
+
+
 class ClientBandit:
     """Smoothed UCB over a progressively refined (prune_ratio, rank) grid, for one client."""
 

@@ -230,6 +230,10 @@ class LoraStrategy(FedAvg):
         read them (None: use them as sent; FLoRA sends versions and increments)."""
         return self.client_arrays(client, state), None
 
+    def order_records(self, client: ClientIdentity) -> dict[str, ArrayRecord]:
+        """Further records of `client`'s train message (FedSpine: its pruned structure)."""
+        return {}
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         node_ids = self.sample(grid, server_round)
@@ -243,6 +247,9 @@ class LoraStrategy(FedAvg):
             content = RecordDict({ARRAYS: payload, CONFIG: order.to_config()})
             if version is not None:
                 content[GLOBAL] = version
+            extra = self.order_records(client)
+            for record_name, record in extra.items():
+                content[record_name] = record
             setup_bytes = 0
             if node_id in self.setup_owed:  # once per client: it keeps it in context.state
                 content[SETUP] = self.setup.to_config()
@@ -250,6 +257,7 @@ class LoraStrategy(FedAvg):
                 self.setup_owed.discard(node_id)
             self.assignments[node_id] = Assignment(
                 client, order, payload.count_bytes() + config_bytes(content[CONFIG])
+                + sum(r.count_bytes() for r in extra.values())
                 + (config_bytes(version) if version is not None else 0) + setup_bytes,
                 setup_bytes)
             messages.append(Message(content, message_type=MessageType.TRAIN,
@@ -347,6 +355,11 @@ class LoraStrategy(FedAvg):
     def num_rounds(self, configured: int) -> int:
         """Rounds to run for `num_rounds` in the config (one-shot runs one)."""
         return configured
+
+    def deployments(self) -> dict[str, dict]:
+        """Per client, the pruned model it deploys (FedSpine); {}: every client deploys the
+        global adapter on the unpruned base."""
+        return {}
 
     def export_metadata(self) -> dict:
         """Facts saved beside the exported adapter (e.g. what a late merge needs)."""

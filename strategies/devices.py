@@ -27,6 +27,9 @@ class DeviceProfile:
     memory_mb: float = math.inf  # training memory budget; arms above it are never played
     up_mbps: float = 20.0
     down_mbps: float = 100.0
+    # the share of prunable parameters its deployed model drops (FedSpine); None: the least
+    # its memory budget needs
+    sparsity: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("slowdown", "memory_mb", "up_mbps", "down_mbps"):
@@ -34,6 +37,11 @@ class DeviceProfile:
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"scenario.devices.{self.name}.{key}={value!r}; allowed: a "
                                  f"number > 0")
+        s = self.sparsity
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int | float)
+                              or not 0 <= s < 1):
+            raise ValueError(f"scenario.devices.{self.name}.sparsity={s!r}; allowed: a "
+                             "number in [0, 1), or null for the least its memory budget needs")
 
     def completion_seconds(self, compute_seconds: float, bytes_up: float,
                            bytes_down: float) -> float:
@@ -57,14 +65,17 @@ def device_profiles(devices: Mapping[str, Mapping] | None, device_of_client: Seq
         return [default]
     known = {}
     for name, spec in devices.items():
-        unknown = sorted(set(spec) - {"slowdown", "memory_mb", "up_mbps", "down_mbps"})
+        unknown = sorted(set(spec) - {"slowdown", "memory_mb", "up_mbps", "down_mbps",
+                                      "sparsity"})
         if unknown:
             raise ValueError(f"scenario.devices.{name} has unknown keys {unknown}; allowed: "
-                             "slowdown, memory_mb, up_mbps, down_mbps")
+                             "slowdown, memory_mb, up_mbps, down_mbps, sparsity")
+        spec = {k: v for k, v in spec.items() if not (k == "sparsity" and v is None)}
         for key, value in spec.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(  # noqa: TRY004 - config errors are ValueErrors here
-                    f"scenario.devices.{name}.{key}={value!r}; allowed: a number > 0")
+                    f"scenario.devices.{name}.{key}={value!r}; allowed: a number "
+                    f"{'in [0, 1)' if key == 'sparsity' else '> 0'}")
         known[name] = DeviceProfile(str(name), **{k: float(v) for k, v in spec.items()})
     if not device_of_client:
         raise ValueError(f"scenario.devices is set but scenario.device_of_client is empty; "

@@ -1,26 +1,45 @@
-"""FedSpine (Yao et al., 2025): a bandit per client picks its prune ratio and LoRA rank.
+"""FedSpine (Yao et al., 2025): every device ends with a pruned, fine-tuned model it deploys;
+a bandit per device picks the path there (how far it prunes each round, which LoRA rank).
 
-Every round, for each selected client, its bandit (`strategies.bandit`, keyed by the
-client's stable name) picks an arm (prune ratio, rank) among those its device's memory
-budget allows; the client prunes a fresh copy of the base to that ratio, tunes a LoRA of that
-rank beside the frozen global update G (the client round of `fedapp.client`; a configuration
-pruned before is reused from the client process's cache), and replies with its factors at
-the pruned shapes plus the rows / columns it kept. The server scatters them back to full
-shape (zeros at pruned units, `strategies.scatter`) and FLoRA-stacks them into G, which
-stays unpruned. Then each bandit learns its arm's reward (`bandit.reward`):
+**Same sparsity by construction.** Each device's final sparsity (the share of its attention /
+MLP parameters its deployed model drops) is fixed before training: its class's
+`scenario.devices.<class>.sparsity`, or else the least its memory budget needs (the smallest
+ratio, to 0.01, at which the memory estimate below fits with the grid's smallest rank).
+A device prunes only further, never back; the ratio it trains at in round t is
+
+    ratio_t = target                                       in the final round (`num_rounds`)
+    ratio_t = min(target, max(reached, arm ratio, need(arm rank)))    before it
+
+with `reached` the ratio of its structure so far and need(r) the least ratio at which the
+arm's rank fits its memory budget. So every device reaches its target in the last round at
+the latest; the arm's ratio only says how early. Arms whose rank fits at no ratio up to the
+target are never played.
+
+**Rounds.** For each selected device its bandit (`strategies.bandit`, keyed by the client's
+stable name) picks an arm (prune ratio, rank) among the feasible ones; the order says the
+ratio to reach and the ratio reached, and the message carries the device's structure
+(`protocol.UNITS`, kept by the server: a device keeps nothing between rounds). The client
+rebuilds that structure from the base, prunes on to the round's ratio, tunes a LoRA of that
+rank beside the frozen global update G (`fedapp.client`), and replies with its factors at
+the pruned shapes, the rows / columns they cover and the structure it reached (checked by
+`strategies.units`: only ever a subset of what it had). The server scatters the factors to
+full shape (zeros at pruned units, `strategies.scatter`) and FLoRA-stacks them into G, which
+stays unpruned. Each device's deployed model is its structure + G cut to it
+(`deployments()`, exported by the ServerApp). Then each bandit learns its arm's reward
+(`bandit.reward`):
 
     reward_k = clip((L_before − L_after) / L_before, −1, 1) − λ · (T_k / median_j T_j − 1)
 
-with L the client's loss on its own probe batch: L_before of the model the server sent
-(unpruned base + G), L_after of its pruned, tuned model, so pruning damage is charged; T its
-completion time (`completion-seconds`: compute × its device's slow-down + bytes over its
-links), λ = `time_weight`. A selected client that sends no valid reply earns −1 − λ, as bad
-as the worst loss change at twice the median time.
+with L the client's loss on its own probe batch: L_before of the model it started from (its
+structure + G), L_after of its pruned, tuned model, so this round's pruning damage is
+charged; T its completion time (`completion-seconds`: compute × its device's slow-down +
+bytes over its links), λ = `time_weight`. A selected client that sends no valid reply earns
+−1 − λ, as bad as the worst loss change at twice the median time.
 
 The memory a client would need for an arm is `bandit.estimated_memory_mb` with this
 strategy's `memory` coefficients (fixed_mb: runtime, embeddings and activations; base_mb:
-the prunable attention / MLP weights and what scales with them; lora_mb_per_rank); arms
-above the device's `memory_mb` are never played.
+the prunable attention / MLP weights and what scales with them; lora_mb_per_rank), at the
+ratio it trains at; a device's first pruning round still loads the unpruned 4-bit model.
 
 `arm_policy: random` replaces the bandit by a uniformly random feasible arm of the initial
 grid (seeded by seed, round and client): the ablation the benchmark compares against.
@@ -44,10 +63,11 @@ from strategies.bandit import (
     BanditConfig,
     ClientBandit,
     Feasible,
-    memory_feasible,
+    needed_prune_ratio,
     reward,
 )
 from strategies.base import ClientIdentity
+from strategies.devices import DeviceProfile
 from strategies.flora import FLoRA
 from strategies.lora_math import LoraUpdate
 from strategies.protocol import (
@@ -56,14 +76,17 @@ from strategies.protocol import (
     KEPT_OUT,
     METRICS,
     NO_SETUP,
+    UNITS,
     PruneOrder,
     TrainOrder,
 )
 from strategies.replies import RejectedReply, parse_reply
 from strategies.scatter import Kept, scatter_factors
 from strategies.summary import ClientOutcome
+from strategies.units import UnitLists, read_units, units_record
 
 POLICIES = ("bandit", "random")
+TOLERANCE = 1e-9  # ratios are sums of floats
 PRUNE_KEYS = ("criterion", "slices", "tune_steps")
 MEMORY_KEYS = ("fixed_mb", "base_mb", "lora_mb_per_rank")
 
@@ -86,7 +109,12 @@ def prune_template(prune: Mapping | None) -> PruneOrder:
     if unknown := sorted(set(prune) - set(PRUNE_KEYS)):
         raise ValueError(f"strategy.prune has unknown keys {unknown}; allowed: "
                          f"{list(PRUNE_KEYS)}")
-    return PruneOrder(ratio=0.0, **prune)
+    order = PruneOrder(ratio=0.0, **prune)
+    if order.criterion == "llm-drop":
+        raise ValueError("strategy.prune.criterion='llm-drop' drops whole blocks, which no "
+                         "stock architecture loads, and each device's deployed model is "
+                         "exported as one; allowed: taylor, magnitude")
+    return order
 
 
 def memory_model(memory: Mapping | None) -> dict[str, float]:
@@ -142,7 +170,7 @@ class FedSpine(FLoRA):
 
     def __init__(self, *args, arm_policy: str = "bandit", time_weight: float = 0.1,
                  bandit: Mapping | None = None, prune: Mapping | None = None,
-                 memory: Mapping | None = None, **kwargs) -> None:
+                 memory: Mapping | None = None, num_rounds: int = 1, **kwargs) -> None:
         super().__init__(*args, ranks=None, **kwargs)  # the bandits pick every client's rank
         if arm_policy not in POLICIES:
             raise ValueError(f"strategy.arm_policy={arm_policy!r}; allowed: {list(POLICIES)}")
@@ -150,21 +178,64 @@ class FedSpine(FLoRA):
                                                  and math.isfinite(time_weight)
                                                  and time_weight >= 0):
             raise ValueError(f"strategy.time_weight={time_weight!r}; allowed: a number >= 0")
+        if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
+            raise ValueError(f"num_rounds={num_rounds!r}; allowed: an int >= 1")
         self.arm_policy, self.time_weight = arm_policy, float(time_weight)
+        self.final_round = num_rounds  # every device is at its target sparsity after it
         self.bank = BanditBank(bandit_config(bandit))
         self.prune = prune_template(prune)
         self.make_order(1, 1, prune=self.prune)  # slices within local_steps: fail now
         self.memory = memory_model(memory)
-        self.arms: dict[str, tuple[Arm, ClientIdentity]] = {}  # this round's, by client name
-        for device in {d.name: d for d in self.devices}.values():  # fail before training
-            ClientBandit(self.bank.config).select(1, self.feasible_for(device.memory_mb))
+        self.arms: dict[str, tuple[Arm, ClientIdentity, TrainOrder]] = {}  # this round's
+        self.units: dict[str, UnitLists] = {}  # per client name: the structure it reached
+        self.reached: dict[str, float] = {}  # ... and its prune ratio
+        self.device_class: dict[str, str] = {}  # ... and its device class
+        self.pending: dict[int, UnitLists] = {}  # id(order) -> structure of a parsed reply
+        self.targets = {d.name: self.target_for(d) for d in self.devices}  # fail now
 
-    def feasible_for(self, budget_mb: float) -> Feasible:
-        return memory_feasible(budget_mb, self.memory["base_mb"],
-                               self.memory["lora_mb_per_rank"], self.memory["fixed_mb"])
+    def need(self, device: DeviceProfile, rank: int) -> float:
+        """The least prune ratio at which `rank` fits `device`'s memory budget."""
+        return needed_prune_ratio(device.memory_mb, rank, self.memory["base_mb"],
+                                  self.memory["lora_mb_per_rank"], self.memory["fixed_mb"])
+
+    def target_for(self, device: DeviceProfile) -> float:
+        """The device's final sparsity: its class's, else the least its budget needs (to
+        0.01); ValueError when no arm of the grid fits its budget at that sparsity."""
+        rank = min(self.bank.config.ranks)
+        need = self.need(device, rank)
+        limit = self.bank.config.max_prune_ratio
+        where = f"scenario.devices.{device.name}"
+        if device.sparsity is None:
+            if need > limit:
+                raise ValueError(f"{where}: memory_mb={device.memory_mb:g} fits no arm: even "
+                                 f"pruned to max_prune_ratio={limit} at rank {rank} the "
+                                 "estimated training memory exceeds it; allowed: a larger "
+                                 "memory_mb or smaller strategy.memory coefficients")
+            return math.ceil(round(need * 100, 6)) / 100
+        if device.sparsity < need - TOLERANCE:
+            raise ValueError(f"{where}.sparsity={device.sparsity:g} is infeasible: its "
+                             f"memory_mb={device.memory_mb:g} needs at least "
+                             f"{min(need, 1):.3f} at rank {rank}; allowed: a sparsity >= "
+                             f"{math.ceil(round(need * 100, 6)) / 100:g} below 1, or a "
+                             "larger memory_mb")
+        return device.sparsity
+
+    def train_ratio(self, server_round: int, client: ClientIdentity, arm: Arm) -> float:
+        """The ratio `client` trains at this round with `arm` (module docstring)."""
+        device = self.device_for(client)
+        target = self.targets[device.name]
+        if server_round >= self.final_round:
+            return target
+        reached = self.reached.get(client.name, 0.0)
+        return min(target, max(reached, arm.prune_ratio, self.need(device, arm.rank)))
+
+    def feasible_for(self, client: ClientIdentity) -> Feasible:
+        device = self.device_for(client)
+        target = self.targets[device.name]
+        return lambda arm: self.need(device, arm.rank) <= target + TOLERANCE
 
     def choose_arm(self, server_round: int, client: ClientIdentity) -> Arm:
-        feasible = self.feasible_for(self.device_for(client).memory_mb)
+        feasible = self.feasible_for(client)
         if self.arm_policy == "random":  # the initial grid, never refined
             allowed = [a for a in ClientBandit(self.bank.config).arms if feasible(a)]
             rng = random.Random(f"{self.seed}/{server_round}/{client.name}")
@@ -173,17 +244,24 @@ class FedSpine(FLoRA):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.arms = {}
+        self.arms, self.pending = {}, {}
         return super().configure_train(server_round, arrays, config, grid)
 
     def order_for(self, server_round: int, client: ClientIdentity) -> TrainOrder:
         arm = self.choose_arm(server_round, client)
-        self.arms[client.name] = (arm, client)
-        return self.make_order(server_round, arm.rank,
-                               prune=dataclasses.replace(self.prune, ratio=arm.prune_ratio))
+        ratio = self.train_ratio(server_round, client, arm)
+        order = self.make_order(server_round, arm.rank, prune=dataclasses.replace(
+            self.prune, ratio=ratio, reached=min(ratio, self.reached.get(client.name, 0.0))))
+        self.arms[client.name] = (arm, client, order)
+        return order
+
+    def order_records(self, client: ClientIdentity) -> dict[str, ArrayRecord]:
+        units = self.units.get(client.name)
+        return {UNITS: units_record(units)} if units else {}
 
     def parse_update(self, content: RecordDict, order: TrainOrder) -> LoraUpdate:
-        """Check a pruned reply against its kept indices, then scatter it to full shape."""
+        """Check a pruned reply against its kept indices and its device's structure, then
+        scatter it to full shape."""
         kept = read_kept(content, self.module_shapes)
         update = parse_reply(content, pruned_shapes(self.module_shapes, kept), order.lora_r,
                              order.scaling)
@@ -194,6 +272,8 @@ class FedSpine(FLoRA):
             value = metrics.get(key)
             if not (isinstance(value, int | float) and math.isfinite(value)):
                 raise RejectedReply(f"metric '{key}' is {value!r}; expected a finite loss")
+        name = next((n for n, (_, _, o) in self.arms.items() if o is order), None)
+        self.pending[id(order)] = read_units(content, self.units.get(name, {}))
         try:
             factors = scatter_factors(update.factors, kept, self.module_shapes)
         except ValueError as err:
@@ -207,47 +287,70 @@ class FedSpine(FLoRA):
         return arrays, metrics
 
     def learn(self, server_round: int, clients: dict[str, ClientOutcome]) -> None:
-        """Reward each of this round's arms, update the bandits, log arm / reward / time.
+        """Keep each accepted device's structure, reward each of this round's arms, update
+        the bandits, log arm / ratio / reward / time.
 
         A client that only lost its run setup (protocol.NO_SETUP: a restarted SuperNode)
         says nothing about its arm: its bandit is not updated."""
         ok = {n: c for n, c in clients.items() if n in self.arms and c.ok}
         times = [c.completion_seconds or 0.0 for c in ok.values()]
-        for name, (arm, client) in sorted(self.arms.items()):
+        for name, (arm, client, order) in sorted(self.arms.items()):
             outcome = clients.setdefault(name, ClientOutcome())
             value = -1.0 - self.time_weight
             if name in ok:
+                self.units[name] = self.pending[id(order)]
+                self.reached[name] = order.prune.ratio if order.prune else 0.0
+                self.device_class[name] = self.device_for(client).name
                 value = reward(outcome.metrics["loss-before"], outcome.metrics["loss-after"],
                                outcome.completion_seconds or 0.0, times, self.time_weight)
             lost_setup = NO_SETUP in outcome.status
             outcome.extra.update({"arm-prune-ratio": arm.prune_ratio, "arm-rank": arm.rank,
+                                  "train-ratio": order.prune.ratio if order.prune else 0.0,
                                   **({} if lost_setup else {"reward": value})})
             added = []
             if self.arm_policy == "bandit" and not lost_setup:
                 bandit = self.bank[name]
                 bandit.update(arm, value)
-                added = bandit.refine(self.feasible_for(self.device_for(client).memory_mb))
-            log(INFO, "  %s: arm (prune %.3f, r=%d), reward %+.4f, completion %s s%s", name,
-                arm.prune_ratio, arm.rank, value,
+                added = bandit.refine(self.feasible_for(client))
+            log(INFO, "  %s: arm (prune %.3f, r=%d) -> ratio %.3f of target %.3f, reward "
+                "%+.4f, completion %s s%s", name, arm.prune_ratio, arm.rank,
+                order.prune.ratio if order.prune else 0.0,
+                self.targets[self.device_for(client).name], value,
                 f"{outcome.completion_seconds:.1f}" if name in ok else "-",
                 f", grid refined with {[(a.prune_ratio, a.rank) for a in added]}" if added
                 else ", not learned: it lost its run setup" if lost_setup else "")
 
+    def deployments(self) -> dict[str, dict]:
+        """Per device that trained: its class, target and reached sparsity and structure —
+        its deployed model is the base pruned to `units` with G cut to it."""
+        return {name: {"device": device, "target": self.targets[device],
+                       "reached": self.reached[name], "units": self.units.get(name, {})}
+                for name, device in sorted(self.device_class.items())}
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "bandits": self.bank.state_dict()}
+        return {**super().state_dict(), "bandits": self.bank.state_dict(),
+                "units": {n: {k: list(v) for k, v in u.items()} for n, u in self.units.items()},
+                "reached": dict(self.reached), "device_class": dict(self.device_class)}
 
     def load_state(self, state: dict, arrays: ArrayRecord) -> None:
         super().load_state(state, arrays)
         if state.get("bandits"):
             self.bank = BanditBank.from_state_dict(state["bandits"])
+        self.units = {n: {k: list(v) for k, v in u.items()}
+                      for n, u in state.get("units", {}).items()}
+        self.reached = {n: float(r) for n, r in state.get("reached", {}).items()}
+        self.device_class = dict(state.get("device_class", {}))
 
     def export_metadata(self) -> dict:
+        meta = {**super().export_metadata(), "targets": self.targets,
+                "reached": self.reached}
         if self.arm_policy != "bandit":  # random arms: the bandits learned nothing
-            return {**super().export_metadata(), "arm_policy": self.arm_policy}
-        return {**super().export_metadata(), "bandits": self.bank.state_dict()}
+            return {**meta, "arm_policy": self.arm_policy}
+        return {**meta, "bandits": self.bank.state_dict()}
 
     def summary(self) -> None:
-        log(INFO, "\t├──> fedspine: %s arms over ratios %s x ranks %s, λ=%g, prune %s",
-            self.arm_policy, list(self.bank.config.prune_ratios),
-            list(self.bank.config.ranks), self.time_weight, self.prune.to_dict())
+        log(INFO, "\t├──> fedspine: %s arms over ratios %s x ranks %s, λ=%g, prune %s, "
+            "target sparsity %s by round %d", self.arm_policy,
+            list(self.bank.config.prune_ratios), list(self.bank.config.ranks),
+            self.time_weight, self.prune.to_dict(), self.targets, self.final_round)
         super().summary()

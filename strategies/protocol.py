@@ -38,10 +38,13 @@ CRITERIA = ("magnitude", "taylor", "llm-drop")  # structured-pruning importance 
 DEFAULT_DATASET = "zaragoza-faq"
 
 # Records of the messages. Query: "setup" (server → client), "identity" (client → server).
-# Train: "config" + "arrays" (+ "global", FLoRA) (server → client); "arrays", "metrics",
-# "kept" (client → server).
-SETUP, IDENTITY, CONFIG, ARRAYS, METRICS, KEPT, GLOBAL = (
-    "setup", "identity", "config", "arrays", "metrics", "kept", "global")
+# Train: "config" + "arrays" (+ "global", FLoRA; + "units", FedSpine) (server → client);
+# "arrays", "metrics", "kept" + "units" (a pruned client) (client → server).
+SETUP, IDENTITY, CONFIG, ARRAYS, METRICS, KEPT, GLOBAL, UNITS = (
+    "setup", "identity", "config", "arrays", "metrics", "kept", "global", "units")
+# A pruned device's structure, "units": "<layer>.self_attn" → kept KV groups and
+# "<layer>.mlp" → kept MLP channels (int64, sorted, indices into the full layer; empty: the
+# block was dropped whole; no key: never pruned). See fedapp.pruning.units.
 # A pruned client names its kept indices in its "kept" ArrayRecord
 # "<peft module key>.kept-out" and "<peft module key>.kept-in" (int64, empty if dropped).
 KEPT_OUT, KEPT_IN = ".kept-out", ".kept-in"
@@ -204,19 +207,23 @@ class RunSetup(_Record):
 
 @dataclass(frozen=True)
 class PruneOrder(_Record):
-    """FedSpine: prune the local copy structurally to `ratio` of its attention / MLP
-    parameters in `slices` slices, tuning LoRA `tune_steps` steps after each slice (within
-    the round's `local_steps`), scoring units by `criterion`; the client then measures its
-    loss on a probe batch before and after, for the server's bandit."""
+    """FedSpine: the device's copy, at the structure it `reached` (sent as "units", pruned to
+    `reached` of the full model's attention / MLP parameters), is pruned on to `ratio` in
+    `slices` slices, tuning LoRA `tune_steps` steps after each slice (within the round's
+    `local_steps`), scoring units by `criterion`; the client then measures its loss on a
+    probe batch before and after, for the server's bandit."""
 
-    ratio: float = field(metadata={"config": "strategy.bandit.prune_ratios"})
+    ratio: float = field(metadata={"config": "scenario.devices.<class>.sparsity"})
     criterion: str = field(default="taylor", metadata={"config": "strategy.prune.criterion"})
     slices: int = field(default=2, metadata={"config": "strategy.prune.slices"})
     tune_steps: int = field(default=20, metadata={"config": "strategy.prune.tune_steps"})
+    reached: float = field(default=0.0, metadata={"help": "the ratio of the structure sent"})
 
     def __post_init__(self) -> None:
         require(_is_number(self.ratio) and 0 <= self.ratio < 1, _key(self, "ratio"),
                  self.ratio, "0 <= ratio < 1")
+        require(_is_number(self.reached) and 0 <= self.reached <= self.ratio,
+                 _key(self, "reached"), self.reached, f"0 <= reached <= ratio ({self.ratio})")
         require(self.criterion in CRITERIA, _key(self, "criterion"), self.criterion,
                  str(list(CRITERIA)))
         for name in ("slices", "tune_steps"):

@@ -188,7 +188,8 @@ class Federation:
         return Context(run_id=1, node_id=node, state=RecordDict(), run_config={}, node_config={
             "partition-id": self.grid.partitions[node], "num-partitions": 4})
 
-    def fake_round(self, setup, order: TrainOrder, partition_id, num_partitions, global_state):
+    def fake_round(self, setup, order: TrainOrder, partition_id, num_partitions, global_state,
+                   units=None):
         self.trained_with[partition_id] = dict(global_state)
         upload = factors([order.lora_r], seed=100 * order.server_round + partition_id)[0]
         return RoundResult(join_factors(upload), {"num-examples": 10.0 + partition_id,

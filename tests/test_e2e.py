@@ -13,11 +13,12 @@ import signal
 from pathlib import Path
 
 import pytest
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 
 from fedapp.config import compose_config, data_spec
-from fedapp.llm.model import load_base, load_tokenizer
+from fedapp.llm.model import disable_bnb_cpu_repack, load_base, load_tokenizer
 from fedapp.llm.train import eval_loss
+from fedapp.pruning.surgery import parameter_count
 from fedapp.server.evaluate import heldout_examples
 from fedapp.server.report import read_metrics
 from fedapp.tools.submit import flower_env, local_superlink_pids, run_submit
@@ -84,13 +85,18 @@ def test_flwr_run_fedspine_on_unequal_devices(tiny_model_dir, tmp_path, flwr_env
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[-1]["eval-loss"] < rows[0]["eval-loss"]
+    # the phones' target: the least their 2050 MB need at rank 4, 1 - (2050 - 1730 - 2·4) /
+    # 530 = 0.411 -> 0.42; laptops and edge boxes fit unpruned: 0
+    targets = {"phone": 0.42, "laptop": 0.0, "edge": 0.0}
     for row in rows[1:]:
         assert row["accepted"] == 4
         for name, client in row["clients"].items():
             assert client["status"] == "ok" and math.isfinite(client["reward"])
-            phone = client["device"] == "phone"
-            assert not phone or client["arm-prune-ratio"] >= 0.5, name  # memory budget
-            assert client["prune-ratio"] == client["arm-prune-ratio"]
+            assert client["prune-ratio"] == client["train-ratio"] <= targets[client["device"]]
+            if client["device"] == "phone":  # its memory budget: at least 0.411 at rank 4
+                assert client["prune-ratio"] >= 0.411, name
+    for client in rows[-1]["clients"].values():  # every device at its target at the end
+        assert client["prune-ratio"] == targets[client["device"]]
     slowest = [max(c["completion-seconds"] for c in row["clients"].values()) for row in rows[1:]]
     assert rows[-1]["sim-seconds"] == pytest.approx(sum(slowest), abs=0.02)  # rounded 0.01 s
     phones = [c for c in rows[1]["clients"].values() if c["device"] == "phone"]
@@ -98,6 +104,22 @@ def test_flwr_run_fedspine_on_unequal_devices(tiny_model_dir, tmp_path, flwr_env
     assert any(c["params-ratio"] < 1 for c in rows[1]["clients"].values())
     saved = json.loads((tmp_path / "run" / "aggregate.json").read_text())
     assert set(saved["bandits"]["clients"]) == {f"partition-{i}" for i in range(4)}
+    # every device's deployed model loads in one call, with its adapter, and is evaluated
+    deployed = json.loads((tmp_path / "run" / "devices" / "summary.json").read_text())
+    assert set(deployed) == {f"partition-{i}" for i in range(4)}
+    cfg = compose_config(overrides)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = heldout_examples(data_spec(cfg), tokenizer, 64, 16)
+    for name, info in deployed.items():
+        assert info["reached"] == info["target"] == targets[info["device"]], name
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            tmp_path / "run" / "devices" / name / "adapter")
+        disable_bnb_cpu_repack(model)  # the training path's numerics (see README)
+        lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        assert parameter_count(model) - lora == info["params"], name
+        assert (info["params-ratio"] < 1) == (info["device"] == "phone"), name
+        loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
+        assert loss == pytest.approx(info["eval-loss"], rel=1e-4), name
 
 
 @pytest.mark.parametrize("strategy", ["flora", "fedspine"])

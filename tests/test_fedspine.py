@@ -71,11 +71,14 @@ def test_pruned_replies_are_scattered_and_stacked_exactly():
     for state, rows in ((s1, [0, 2, 5]), (s2, [1, 2, 3, 4])):
         expected[rows] += 2.0 * 0.5 * state[Q + LORA_B] @ state[Q + LORA_A]  # scaling 2, p 1/2
     torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-5)
-    for node, name in ((11, "partition-0"), (12, "partition-1")):  # pruning orders
+    # round 1 is the run's last (num_rounds=1): each device prunes to its target, the least
+    # its budget needs at rank 2: phone 1 - (700 - 100 - 2·10) / 1000 = 0.42, edge 0
+    assert strategy.targets == {"phone": 0.42, "edge": 0.0}
+    for node, name, ratio in ((11, "partition-0", 0.42), (12, "partition-1", 0.0)):
         arm = strategy.arms[name][0]
         assert TrainOrder.from_dict(messages[node].content["config"]) == TrainOrder(
             server_round=1, lora_r=arm.rank, lora_alpha=2.0 * arm.rank, local_steps=1, seed=1,
-            global_mode="frozen", prune=PruneOrder(ratio=arm.prune_ratio, slices=1))
+            global_mode="frozen", prune=PruneOrder(ratio=ratio, slices=1))
 
 
 @pytest.mark.parametrize("tamper, reason", [
@@ -143,7 +146,8 @@ def play(strategy: FedSpine, rounds: int, first: int = 1) -> list[dict[str, tupl
                 "train-seconds": 10.0 * (1 - cfg["prune-ratio"]),
                 "loss-after": 2.0 - 0.02 * cfg["lora-r"]})[0])
         strategy.aggregate_train(t, replies)
-        chosen.append({n: (a.prune_ratio, a.rank) for n, (a, _) in strategy.arms.items()})
+        chosen.append({n: (a.prune_ratio, a.rank, o.prune.ratio)
+                       for n, (a, _, o) in strategy.arms.items()})
     return chosen
 
 
@@ -153,20 +157,23 @@ def test_memory_infeasible_arms_are_never_assigned(policy):
     chosen = play(strategy, 30)
 
     phone = [c["partition-0"] for c in chosen]
-    for ratio, rank in phone:
+    for _, rank, ratio in phone:
         assert estimated_memory_mb(ratio, rank, base_mb=1000.0, lora_mb_per_rank=10.0,
-                                   activation_mb=100.0) <= PHONE.memory_mb
-    assert {ratio for ratio, _ in phone} == {0.5}  # ratios 0 and 0.25 do not fit 700 MB
-    if policy == "bandit":  # the fast, useful arm wins on the unconstrained edge client
-        late = [c["partition-1"] for c in chosen[-10:]]
-        assert max(set(late), key=late.count) == (0.5, 4)
+                                   activation_mb=100.0) <= PHONE.memory_mb + 1e-9
+    # the phone's target, 0.42, fits ranks 2 and (refined) 1, not 4 (which needs 0.44); it
+    # trains at 0.42 since round t is always the last of num_rounds=1
+    assert {(rank, ratio) for _, rank, ratio in phone} <= {(1, 0.42), (2, 0.42)}
+    assert {ratio for _, _, ratio in (c["partition-1"] for c in chosen)} == {0.0}
+    if policy == "bandit":  # the useful rank wins on the unconstrained edge client
+        late = [c["partition-1"][1] for c in chosen[-10:]]
+        assert max(set(late), key=late.count) == 4
 
 
 def test_random_policy_is_seeded_and_feasible():
     chosen = play(spine(arm_policy="random"), 6)
 
     assert chosen == play(spine(arm_policy="random"), 6)
-    assert {c["partition-0"][0] for c in chosen} == {0.5}  # the phone: only 0.5 fits
+    assert {c["partition-0"][1] for c in chosen} == {2}  # the phone: of the grid, rank 2
     assert len({c["partition-1"] for c in chosen}) > 1  # the edge: any of the 6 arms
 
 
@@ -184,7 +191,8 @@ def test_bandit_state_survives_a_checkpoint():
 
 def test_a_device_that_fits_no_arm_is_refused_before_training():
     tiny = DeviceProfile("watch", memory_mb=150.0)
-    with pytest.raises(ValueError, match="no arm of the 6-arm grid is feasible"):
+    with pytest.raises(ValueError, match="watch: memory_mb=150 fits no arm: even pruned "
+                                         "to max_prune_ratio=0.5 at rank 2"):
         spine(devices=[tiny, EDGE])
 
 
@@ -283,3 +291,63 @@ def test_a_discarded_attempt_leaves_no_trace_in_the_stack_or_the_bandits():
     for key in MODULES:
         torch.testing.assert_close(got[key][1] @ got[key][0], expected[key][1] @ expected[key][0])
     assert retried.bank.state_dict() == straight.bank.state_dict()
+
+
+def unit_reply(msg: Message, units: dict[str, list[int]], seed: int) -> Message:
+    reply, _ = kept_reply(msg, [0, 1, 2], msg.content["config"]["lora-r"], seed)
+    reply.content["units"] = ArrayRecord({k: torch.tensor(v) for k, v in units.items()})
+    return reply
+
+
+def test_every_device_reaches_its_target_by_the_last_round_and_only_prunes_further():
+    # Prepare: targets set by the user; the phone's budget needs >= 0.42 at rank 2
+    phone = dataclasses.replace(PHONE, sparsity=0.5)
+    edge = dataclasses.replace(EDGE, sparsity=0.25)
+    strategy = spine(devices=[phone, edge], num_rounds=3, bandit={**BANDIT, "ranks": [2]})
+    grid, orders, sent_units = FakeGrid({11: 0, 12: 1}), [], []
+
+    # Execute: 3 rounds; each reply keeps fewer MLP channels of layer 0
+    for t in (1, 2, 3):
+        messages = list(strategy.configure_train(t, ArrayRecord(), ConfigRecord(), grid))
+        orders.append({m.metadata.dst_node_id: TrainOrder.from_dict(m.content["config"]).prune
+                       for m in messages})
+        sent_units.append({m.metadata.dst_node_id: m.content.array_records.get("units")
+                           for m in messages})
+        strategy.aggregate_train(t, [unit_reply(m, {"0.mlp": list(range(10 - t))}, t)
+                                     for m in messages])
+
+    # Assert: ratios never go down, start at what memory needs, end at the targets
+    for node, target, least in ((11, 0.5, 0.42), (12, 0.25, 0.0)):
+        ratios = [o[node].ratio for o in orders]
+        assert ratios == sorted(ratios) and ratios[0] >= least and ratios[-1] == target
+        assert [o[node].reached for o in orders] == [0.0, *ratios[:-1]]
+    assert strategy.deployments()["partition-0"] == {
+        "device": "phone", "target": 0.5, "reached": 0.5, "units": {"0.mlp": list(range(7))}}
+    # the structure a reply reached travels back with the next order
+    assert sent_units[0][11] is None
+    assert sent_units[2][11].to_torch_state_dict()["0.mlp"].tolist() == list(range(8))
+
+    # a reply that un-prunes is rejected and the device's structure is kept
+    messages = list(strategy.configure_train(4, ArrayRecord(), ConfigRecord(), grid))
+    strategy.aggregate_train(4, [unit_reply(messages[0], {"0.mlp": list(range(9))}, 4)])
+    assert "keeps units the device had pruned before" in \
+        strategy.round_log[4].clients["partition-0"].status
+    assert strategy.units["partition-0"] == {"0.mlp": list(range(7))}
+
+
+def test_bad_targets_are_refused_before_training():
+    with pytest.raises(ValueError, match=r"devices.phone.sparsity=0.3 is infeasible: its "
+                                         r"memory_mb=700 needs at least 0.420 at rank 2; "
+                                         r"allowed: a sparsity >= 0.42"):
+        spine(devices=[dataclasses.replace(PHONE, sparsity=0.3), EDGE])
+    with pytest.raises(ValueError, match=r"devices.phone.sparsity=1.0; allowed: a number in "
+                                         r"\[0, 1\)"):
+        DeviceProfile("phone", sparsity=1.0)
+    with pytest.raises(ValueError, match=r"devices.phone.sparsity=-0.5; allowed"):
+        device_profiles({"phone": {"sparsity": -0.5}}, ["phone"], 20, 100)
+    assert device_profiles({"phone": {"sparsity": None}}, ["phone"], 20, 100)[0].sparsity \
+        is None
+    with pytest.raises(ValueError, match="criterion='llm-drop' drops whole blocks"):
+        compose_config("strategy=fedspine strategy.prune.criterion=llm-drop")
+    with pytest.raises(ValueError, match="strategy.prune.criterion='l1'"):
+        compose_config("strategy=fedspine strategy.prune.criterion=l1")

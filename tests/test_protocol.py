@@ -58,7 +58,8 @@ def test_to_config_and_from_dict_round_trip_exactly(value):
 def test_train_order_wire_format():
     # Prepare
     order = make_order(global_mode="frozen",
-                       prune=PruneOrder(ratio=0.5, criterion="magnitude", slices=2, tune_steps=4))
+                       prune=PruneOrder(ratio=0.5, criterion="magnitude", slices=2, tune_steps=4,
+                                        reached=0.25))
 
     # Execute
     record = dict(order.to_config().items())
@@ -68,7 +69,7 @@ def test_train_order_wire_format():
                       "seed": 3, "global-mode": "frozen", "train-lora-a": True,
                       "pooled": False,
                       "prune-ratio": 0.5, "prune-criterion": "magnitude", "prune-slices": 2,
-                      "prune-tune-steps": 4}
+                      "prune-tune-steps": 4, "prune-reached": 0.25}
 
 
 def test_order_without_prune_sends_no_prune_keys():
@@ -195,8 +196,9 @@ BAD = [
     (make_setup, {"release_memory": "yes"}, "train.release_memory='yes'; allowed: true or false"),
     (make_setup, {"partitioner": "natural", "data": DataSpec(label_column="")},
      "dataset.label_column=''; allowed: a column name (partitioner.name='natural'"),
-    (prune, {"ratio": 1.0}, "strategy.bandit.prune_ratios=1.0; allowed: 0 <= ratio < 1"),
-    (prune, {"ratio": -0.25}, "strategy.bandit.prune_ratios=-0.25; allowed: 0 <= ratio < 1"),
+    (prune, {"ratio": 1.0}, "scenario.devices.<class>.sparsity=1.0; allowed: 0 <= ratio < 1"),
+    (prune, {"ratio": -0.25}, "scenario.devices.<class>.sparsity=-0.25; allowed: 0 <= ratio < 1"),
+    (prune, {"reached": 0.75}, "reached=0.75; allowed: 0 <= reached <= ratio (0.5)"),
     (prune, {"criterion": "random"},
      "strategy.prune.criterion='random'; allowed: ['magnitude', 'taylor', 'llm-drop']"),
     (prune, {"slices": 0}, "strategy.prune.slices=0; allowed: an int >= 1"),

@@ -18,6 +18,7 @@ from fedapp.llm.adapters import GLOBAL, PEFT_PREFIX, attach_lora, with_lora
 from fedapp.llm.data import collate
 from fedapp.llm.model import cached_base, load_base
 from fedapp.pruning.surgery import PrunePlan, iterative_prune, parameter_count, prune_model
+from fedapp.pruning.units import apply_units
 from strategies.lora_math import LORA_A, LORA_B, split_factors
 from strategies.protocol import KEPT_IN, KEPT_OUT, PruneOrder, RunSetup, TrainOrder
 from strategies.scatter import slice_factors
@@ -139,7 +140,8 @@ def test_ratio_zero_round_prunes_nothing_and_learns(tiny_model_dir):
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("prune-criterion", "l1", "strategy.prune.criterion='l1'"),
     ("prune-slices", 7, "strategy.prune.slices=7; allowed: at most train.local_steps=6"),
-    ("prune-ratio", 1.0, "strategy.bandit.prune_ratios=1.0"),
+    ("prune-ratio", 1.0, "scenario.devices.<class>.sparsity=1.0"),
+    ("prune-reached", 0.75, "reached=0.75; allowed: 0 <= reached <= ratio"),
     ("global-mode", "init", "global-mode='init'"),
 ])
 def test_bad_pruning_orders_name_the_key(key, value, message):
@@ -158,40 +160,55 @@ def empty_pruned_cache(monkeypatch):
     pruned._COPIES.clear()
 
 
-def sent_model_oracle(setup: RunSetup, g: dict[str, torch.Tensor]) -> float:
-    """Probe loss of the unpruned base + G (loaded as the only adapter, scaling 1) on the
-    first batch_size examples of partition 1 of 2."""
+def structure_oracle(setup: RunSetup, units: dict[str, torch.Tensor],
+                     g: dict[str, torch.Tensor]) -> float:
+    """Probe loss of a fresh base sliced to `units` + G cut to it (the frozen global adapter
+    beside a zero LoRA) on the first batch_size examples of partition 1 of 2."""
     examples, pad = partition_examples(setup, 2, 1)
     probe = collate(examples[:setup.batch_size], pad)
     base = load_base(setup.model_path, setup.quantization, "cpu")
-    with with_lora(base, 3, 3.0, list(setup.target_modules), 0, init_state=g) as model:
+    result = apply_units(base, units)
+    with with_lora(base, 4, 8.0, list(setup.target_modules), 0,
+                   frozen_global=pruned.slice_global(g, result)) as model:
         return probe_loss(model, probe)
 
 
-@pytest.mark.parametrize("criterion", ["llm-drop", "taylor"])
-def test_a_configuration_is_pruned_once_per_process(tiny_model_dir, criterion,
-                                                    empty_pruned_cache):
-    setup = tiny_setup(tiny_model_dir)
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
+def test_a_device_goes_on_from_the_structure_the_server_sends(tiny_model_dir, criterion,
+                                                             empty_pruned_cache):
+    # Prepare: plain weights, so that a rebuilt structure is bit-identical to a reused one
+    setup = tiny_setup(tiny_model_dir, quantization="none")
     order = spine_order(ratio=0.5, criterion=criterion, slices=2, tune_steps=2)
-    g = random_global(peft_shapes(cached_base(setup.model_path, "nf4", "cpu"), ATTENTION))
-
+    g = random_global(peft_shapes(cached_base(setup.model_path, "none", "cpu"), ATTENTION))
     first = run_round(setup, order, 1, 2, g, "cpu")
-    again = run_round(setup, dataclasses.replace(order, seed=5), 1, 2, g, "cpu")
+    stay = dataclasses.replace(order, seed=5, prune=dataclasses.replace(order.prune,
+                                                                        reached=0.5))
 
-    assert (first.metrics["pruned-before"], again.metrics["pruned-before"]) == (0.0, 1.0)
-    assert len(pruned._COPIES) == 1
-    assert first.kept.keys() == again.kept.keys()
-    for key, index in first.kept.items():
-        assert torch.equal(index, again.kept[key])
-    assert {k: v.shape for k, v in first.state.items()} == {
-        k: v.shape for k, v in again.state.items()}
-    assert again.metrics["params-ratio"] == first.metrics["params-ratio"] < 1
-    # both rounds measure L_before on the model the server sent (unpruned base + G), so a
-    # reused pruned copy is still charged its pruning damage
-    oracle = sent_model_oracle(setup, g)
-    assert first.metrics["loss-before"] == pytest.approx(oracle, rel=1e-5)
-    assert again.metrics["loss-before"] == pytest.approx(oracle, rel=1e-5)
-    assert math.isfinite(again.metrics["loss-after"])
+    # Execute: the same ratio again from the structure reached, once from the process's
+    # copy, once rebuilt from the base (a fresh process); then on to 0.75
+    again = run_round(setup, stay, 1, 2, g, "cpu", units=first.units)
+    pruned._COPIES.clear()
+    rebuilt = run_round(setup, stay, 1, 2, g, "cpu", units=first.units)
+    further = run_round(setup, dataclasses.replace(stay, prune=dataclasses.replace(
+        stay.prune, ratio=0.75)), 1, 2, g, "cpu", units=first.units)
+
+    # Assert: nothing more pruned at the same ratio, the copy reused or rebuilt alike
+    assert first.units and first.metrics["sparsity"] == pytest.approx(0.5, abs=0.1)
+    assert [r.metrics["pruned-before"] for r in (first, again, rebuilt)] == [0.0, 1.0, 0.0]
+    for result in (again, rebuilt):
+        assert result.units.keys() == first.units.keys()
+        assert all(torch.equal(result.units[k], first.units[k]) for k in first.units)
+        assert all(torch.equal(result.kept[k], first.kept[k]) for k in first.kept)
+        assert result.metrics["params-ratio"] == first.metrics["params-ratio"]
+        # L_before is the structure's own loss (+ G): the device never holds the full model
+        assert result.metrics["loss-before"] == pytest.approx(
+            structure_oracle(setup, first.units, g), rel=1e-5)
+    # pruning goes on from the structure: only further, to about 0.75
+    assert further.metrics["sparsity"] == pytest.approx(0.75, abs=0.1)
+    assert further.metrics["sparsity"] > first.metrics["sparsity"]
+    assert set(first.units) <= set(further.units)
+    for key, kept in first.units.items():
+        assert set(further.units[key].tolist()) <= set(kept.tolist())
 
 
 def test_no_copy_is_kept_when_the_cache_size_is_zero(tiny_model_dir, empty_pruned_cache,
@@ -201,7 +218,7 @@ def test_no_copy_is_kept_when_the_cache_size_is_zero(tiny_model_dir, empty_prune
     order = spine_order(local_steps=2, ratio=0.5, criterion="magnitude")
 
     first = run_round(setup, order, 1, 2, {}, "cpu")
-    again = run_round(setup, order, 1, 2, {}, "cpu")
+    again = run_round(setup, order, 1, 2, {}, "cpu", units=first.units)
 
     assert len(pruned._COPIES) == 0
     assert (first.metrics["pruned-before"], again.metrics["pruned-before"]) == (0.0, 0.0)
@@ -213,12 +230,12 @@ def test_a_copy_is_reused_only_by_the_same_setup_and_partitioning(tiny_model_dir
     setup = tiny_setup(tiny_model_dir, quantization="none", target_modules=("q_proj", "v_proj"))
     wider = dataclasses.replace(setup, target_modules=ATTENTION)
     order = spine_order(local_steps=2, ratio=0.5, criterion="magnitude")
-    run_round(setup, order, 0, 2, {}, "cpu")
+    units = run_round(setup, order, 0, 2, {}, "cpu").units
 
     # Execute: other targets, then another partitioning, then the same configuration again
-    other_targets = run_round(wider, order, 0, 2, {}, "cpu")
-    other_split = run_round(setup, order, 0, 4, {}, "cpu")
-    same = run_round(setup, order, 0, 2, {}, "cpu")
+    other_targets = run_round(wider, order, 0, 2, {}, "cpu", units=units)
+    other_split = run_round(setup, order, 0, 4, {}, "cpu", units=units)
+    same = run_round(setup, order, 0, 2, {}, "cpu", units=units)
 
     # Assert: only the identical configuration reuses its copy; a reply names kept indices
     # for every module it sends (4 attention modules × 2 layers)

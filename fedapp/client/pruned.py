@@ -1,10 +1,12 @@
 """A pruned client's copies of the base, and what its reply says about them.
 
 Pruning slices layers in place, so a pruned round works on a copy of the base
-(`load_base`), never on the process's cached one. Each configuration (model, partition,
-ratio, criterion, slices) is pruned once per client process and reused while the process
-lives: the last `FEDAPP_PRUNED_CACHE` copies (default 8; SmolLM2-135M: about 0.2 GB each)
-are kept. A deployed SuperNode starts a process per message, so it prunes every round.
+(`load_base`), never on the process's cached one. The server sends each device the
+structure it reached (`fedapp.pruning.units`); a process that still holds a copy at that
+structure (same model, partition and device) reuses it, else the structure is rebuilt from
+a fresh copy of the base by slicing alone (no scoring). The last `FEDAPP_PRUNED_CACHE`
+copies (default 8; SmolLM2-135M: about 0.1 GB each) are kept. A deployed SuperNode starts a
+process per message, so it rebuilds its structure every round.
 """
 
 from __future__ import annotations
@@ -25,12 +27,19 @@ from strategies.scatter import slice_factors
 
 @dataclass
 class PrunedCopy:
-    """A pruned base (its LoRA removed), how it was pruned, and the peft keys of every
-    target module it had before pruning (the reply names kept indices for all of them)."""
+    """A pruned base (its LoRA removed), how it was pruned from the full base, the peft keys
+    of every target module the full base has (the reply names kept indices for all of
+    them) and the full base's prunable parameter count."""
 
     base: torch.nn.Module
     result: PruneResult
     targets: list[str]
+    full_prunable: int
+
+
+def units_key(units: Mapping[str, torch.Tensor]) -> tuple:
+    """A hashable form of a pruned structure, for the cache key."""
+    return tuple((k, tuple(v.tolist())) for k, v in sorted(units.items()))
 
 
 _COPIES: OrderedDict[tuple, PrunedCopy] = OrderedDict()

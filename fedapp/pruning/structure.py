@@ -91,12 +91,17 @@ def channel_group(block: nn.Module) -> int:
     rows are whole blocks and the MLP has at least MIN_CHANNEL_GROUPS of them (SmolLM2: 24);
     else 1. Removing whole blocks of every down_proj row leaves the kept weights in their
     own blocks, so re-quantising them gives back the same 4-bit codes: pruning adds no
-    weight error (single channels mix blocks: ~7 % more error on SmolLM2)."""
+    weight error (single channels mix blocks: ~7 % more error on SmolLM2). Decided once,
+    on the unpruned block, and kept on it: pruning down to fewer groups keeps the width."""
+    if (known := getattr(block, "fedapp_channel_group", None)) is not None:
+        return known
     down = base_linear(block.down_proj)
     state = getattr(down.weight, "quant_state", None)
     size = int(getattr(state, "blocksize", 1) or 1) if state is not None else 1
     whole = size > 1 and down.in_features % size == 0
-    return size if whole and down.in_features // size >= MIN_CHANNEL_GROUPS else 1
+    block.fedapp_channel_group = size if whole and down.in_features // size >= \
+        MIN_CHANNEL_GROUPS else 1
+    return block.fedapp_channel_group
 
 
 def base_linear(module: nn.Module) -> nn.Module:
