@@ -90,6 +90,8 @@ def validate(cfg: DictConfig) -> None:
              cfg.eval.generate_examples, "an integer >= 0 (0 turns generation off)")
     require(number(cfg, "eval.generate_tokens", int) >= 1, "eval.generate_tokens",
              cfg.eval.generate_tokens, "an integer >= 1")
+    require(number(cfg, "eval.deployed_every", int) >= 0, "eval.deployed_every",
+            cfg.eval.deployed_every, "an integer >= 0 (0: deployed models at the end only)")
     if cfg.eval.accuracy_examples:
         require(bool(cfg.dataset.label_column), "eval.accuracy_examples",
                  cfg.eval.accuracy_examples, "0 unless dataset.label_column is set")
@@ -194,4 +196,5 @@ def load_run_config(run_dir: Path) -> DictConfig:
 # Keys a run directory written before they existed lacks, with the value that reproduces
 # what that run did: evaluations added later stay off, so its metrics stay comparable.
 KEYS_ADDED_SINCE = {"eval.ranking_examples": 0, "eval.ranking_k": 3, "eval.ranking_score": "pmi",
-                    "eval.generate_examples": 0, "eval.generate_tokens": 48}
+                    "eval.generate_examples": 0, "eval.generate_tokens": 48,
+                    "eval.deployed_every": 0}

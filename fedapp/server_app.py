@@ -25,7 +25,7 @@ from fedapp.llm.data import load_split
 from fedapp.llm.model import cached_base, cached_tokenizer, default_device, resolve_model_path
 from fedapp.pruning.structure import check_prunable
 from fedapp.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedapp.server.deployed import export_deployments
+from fedapp.server.deployed import DeployedEvaluator, export_deployments
 from fedapp.server.evaluate import (
     evaluate_adapter,
     export_adapter,
@@ -112,6 +112,24 @@ def report_generations(cfg: DictConfig, base: torch.nn.Module, tokenizer,
         rouge["rouge-l-base"], rouge["rouge-l-final"])
 
 
+def export_results(cfg: DictConfig, strategy: LoraStrategy, adapter: tuple, run_dir: Path,
+                   evaluate_model) -> None:
+    """The global adapter, the strategy's metadata, every FedSpine device's deployed model
+    and the generations, into the run directory."""
+    base = cached_base(cfg.model.path, cfg.model.quantization, default_device())
+    tokenizer = cached_tokenizer(cfg.model.path)
+    state, r, alpha = adapter
+    export_adapter(base, state, r, alpha, run_dir / "adapter",
+                   resolve_model_path(cfg.model.path))
+    (run_dir / "aggregate.json").write_text(json.dumps(strategy.export_metadata(), indent=2))
+    if deployments := strategy.deployments():  # FedSpine: each device's pruned model
+        export_deployments(deployments, resolve_model_path(cfg.model.path),
+                           cfg.model.quantization, adapter, run_dir / "devices", tokenizer,
+                           evaluate_model)
+    if cfg.eval.generate_examples:
+        report_generations(cfg, base, tokenizer, adapter, run_dir)
+
+
 def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = None) -> dict:
     """Everything after the config (from a checkpoint when resuming): the last metrics row."""
     check_federation_fits_data(cfg)
@@ -125,10 +143,19 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = No
         check_prunable(base)
     recorder = RunRecorder(run_dir, strategy.name)
 
+    def evaluate_model(model: torch.nn.Module, state, r: int, alpha: float) -> dict:
+        return evaluate_adapter(model, state, r, alpha, examples, cfg.eval.batch_size,
+                                tokenizer.pad_token_id, choice_items, ranking_items)
+
+    every = int(cfg.eval.deployed_every) if strategy.prunes else 0
+    deployed = DeployedEvaluator(resolve_model_path(cfg.model.path), cfg.model.quantization,
+                                 evaluate_model) if every else None
+
     def evaluate(server_round: int, arrays: ArrayRecord) -> None:
         state, r, alpha = strategy.global_adapter(arrays)
-        metrics = evaluate_adapter(base, state, r, alpha, examples, cfg.eval.batch_size,
-                                   tokenizer.pad_token_id, choice_items, ranking_items)
+        metrics = evaluate_model(base, state, r, alpha)
+        if deployed is not None and server_round and server_round % every == 0:
+            metrics |= deployed(strategy.deployments(), (state, r, alpha))
         row = recorder.record(server_round, metrics, strategy.round_log.get(server_round))
         ranked = (f", answer ranking {row['eval-rank-accuracy']:.3f} (MRR "
                   f"{row['eval-rank-mrr']:.3f})" if "eval-rank-accuracy" in row else "")
@@ -153,19 +180,7 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = No
     arrays = run_rounds(strategy, grid, arrays, first_round, num_rounds,
                         float(cfg.round_timeout), int(cfg.scenario.min_replies),
                         int(cfg.scenario.round_retries), after_round)
-    state, r, alpha = strategy.global_adapter(arrays)
-    export_adapter(base, state, r, alpha, run_dir / "adapter",
-                   resolve_model_path(cfg.model.path))
-    (run_dir / "aggregate.json").write_text(json.dumps(strategy.export_metadata(), indent=2))
-    if deployments := strategy.deployments():  # FedSpine: each device's pruned model
-        def evaluate_deployed(model, cut, r_, alpha_) -> dict:
-            return evaluate_adapter(model, cut, r_, alpha_, examples, cfg.eval.batch_size,
-                                    tokenizer.pad_token_id, choice_items, ranking_items)
-        export_deployments(deployments, resolve_model_path(cfg.model.path),
-                           cfg.model.quantization, (state, r, alpha), run_dir / "devices",
-                           tokenizer, evaluate_deployed)
-    if cfg.eval.generate_examples:
-        report_generations(cfg, base, tokenizer, (state, r, alpha), run_dir)
+    export_results(cfg, strategy, strategy.global_adapter(arrays), run_dir, evaluate_model)
     plot_eval_loss(recorder.rows, run_dir / "eval_loss.png", strategy.name)
     first, last = recorder.rows[0], recorder.rows[-1]
     log(INFO, "Held-out loss %.4f -> %.4f over %d rounds; %.2f MB exchanged; results in %s",

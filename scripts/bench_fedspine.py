@@ -1,27 +1,45 @@
-"""FedSpine benchmark, every figure measured in this one run (the machines are noisy):
+"""FedSpine against its baselines at the same per-device sparsity, all measured in this run.
 
-1. Time to target: three real `flwr run` simulations of SmolLM2-135M 4-bit under the
-   heterogeneous `phones_laptops_edge` scenario, same seed, same rounds, same local steps:
-   FedSpine (bandit arms), FLoRA with one uniform rank and no pruning, and FedSpine with
-   random feasible arms. Simulated time per round = its slowest client's completion time
-   (compute measured here × its device's slow-down + bytes over its links). The target loss
-   is 95 % of the way from the start loss to the best held-out loss any of them reaches;
-   printed: each one's simulated seconds to reach it, the speed-up ratios, final losses.
-2. A client alone, each case in a fresh process: seconds per training step and peak RSS
-   during training (the high-water mark is reset after loading and pruning), unpruned vs
-   pruned to a ratio, plus the one-off cost of pruning (scoring, re-quantising).
+Every method runs as a real `flwr run` simulation of SmolLM2-135M 4-bit under the
+`phones_laptops_edge` scenario with the same device profiles, memory budgets, data, local
+steps, rounds and seeds, and the same final sparsity per device class (`--sparsity`, set as
+`scenario.devices.<class>.sparsity`, reached by construction in the last round):
 
-    .venv/bin/python scripts/bench_fedspine.py                  # 5 rounds x 12 steps
-    .venv/bin/python scripts/bench_fedspine.py --rounds 8 --skip-federated
+    fedspine             the bandit picks each device's path (how early it prunes, its rank)
+    random-arms          a random feasible arm of the grid each round
+    fixed-arms           no choice: rank 8, pruned as far as memory needs, the rest at the end
+    prune-once           pruned to the target in round 1 (same criterion), then FLoRA on the
+                         fixed submodels at rank 8
+    federate-then-prune  FLoRA on the unpruned model among the devices that can hold it
+                         (phones sit out), all pruned to the target in the last round, with
+                         that round's steps to recover (rank 8)
+
+What counts is each device's **deployed** model (its pruned 4-bit base + the adapter it
+holds, `fedapp.server.deployed`), evaluated on the held-out set every `--deployed-every`
+rounds. Printed per method (mean over seeds, and the spread): simulated seconds until the
+mean deployed loss first reaches a target (the worst final mean among the methods: a level
+every method reaches; and 95 % of the way from the start to the best any reaches), the
+final deployed loss (mean and worst device) and answer-ranking accuracy, the sparsity each
+device reached, the memory estimate of the arms played per device class against its budget,
+MB on the wire, and each method's ratio to FedSpine. Pruning is charged in the round it
+happens (it is inside the client's timed training). Deployed models at equal sparsity have
+equal shapes, so their inference cost is measured once, by `scripts/bench_deployed.py` on
+a run directory this bench leaves.
+
+Writes `<out>/fedspine.md`, `deployed_loss.png` (mean deployed loss vs simulated seconds,
+per method and seed) and `arms.png` (FedSpine's arms and rewards per device and round).
+
+    .venv/bin/python scripts/bench_fedspine.py                       # 15 rounds x 2 seeds
+    .venv/bin/python scripts/bench_fedspine.py --rounds 6 --seeds 0 --local-steps 4
+    .venv/bin/python scripts/bench_fedspine.py --report runs/bench-fedspine/<stamp>
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import itertools
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -30,168 +48,199 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import run_worker
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 
 from fedapp.server.report import read_metrics
 from fedapp.tools.submit import flower_env, run_submit
 
-SCENARIO = "scenario=phones_laptops_edge"
-VARIANTS = {  # name -> strategy overrides
+METHODS = {
     "fedspine": "strategy=fedspine",
-    "flora-uniform": "strategy=flora strategy.ranks=[8]",
     "random-arms": "strategy=fedspine strategy.arm_policy=random",
+    "fixed-arms": "strategy=fedspine strategy.bandit.prune_ratios=[0.0] "
+                  "strategy.bandit.ranks=[8]",
+    "prune-once": "strategy=fedspine strategy.bandit.prune_ratios=[0.75] "
+                  "strategy.bandit.ranks=[8]",
+    "federate-then-prune": "strategy=fedspine strategy.prune_at_end=true "
+                           "strategy.bandit.ranks=[8]",
 }
+LOSS = "deployed-eval-loss-mean"
 
 
-def worker_client(ratio: float, rank: int, steps: int, slices: int, criterion: str) -> dict:
-    """Load (and prune) a client's model, then time `steps` LoRA steps on it."""
-    from fedapp.client.round import local_data
-    from fedapp.config import build_strategy, compose_config
-    from fedapp.llm.adapters import attach_lora
-    from fedapp.llm.data import collate
-    from fedapp.llm.memory import peak_rss_mb, reset_peak
-    from fedapp.llm.model import load_base
-    from fedapp.llm.train import train_steps
-    from fedapp.pruning.surgery import iterative_prune
-
-    strategy = build_strategy(compose_config(""), {})
-    inst = strategy.setup
-    order = dataclasses.replace(strategy.make_order(1, rank), seed=0)  # as in earlier benches
-    examples, batches, pad = local_data(inst, order, 0, 4)
-    model = attach_lora(load_base(inst.model_path, inst.quantization, "cpu"), rank,
-                        order.lora_alpha, list(inst.target_modules), seed=0)
-    train_steps(model, batches, 1, inst.lr, log_every=0)  # warm-up: kernels, allocator
-    start = time.perf_counter()
-    params, tuned = 1.0, []
-    if ratio > 0:  # one tuning step per slice, as Taylor scoring needs; not counted below
-        result = iterative_prune(
-            model, ratio, slices,
-            lambda m: tuned.append(train_steps(m, batches, 1, inst.lr, log_every=0).seconds),
-            criterion, batches=[collate(examples[:inst.batch_size], pad)])
-        params = result.params_after / result.params_before
-    prune_s = time.perf_counter() - start - sum(tuned)
-    train_steps(model, batches, 1, inst.lr, log_every=0)  # new shapes: warm-up again
-    reset_peak()
-    timed = train_steps(model, batches, steps, inst.lr, log_every=0)
-    return {"ratio": ratio, "rank": rank, "seconds-per-step": timed.seconds / steps,
-            "training-peak-rss-mb": peak_rss_mb(), "prune-seconds": prune_s,
-            "params-ratio": params}
-
-
-def federated(name: str, overrides: str, out_dir: Path) -> list[dict]:
-    """One `flwr run` (its own SuperLink, stopped after); its metrics rows."""
-    run_dir = out_dir / name
-    out_dir.mkdir(parents=True, exist_ok=True)
+def federated(name: str, overrides: str, run_dir: Path) -> None:
+    """One `flwr run` with its own SuperLink (stopped after)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         env = flower_env(f"{tmp}/flwr-home", isolated_ports=True)
         start = time.perf_counter()
         out = run_submit(ROOT, 4, overrides, run_dir, env)
         if out.returncode != 0:
             sys.exit(f"{name}: flwr run failed:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}")
-    print(f"[bench] {name}: {time.perf_counter() - start:.0f} s wall, run dir {run_dir}",
-          flush=True)
-    return read_metrics(run_dir / "metrics.jsonl")
+    print(f"[bench] {run_dir.name}: {time.perf_counter() - start:.0f} s wall", flush=True)
 
 
 def time_to(rows: list[dict], target: float) -> float:
-    """Simulated seconds at the first evaluated round whose loss is <= target (inf: never)."""
-    return next((r["sim-seconds"] for r in rows if r["eval-loss"] <= target), math.inf)
+    """Simulated seconds at the first round whose mean deployed loss is <= target."""
+    return next((r["sim-seconds"] for r in rows if LOSS in r and r[LOSS] <= target), math.inf)
 
 
-def report_federated(runs: dict[str, list[dict]]) -> None:
-    start = runs["flora-uniform"][0]["eval-loss"]
-    best = min(r["eval-loss"] for rows in runs.values() for r in rows)
-    target = start - 0.95 * (start - best)
-    print(f"\ntime to target (held-out loss {start:.4f} at start, best {best:.4f}, "
-          f"target {target:.4f})")
-    print(f"{'':15}{'final loss':>11}{'sim s to target':>17}{'sim s total':>13}"
-          f"{'MB up+down':>12}")
-    times = {}
-    for name, rows in runs.items():
-        times[name] = time_to(rows, target)
-        print(f"{name:15}{rows[-1]['eval-loss']:>11.4f}{times[name]:>17.1f}"
-              f"{rows[-1]['sim-seconds']:>13.1f}{rows[-1]['cum-mb']:>12.1f}")
-    print("\nper round: loss / simulated round seconds / arms (prune ratio, rank) by device")
-    for name, rows in runs.items():
-        for prev, row in itertools.pairwise(rows):
-            arms = ", ".join(
-                f"{c.get('device', '?')}:({c.get('arm-prune-ratio', 0):g},{int(c.get('r', 0))})"
-                for _, c in sorted(row["clients"].items()))
-            print(f"  {name:14} round {row['round']}: {row['eval-loss']:.4f} / "
-                  f"{row['sim-seconds'] - prev['sim-seconds']:7.1f} s / {arms}")
-    rounds = len(runs["fedspine"]) - 1
-    for other in ("flora-uniform", "random-arms"):
-        if math.isinf(times["fedspine"]):
-            print(f"fedspine did not reach the target in {rounds} rounds; {other} "
-                  + (f"did at {times[other]:.1f} s" if math.isfinite(times[other]) else "did not either")
-                  + ": speed-up < 1.4x")
-        elif times["fedspine"] <= 0:
-            print("the target was reached before any training (start loss = best loss)")
-        else:
-            ratio = times[other] / times["fedspine"]
-            print(f"speed-up of fedspine over {other} to the target: {ratio:.2f}x"
-                  + ("  (>= 1.4x)" if ratio >= 1.4 else "  (< 1.4x)"))
-    # A target every run reaches: the worst final loss among them.
-    worst = max(rows[-1]["eval-loss"] for rows in runs.values())
-    reach = {name: time_to(rows, worst) for name, rows in runs.items()}
-    print(f"simulated seconds to the worst final loss {worst:.4f}: "
-          + ", ".join(f"{n} {t:.1f}" for n, t in reach.items())
-          + ("; fedspine's speed-up: " + ", ".join(
-              f"{reach[o] / reach['fedspine']:.2f}x over {o}"
-              for o in ("flora-uniform", "random-arms")) if reach["fedspine"] > 0 else ""))
-    print("note: flora-uniform trains the phones unpruned, over their memory budget under "
-          "fedspine's memory model (conf/strategy/fedspine.yaml); a real phone of this "
-          "profile could not run it")
+def spread(values: list[float]) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < len(values):
+        return "never" if not finite else f"{statistics.mean(finite):.1f} ({len(finite)} of " \
+                                          f"{len(values)} seeds)"
+    half = (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4g} ± {half:.2g}" if len(values) > 1 else f"{values[0]:.4g}"
+
+
+def load(out_dir: Path) -> dict[str, dict[int, dict]]:
+    """{method: {seed: {"rows": metrics rows, "devices": summary.json, "dir": run dir}}}."""
+    runs: dict[str, dict[int, dict]] = {}
+    for run_dir in sorted(p for p in out_dir.iterdir() if (p / "metrics.jsonl").exists()):
+        method, seed = run_dir.name.rsplit("-seed", 1)
+        devices = json.loads((run_dir / "devices" / "summary.json").read_text())
+        runs.setdefault(method, {})[int(seed)] = {
+            "rows": read_metrics(run_dir / "metrics.jsonl"), "devices": devices, "dir": run_dir}
+    return runs
+
+
+def method_figures(runs: dict[int, dict], targets: dict[str, float]) -> dict[str, list[float]]:
+    figures: dict[str, list[float]] = {k: [] for k in (
+        "to worst final", "to 95% of best", "final mean loss", "final worst loss",
+        "final rank acc", "MB on the wire", "sim s total")}
+    for run in runs.values():
+        rows, devices = run["rows"], run["devices"]
+        losses = [d["eval-loss"] for d in devices.values()]
+        figures["to worst final"].append(time_to(rows, targets["worst final"]))
+        figures["to 95% of best"].append(time_to(rows, targets["95% of best"]))
+        figures["final mean loss"].append(statistics.mean(losses))
+        figures["final worst loss"].append(max(losses))
+        figures["final rank acc"].append(statistics.mean(
+            d.get("eval-rank-accuracy", math.nan) for d in devices.values()))
+        figures["MB on the wire"].append(rows[-1]["cum-mb"])
+        figures["sim s total"].append(rows[-1]["sim-seconds"])
+    return figures
+
+
+def report(out_dir: Path) -> str:
+    runs = load(out_dir)
+    if "fedspine" not in runs:
+        sys.exit(f"{out_dir} holds no fedspine run; allowed: a folder this bench wrote")
+    finals = [statistics.mean(d["eval-loss"] for d in r["devices"].values())
+              for m in runs.values() for r in m.values()]
+    start = next(iter(next(iter(runs.values())).values()))["rows"][0]["eval-loss"]
+    best = min(r[LOSS] for m in runs.values() for run in m.values() for r in run["rows"]
+               if LOSS in r)
+    targets = {"worst final": max(finals), "95% of best": start - 0.95 * (start - best)}
+    figures = {m: method_figures(r, targets) for m, r in runs.items()}
+    seeds = sorted({s for m in runs.values() for s in m})
+    lines = [f"# FedSpine vs baselines at equal per-device sparsity ({out_dir.name})", "",
+             (f"Seeds {seeds}; held-out loss of the unpruned base {start:.4f}; targets on the "
+             f"mean deployed loss: worst final {targets['worst final']:.4f}, 95 % of the way "
+             f"to the best {targets['95% of best']:.4f}. Mean ± half the range over seeds."),
+             "", "| method | " + " | ".join(next(iter(figures.values()))) + " |",
+             "|---" * (1 + len(next(iter(figures.values())))) + "|"]
+    for method, figs in figures.items():
+        lines.append(f"| {method} | " + " | ".join(spread(v) for v in figs.values()) + " |")
+    lines += ["", ("Ratios to fedspine (a method's mean / fedspine's mean; for seconds to a "
+              "target > 1 means fedspine got there sooner):"), ""]
+    base = {k: statistics.mean(v) if all(map(math.isfinite, v)) else math.inf
+            for k, v in figures["fedspine"].items()}
+    for method, figs in figures.items():
+        if method == "fedspine":
+            continue
+        ratios = []
+        for key in ("to worst final", "to 95% of best", "final mean loss", "final worst loss"):
+            mine = statistics.mean(figs[key]) if all(map(math.isfinite, figs[key])) else math.inf
+            ratios.append(f"{key} {mine / base[key]:.2f}x" if math.isfinite(mine / base[key])
+                          else f"{key} n/a (a run never reached it)")
+        lines.append(f"- {method}: " + ", ".join(ratios))
+    lines += ["", ("Per device (first seed): class, target and reached sparsity, deployed loss, "
+              "parameters kept:"), ""]
+    for method, by_seed in runs.items():
+        devices = by_seed[seeds[0]]["devices"]
+        lines.append(f"- {method}: " + "; ".join(
+            f"{n} {d['device']} {d['target']:.2f}/{d['reached']:.2f} loss {d['eval-loss']:.3f} "
+            f"params {d['params-ratio']:.3f}" for n, d in devices.items()))
+    plot(runs, out_dir)
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, dict[int, dict]], out_dir: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (method, by_seed) in enumerate(runs.items()):
+        for j, run in enumerate(by_seed.values()):
+            rows = [r for r in run["rows"] if LOSS in r]
+            ax.plot([r["sim-seconds"] for r in rows], [r[LOSS] for r in rows],
+                    color=f"C{i}", alpha=1.0 if j == 0 else 0.4, marker="o", ms=3,
+                    label=method if j == 0 else None)
+    ax.set(xlabel="simulated seconds", ylabel="mean held-out loss of the deployed models",
+           title="Deployed quality vs simulated time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "deployed_loss.png", dpi=100)
+    plt.close(fig)
+    spine = next(iter(runs["fedspine"].values()))["rows"][1:]
+    names = sorted({n for r in spine for n in r.get("clients", {})})
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.2 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        got = [(r["round"], r["clients"][name]) for r in spine if name in r.get("clients", {})]
+        ax.plot([t for t, _ in got], [c.get("reward", math.nan) for _, c in got], "o-",
+                label="reward")
+        ax.plot([t for t, _ in got], [c.get("train-ratio", 0) for _, c in got], "s--",
+                label="prune ratio")
+        for t, c in got:
+            ax.annotate(f"r{int(c.get('arm-rank', 0))}", (t, c.get("train-ratio", 0)),
+                        fontsize=7)
+        ax.set(title=f"{name} ({got[0][1].get('device', '?') if got else '?'})",
+               xlabel="round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "arms.png", dpi=100)
+    plt.close(fig)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--seeds", default="0,1", help="comma-separated")
     parser.add_argument("--local-steps", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per client case")
-    parser.add_argument("--ratio", type=float, default=0.5, help="pruned client's ratio")
+    parser.add_argument("--sparsity", default="phone=0.5,laptop=0.25,edge=0.0",
+                        help="target sparsity per device class")
+    parser.add_argument("--deployed-every", type=int, default=1)
+    parser.add_argument("--eval", default="eval.max_examples=50 eval.ranking_examples=24 "
+                        "eval.generate_examples=0", help="evaluation overrides")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-fedspine"))
-    parser.add_argument("--skip-federated", action="store_true")
-    parser.add_argument("--report", help="print the report of an earlier run's folder only")
-    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--report", help="print the report of an earlier bench folder")
     args = parser.parse_args()
-    if args.worker:
-        ratio, rank, steps, slices, criterion = args.worker
-        print(json.dumps(worker_client(float(ratio), int(rank), int(steps), int(slices),
-                                       criterion)))
-        return
-
     if args.report:
-        report_federated({n: read_metrics(Path(args.report) / n / "metrics.jsonl")
-                          for n in VARIANTS})
+        print(report(Path(args.report)))
         return
-    print(f"[bench] client: unpruned vs prune ratio {args.ratio}, r=8, {args.steps} steps",
-          flush=True)
-    cases = [run_worker(__file__, "--worker", str(r), "8", str(args.steps), "2", "taylor")
-             for r in (0.0, args.ratio)]
-    print("\nclient (SmolLM2-135M 4-bit, LoRA r=8 q/k/v/o, batch 4, seq <= 128; taylor, "
-          "2 slices)")
-    print(f"{'ratio':>6}{'s/step':>9}{'training peak RSS MiB':>23}{'params kept':>13}"
-          f"{'prune s':>9}")
-    for c in cases:
-        print(f"{c['ratio']:>6.2f}{c['seconds-per-step']:>9.3f}{c['training-peak-rss-mb']:>23.0f}"
-              f"{c['params-ratio']:>13.3f}{c['prune-seconds']:>9.1f}")
-    full, pruned = cases
-    print(f"unpruned / pruned: time per step {full['seconds-per-step'] / pruned['seconds-per-step']:.2f}x, "
-          f"training peak RSS {full['training-peak-rss-mb'] / pruned['training-peak-rss-mb']:.2f}x; "
-          f"pruning costs {pruned['prune-seconds'] / full['seconds-per-step']:.1f} unpruned steps "
-          f"once per configuration")
-    runs = {}
-    if not args.skip_federated:
-        out_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
-        common = (f"{SCENARIO} num_rounds={args.rounds} seed={args.seed} "
-                  f"train.local_steps={args.local_steps}")
-        for name, overrides in VARIANTS.items():
-            print(f"[bench] {name}: {args.rounds} rounds x {args.local_steps} steps", flush=True)
-            runs[name] = federated(name, f"{common} {overrides}", out_dir)
-
-    if runs:
-        report_federated(runs)
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        sys.exit(f"--methods names {unknown}; allowed: {list(METHODS)}")
+    sparsity = " ".join(f"scenario.devices.{c}.sparsity={v}" for c, v in
+                        (kv.split("=") for kv in args.sparsity.split(",")))
+    out_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+    common = (f"scenario=phones_laptops_edge num_rounds={args.rounds} "
+              f"train.local_steps={args.local_steps} eval.deployed_every={args.deployed_every} "
+              f"{args.eval} {sparsity}")
+    for seed in args.seeds.split(","):
+        for method in args.methods.split(","):
+            print(f"[bench] {method}, seed {seed}: {args.rounds} rounds x {args.local_steps} "
+                  "steps", flush=True)
+            federated(method, f"{common} seed={seed} {METHODS[method]}",
+                      out_dir / f"{method}-seed{seed}")
+    text = report(out_dir)
+    (out_dir / "fedspine.md").write_text(text)
+    print(text)
+    print(f"[bench] {out_dir}/fedspine.md, deployed_loss.png, arms.png; inference cost: "
+          f"scripts/bench_deployed.py {out_dir}/fedspine-seed{args.seeds.split(',')[0]}")
 
 
 if __name__ == "__main__":

@@ -22,17 +22,22 @@ as a warm start so that early pulls are not dominated by the first one:
 
     μ_i ← μ_i + max(1 / n_i, α) · (r − μ_i)        (n_i = pulls of i, α = `smoothing`)
 
-and the choice at server round t is UCB1 on those means:
+and the choice is UCB1 on those means, the bonus counting this bandit's own pulls (a
+device that is sampled rarely explores as much per pull as one sampled every round):
 
-    UCB_i(t) = μ_i + c · sqrt( ln(max(t, e)) / n_i )   (c = `exploration`)
+    UCB_i = μ_i + c · sqrt( ln(max(N, e)) / n_i )   (N = Σ_j n_j, c = `exploration`)
+
+An arm with at least 2 pulls whose UCB is below the best lower bound μ_j − c·sqrt(ln N /
+n_j) of another arm with at least 2 pulls is dominated: it is not played again (until the
+means move).
 
 Why not discount the pull counts as well (discounted UCB)? Their decaying counts force every
 arm to be re-explored at a rate ∝ (1 − γ)·c²/gap², which with a dozen arms and a run of a few
 dozen rounds leaves little exploitation; the dominant drift here (everyone's improvement
 shrinking together) keeps the arms' order, which smoothed means track without re-exploring,
 and a stale optimistic mean gets re-tested as soon as the tracked arms drift below it.
-`select(t, feasible)` returns, among arms that pass the `feasible` predicate, the first
-never-played arm in grid order, else argmax UCB (ties: grid order). An infeasible arm is
+`select(feasible)` returns, among arms that pass the `feasible` predicate, the first
+never-played arm in grid order, else argmax UCB among the undominated (ties: grid order). An infeasible arm is
 never returned; with no feasible arm it raises ValueError.
 
 **Reward.** `reward()` mixes usefulness and speed, both as seen by the server:
@@ -219,17 +224,28 @@ class ClientBandit:
         """The grid, in the order used for first plays and for ties."""
         return list(self.stats)
 
-    def scores(self, t: int) -> dict[Arm, float]:
-        """UCB_i(t) of every played arm (unplayed arms are not scored: they go first)."""
-        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-            raise ValueError(f"round t={t!r}; allowed: an int >= 1 (the server round)")
-        log_t = math.log(max(t, math.e))
-        c = self.config.exploration
-        return {a: s.mean + c * math.sqrt(log_t / s.pulls)
-                for a, s in self.stats.items() if s.pulls > 0}
+    def bonus(self, arm: Arm) -> float:
+        """c · sqrt(ln(max(N, e)) / n_i) of a played arm, N = this bandit's pulls."""
+        pulls = sum(s.pulls for s in self.stats.values())
+        return self.config.exploration * math.sqrt(math.log(max(pulls, math.e))
+                                                   / self.stats[arm].pulls)
 
-    def select(self, t: int, feasible: Feasible | None = None) -> Arm:
-        """The arm to play at round t: first unplayed feasible arm, else the best UCB.
+    def scores(self) -> dict[Arm, float]:
+        """UCB_i of every played arm (unplayed arms are not scored: they go first)."""
+        return {a: s.mean + self.bonus(a) for a, s in self.stats.items() if s.pulls > 0}
+
+    def dominated(self, arms: list[Arm]) -> set[Arm]:
+        """Arms of `arms` (2+ pulls) whose UCB is below another's (2+ pulls) lower bound."""
+        tried = [a for a in arms if self.stats[a].pulls >= 2]
+        if len(tried) < 2:
+            return set()
+        ucb = {a: self.stats[a].mean + self.bonus(a) for a in tried}
+        lcb = {a: self.stats[a].mean - self.bonus(a) for a in tried}
+        return {a for a in tried if any(lcb[b] > ucb[a] for b in tried if b != a)}
+
+    def select(self, feasible: Feasible | None = None) -> Arm:
+        """The arm to play: the first unplayed feasible arm, else the best UCB among the
+        feasible arms that are not dominated.
 
         Raises ValueError when no arm of the grid is feasible.
         """
@@ -242,8 +258,9 @@ class ClientBandit:
         for arm in allowed:
             if self.stats[arm].pulls == 0:
                 return arm
-        scores = self.scores(t)
-        return max(allowed, key=lambda a: scores[a])  # max keeps the first of equal scores
+        scores, beaten = self.scores(), self.dominated(allowed)
+        return max((a for a in allowed if a not in beaten),  # the first of equal scores
+                   key=lambda a: scores[a])
 
     def update(self, arm: Arm, value: float) -> None:
         """Record the reward `value` that `arm` earned: one more pull, mean smoothed."""

@@ -53,6 +53,7 @@ import random
 from collections.abc import Iterable, Mapping
 from logging import INFO
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -69,11 +70,8 @@ from strategies.bandit import (
 from strategies.base import ClientIdentity
 from strategies.devices import DeviceProfile
 from strategies.flora import FLoRA
-from strategies.lora_math import LoraUpdate
+from strategies.lora_math import Factors, LoraUpdate, append_factors, join_factors
 from strategies.protocol import (
-    KEPT,
-    KEPT_IN,
-    KEPT_OUT,
     METRICS,
     NO_SETUP,
     UNITS,
@@ -81,7 +79,7 @@ from strategies.protocol import (
     TrainOrder,
 )
 from strategies.replies import RejectedReply, parse_reply
-from strategies.scatter import Kept, scatter_factors
+from strategies.scatter import pruned_shapes, read_kept, scatter_factors
 from strategies.summary import ClientOutcome
 from strategies.units import UnitLists, read_units, units_record
 
@@ -128,39 +126,6 @@ def memory_model(memory: Mapping | None) -> dict[str, float]:
     return {k: float(v) for k, v in memory.items()}
 
 
-def read_kept(content: RecordDict, module_shapes: Mapping[str, tuple[int, int]]) -> Kept:
-    """The reply's kept rows / columns per module ({} when it pruned nothing)."""
-    if KEPT not in content.array_records:
-        return {}
-    arrays = content.array_records[KEPT].to_torch_state_dict()
-    kept: dict = {}
-    for key, index in arrays.items():
-        suffix = KEPT_OUT if key.endswith(KEPT_OUT) else KEPT_IN if key.endswith(KEPT_IN) \
-            else None
-        module = key.removesuffix(suffix) if suffix else key
-        if suffix is None or module not in module_shapes:
-            raise RejectedReply(f"kept record holds '{key}'; allowed: '<target module>"
-                                f"{KEPT_OUT}' and '<target module>{KEPT_IN}'")
-        kept.setdefault(module, {})[suffix] = index
-    if half := sorted(m for m, sides in kept.items() if len(sides) != 2):
-        raise RejectedReply(f"kept record has only one side for {half[:2]}; both "
-                            f"{KEPT_OUT} and {KEPT_IN} are needed")
-    return {m: (sides[KEPT_OUT], sides[KEPT_IN]) for m, sides in kept.items()}
-
-
-def pruned_shapes(module_shapes: Mapping[str, tuple[int, int]],
-                  kept: Kept) -> dict[str, tuple[int, int]]:
-    """Shapes of the client's layers: kept counts where pruned; dropped modules left out."""
-    shapes = {}
-    for module, (n_out, n_in) in module_shapes.items():
-        rows, cols = kept.get(module, (None, None))
-        n_out = n_out if rows is None else rows.numel()
-        n_in = n_in if cols is None else cols.numel()
-        if n_out and n_in:
-            shapes[module] = (n_out, n_in)
-    return shapes
-
-
 class FedSpine(FLoRA):
     name = "fedspine"
     supports_dp = False
@@ -170,7 +135,8 @@ class FedSpine(FLoRA):
 
     def __init__(self, *args, arm_policy: str = "bandit", time_weight: float = 0.1,
                  bandit: Mapping | None = None, prune: Mapping | None = None,
-                 memory: Mapping | None = None, num_rounds: int = 1, **kwargs) -> None:
+                 memory: Mapping | None = None, num_rounds: int = 1,
+                 prune_at_end: bool = False, **kwargs) -> None:
         super().__init__(*args, ranks=None, **kwargs)  # the bandits pick every client's rank
         if arm_policy not in POLICIES:
             raise ValueError(f"strategy.arm_policy={arm_policy!r}; allowed: {list(POLICIES)}")
@@ -180,7 +146,11 @@ class FedSpine(FLoRA):
             raise ValueError(f"strategy.time_weight={time_weight!r}; allowed: a number >= 0")
         if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
             raise ValueError(f"num_rounds={num_rounds!r}; allowed: an int >= 1")
+        if not isinstance(prune_at_end, bool):
+            raise ValueError(  # noqa: TRY004 - config errors are ValueErrors here
+                f"strategy.prune_at_end={prune_at_end!r}; allowed: true, false")
         self.arm_policy, self.time_weight = arm_policy, float(time_weight)
+        self.prune_at_end = prune_at_end  # federate, then prune in the last round
         self.final_round = num_rounds  # every device is at its target sparsity after it
         self.bank = BanditBank(bandit_config(bandit))
         self.prune = prune_template(prune)
@@ -190,7 +160,11 @@ class FedSpine(FLoRA):
         self.units: dict[str, UnitLists] = {}  # per client name: the structure it reached
         self.reached: dict[str, float] = {}  # ... and its prune ratio
         self.device_class: dict[str, str] = {}  # ... and its device class
-        self.pending: dict[int, UnitLists] = {}  # id(order) -> structure of a parsed reply
+        self.pending: dict[int, tuple[UnitLists, LoraUpdate]] = {}  # id(order) -> reply's
+        # what each device holds after its last accepted round: G as sent to it (wire dtype)
+        # with its own update stacked beside it at full weight (not kept in checkpoints)
+        self.held: dict[str, Factors] = {}
+        self.sent_global: Factors = {}
         self.targets = {d.name: self.target_for(d) for d in self.devices}  # fail now
 
     def need(self, device: DeviceProfile, rank: int) -> float:
@@ -226,25 +200,44 @@ class FedSpine(FLoRA):
         target = self.targets[device.name]
         if server_round >= self.final_round:
             return target
+        if self.prune_at_end:
+            return 0.0
         reached = self.reached.get(client.name, 0.0)
         return min(target, max(reached, arm.prune_ratio, self.need(device, arm.rank)))
 
-    def feasible_for(self, client: ClientIdentity) -> Feasible:
+    def feasible_for(self, client: ClientIdentity, server_round: int = 0) -> Feasible:
+        """Arms whose rank fits the device at a ratio it may train at (up to its target;
+        0 before the last round with `prune_at_end`)."""
         device = self.device_for(client)
-        target = self.targets[device.name]
-        return lambda arm: self.need(device, arm.rank) <= target + TOLERANCE
+        limit = self.targets[device.name]
+        if self.prune_at_end and server_round < self.final_round:
+            limit = 0.0
+        return lambda arm: self.need(device, arm.rank) <= limit + TOLERANCE
+
+    def sample(self, grid: Grid, server_round: int) -> list[int]:
+        """With `prune_at_end`, a device that cannot train the unpruned model (its memory
+        needs pruning at every rank of the grid) sits out until the last round."""
+        nodes = super().sample(grid, server_round)
+        if not self.prune_at_end or server_round >= self.final_round:
+            return nodes
+        rank = min(self.bank.config.ranks)
+        return [n for n in nodes
+                if self.need(self.device_for(self.identities[n]), rank) <= TOLERANCE]
 
     def choose_arm(self, server_round: int, client: ClientIdentity) -> Arm:
-        feasible = self.feasible_for(client)
+        feasible = self.feasible_for(client, server_round)
         if self.arm_policy == "random":  # the initial grid, never refined
             allowed = [a for a in ClientBandit(self.bank.config).arms if feasible(a)]
             rng = random.Random(f"{self.seed}/{server_round}/{client.name}")
             return rng.choice(allowed)
-        return self.bank[client.name].select(server_round, feasible)
+        return self.bank[client.name].select(feasible)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.arms, self.pending = {}, {}
+        wire = getattr(torch, self.setup.wire_dtype)
+        self.sent_global = {m: (a.to(wire), b.to(wire)) for m, (a, b) in
+                            self.global_factors.items()}
         return super().configure_train(server_round, arrays, config, grid)
 
     def order_for(self, server_round: int, client: ClientIdentity) -> TrainOrder:
@@ -273,12 +266,14 @@ class FedSpine(FLoRA):
             if not (isinstance(value, int | float) and math.isfinite(value)):
                 raise RejectedReply(f"metric '{key}' is {value!r}; expected a finite loss")
         name = next((n for n, (_, _, o) in self.arms.items() if o is order), None)
-        self.pending[id(order)] = read_units(content, self.units.get(name, {}))
+        units = read_units(content, self.units.get(name, {}))
         try:
             factors = scatter_factors(update.factors, kept, self.module_shapes)
         except ValueError as err:
             raise RejectedReply(str(err)) from None
-        return LoraUpdate(factors, update.scaling, update.weight)
+        scattered = LoraUpdate(factors, update.scaling, update.weight)
+        self.pending[id(order)] = (units, scattered)
+        return scattered
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -298,7 +293,11 @@ class FedSpine(FLoRA):
             outcome = clients.setdefault(name, ClientOutcome())
             value = -1.0 - self.time_weight
             if name in ok:
-                self.units[name] = self.pending[id(order)]
+                self.units[name], update = self.pending[id(order)]
+                wire = getattr(torch, self.setup.wire_dtype)
+                self.held[name] = append_factors(self.sent_global, {
+                    m: ((update.scaling * a).to(wire), b.to(wire))
+                    for m, (a, b) in update.factors.items()})
                 self.reached[name] = order.prune.ratio if order.prune else 0.0
                 self.device_class[name] = self.device_for(client).name
                 value = reward(outcome.metrics["loss-before"], outcome.metrics["loss-after"],
@@ -321,11 +320,17 @@ class FedSpine(FLoRA):
                 else ", not learned: it lost its run setup" if lost_setup else "")
 
     def deployments(self) -> dict[str, dict]:
-        """Per device that trained: its class, target and reached sparsity and structure —
-        its deployed model is the base pruned to `units` with G cut to it."""
-        return {name: {"device": device, "target": self.targets[device],
-                       "reached": self.reached[name], "units": self.units.get(name, {})}
-                for name, device in sorted(self.device_class.items())}
+        """Per device that trained: its class, target and reached sparsity, structure, and
+        the adapter it holds (`held`: G as sent in its last round + its own update, the
+        model it ended that round with; absent after a resume: then G). Its deployed model
+        is the base pruned to `units` with that adapter cut to it."""
+        out = {}
+        for name, device in sorted(self.device_class.items()):
+            out[name] = {"device": device, "target": self.targets[device],
+                         "reached": self.reached[name], "units": self.units.get(name, {})}
+            if name in self.held:
+                out[name]["held"] = join_factors(self.held[name])
+        return out
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "bandits": self.bank.state_dict(),

@@ -28,8 +28,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from flwr.app import RecordDict
 
 from strategies.lora_math import Factors, rank_of
+from strategies.protocol import KEPT, KEPT_IN, KEPT_OUT
+from strategies.replies import RejectedReply
 
 KeptIndices = tuple[torch.Tensor | None, torch.Tensor | None]
 """Per module: (kept_out, kept_in); each a 1-D integer tensor into the full layer, or None
@@ -160,3 +163,36 @@ def slice_factors(factors: Factors, kept: Kept) -> Factors:
         b_kept = b if rows is None else b[rows]  # (out, R) -> (out_kept, R)
         out[module] = (a_kept, b_kept)
     return out
+
+
+def read_kept(content: RecordDict, module_shapes: Mapping[str, tuple[int, int]]) -> Kept:
+    """The reply's kept rows / columns per module ({} when it pruned nothing)."""
+    if KEPT not in content.array_records:
+        return {}
+    arrays = content.array_records[KEPT].to_torch_state_dict()
+    kept: dict = {}
+    for key, index in arrays.items():
+        suffix = KEPT_OUT if key.endswith(KEPT_OUT) else KEPT_IN if key.endswith(KEPT_IN) \
+            else None
+        module = key.removesuffix(suffix) if suffix else key
+        if suffix is None or module not in module_shapes:
+            raise RejectedReply(f"kept record holds '{key}'; allowed: '<target module>"
+                                f"{KEPT_OUT}' and '<target module>{KEPT_IN}'")
+        kept.setdefault(module, {})[suffix] = index
+    if half := sorted(m for m, sides in kept.items() if len(sides) != 2):
+        raise RejectedReply(f"kept record has only one side for {half[:2]}; both "
+                            f"{KEPT_OUT} and {KEPT_IN} are needed")
+    return {m: (sides[KEPT_OUT], sides[KEPT_IN]) for m, sides in kept.items()}
+
+
+def pruned_shapes(module_shapes: Mapping[str, tuple[int, int]],
+                  kept: Kept) -> dict[str, tuple[int, int]]:
+    """Shapes of the client's layers: kept counts where pruned; dropped modules left out."""
+    shapes = {}
+    for module, (n_out, n_in) in module_shapes.items():
+        rows, cols = kept.get(module, (None, None))
+        n_out = n_out if rows is None else rows.numel()
+        n_in = n_in if cols is None else cols.numel()
+        if n_out and n_in:
+            shapes[module] = (n_out, n_in)
+    return shapes

@@ -31,7 +31,7 @@ def play(bandit: ClientBandit, rounds: range, rng: random.Random,
          feasible=None) -> list[Arm]:
     picks = []
     for t in rounds:
-        arm = bandit.select(t, feasible)
+        arm = bandit.select(feasible)
         bandit.update(arm, noisy_reward(arm, rng))
         bandit.refine(feasible)
         picks.append(arm)
@@ -91,8 +91,32 @@ def test_ucb_score_matches_the_formula():
     for value in (0.2, 0.4, 0.6, 0.8):
         bandit.update(arm, value)
 
-    assert bandit.scores(10)[arm] == pytest.approx(0.5 + 0.3 * math.sqrt(math.log(10) / 4))
-    assert bandit.scores(1)[arm] == pytest.approx(0.5 + 0.3 * math.sqrt(1 / 4))  # ln(max(t, e))
+    # N = 4 pulls in all: ln(max(4, e)) = ln 4
+    assert bandit.scores()[arm] == pytest.approx(0.5 + 0.3 * math.sqrt(math.log(4) / 4))
+    other = Arm(0.0, 4)
+    bandit.update(other, 0.1)  # N = 5; the new arm: one pull
+    assert bandit.scores()[arm] == pytest.approx(0.5 + 0.3 * math.sqrt(math.log(5) / 4))
+    assert bandit.scores()[other] == pytest.approx(0.1 + 0.3 * math.sqrt(math.log(5) / 1))
+    fresh = ClientBandit(BanditConfig(exploration=0.3, smoothing=0.0))
+    fresh.update(arm, 0.5)  # N = 1 < e: ln(max(N, e)) = 1
+    assert fresh.scores()[arm] == pytest.approx(0.5 + 0.3)
+
+
+def test_a_dominated_arm_is_not_played_again():
+    # Prepare: two arms, 2 pulls each; A's lower bound beats B's upper bound
+    bandit = ClientBandit(BanditConfig(prune_ratios=(0.0,), ranks=(4, 8), exploration=0.1,
+                                       smoothing=0.0))
+    a, b = Arm(0.0, 4), Arm(0.0, 8)
+    for value in (0.9, 0.9):
+        bandit.update(a, value)
+    for value in (0.1, 0.1):
+        bandit.update(b, value)
+
+    # Execute / Assert: ln 4 = 1.386, bonus 0.1·sqrt(1.386 / 2) = 0.083 for both:
+    # LCB(A) = 0.817 > UCB(B) = 0.183
+    assert bandit.dominated([a, b]) == {b}
+    assert bandit.select() == a
+    assert bandit.select(lambda arm: arm == b) == b  # alone, it is not dominated
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,7 +131,7 @@ def test_infeasible_arms_are_never_selected():
         if not allowed:
             continue
 
-        arm = bandit.select(t, lambda a, allowed=allowed: a in allowed)
+        arm = bandit.select(lambda a, allowed=allowed: a in allowed)
 
         assert arm in allowed, f"round {t}: selected infeasible {arm}"
         bandit.update(arm, noisy_reward(arm, rng))
@@ -132,7 +156,7 @@ def test_no_feasible_arm_is_a_clear_error():
     bandit = ClientBandit()
 
     with pytest.raises(ValueError, match=r"no arm of the 9-arm grid is feasible .*memory budget"):
-        bandit.select(1, lambda arm: False)
+        bandit.select(lambda arm: False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,7 +186,7 @@ def test_bank_keeps_one_bandit_per_client_name_across_a_restart():
     assert "partition-0" in restored and "partition-2" not in restored
     assert restored.config == bank.config
     assert restored["partition-1"].stats[Arm(0.5, 8)].mean == -0.2
-    assert restored["partition-0"].select(5) == bank["partition-0"].select(5)
+    assert restored["partition-0"].select() == bank["partition-0"].select()
     assert len(restored["partition-2"].arms) == 6  # a new client gets the bank's grid
     with pytest.raises(ValueError, match="client name 3; allowed: a non-empty string"):
         bank[3]  # type: ignore[index]
@@ -218,7 +242,6 @@ def test_memory_estimate_matches_hand_arithmetic():
     (lambda: estimated_memory_mb(0.1, 4, -5.0, 1.0, 1.0), "base_mb=-5.0"),
     (lambda: ClientBandit().update(Arm(0.9, 4), 1.0), "not in this client's grid of 9 arms"),
     (lambda: ClientBandit().update(Arm(0.0, 4), math.inf), "reward inf"),
-    (lambda: ClientBandit().scores(0), r"round t=0; allowed: an int >= 1"),
 ])
 def test_bad_values_are_refused_naming_them(make, message):
     with pytest.raises(ValueError, match=message):

@@ -77,7 +77,8 @@ def test_flwr_run_fine_tunes_the_tiny_model(strategy, tiny_model_dir, tmp_path, 
 def test_flwr_run_fedspine_on_unequal_devices(tiny_model_dir, tmp_path, flwr_env):
     overrides = (f"strategy=fedspine scenario=phones_laptops_edge model.path={tiny_model_dir} "
                  "num_rounds=2 train.local_steps=6 train.lr=0.01 train.max_length=64 "
-                 "eval.max_examples=16 partitioner=iid strategy.prune.tune_steps=2")
+                 "eval.max_examples=16 partitioner=iid strategy.prune.tune_steps=2 "
+                 "eval.deployed_every=1")
 
     proc = submit(flwr_env, overrides, tmp_path / "run", clients=4)
 
@@ -120,6 +121,11 @@ def test_flwr_run_fedspine_on_unequal_devices(tiny_model_dir, tmp_path, flwr_env
         assert (info["params-ratio"] < 1) == (info["device"] == "phone"), name
         loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
         assert loss == pytest.approx(info["eval-loss"], rel=1e-4), name
+        # evaluated every round too (eval.deployed_every=1); the last round's is the export's
+        assert rows[-1][f"{name}/eval-loss"] == pytest.approx(info["eval-loss"], rel=1e-6)
+    losses = [info["eval-loss"] for info in deployed.values()]
+    assert rows[-1]["deployed-eval-loss-worst"] == pytest.approx(max(losses), rel=1e-6)
+    assert all("deployed-eval-loss-mean" in row for row in rows[1:])
 
 
 @pytest.mark.parametrize("strategy", ["flora", "fedspine"])

@@ -308,6 +308,7 @@ def test_every_device_reaches_its_target_by_the_last_round_and_only_prunes_furth
 
     # Execute: 3 rounds; each reply keeps fewer MLP channels of layer 0
     for t in (1, 2, 3):
+        sent_g = split_factors(join_factors(strategy.global_factors))
         messages = list(strategy.configure_train(t, ArrayRecord(), ConfigRecord(), grid))
         orders.append({m.metadata.dst_node_id: TrainOrder.from_dict(m.content["config"]).prune
                        for m in messages})
@@ -321,8 +322,20 @@ def test_every_device_reaches_its_target_by_the_last_round_and_only_prunes_furth
         ratios = [o[node].ratio for o in orders]
         assert ratios == sorted(ratios) and ratios[0] >= least and ratios[-1] == target
         assert [o[node].reached for o in orders] == [0.0, *ratios[:-1]]
-    assert strategy.deployments()["partition-0"] == {
+    phone = strategy.deployments()["partition-0"]
+    held = split_factors(phone.pop("held"))
+    assert phone == {
         "device": "phone", "target": 0.5, "reached": 0.5, "units": {"0.mlp": list(range(7))}}
+    # what the phone holds: G as sent in round 3 (fp16 on the wire) + its own update of
+    # round 3 at full weight (scaling 2), rows 0-2 of q_proj (kept_reply) scattered
+    own, _ = kept_reply(messages[0], [0, 1, 2], 2, 3)
+    own_state = own.content["arrays"].to_torch_state_dict()
+    expected = sent_g[Q][1].half().float() @ sent_g[Q][0].half().float()
+    expected[[0, 1, 2]] += 2.0 * (own_state[Q + LORA_B].half().float()
+                                  @ own_state[Q + LORA_A].half().float())
+    torch.testing.assert_close(held[Q][1].float() @ held[Q][0].float(), expected, atol=2e-2,
+                               rtol=1e-2)
+    assert held[Q][0].shape[0] == sent_g[Q][0].shape[0] + 2
     # the structure a reply reached travels back with the next order
     assert sent_units[0][11] is None
     assert sent_units[2][11].to_torch_state_dict()["0.mlp"].tolist() == list(range(8))
@@ -351,3 +364,21 @@ def test_bad_targets_are_refused_before_training():
         compose_config("strategy=fedspine strategy.prune.criterion=llm-drop")
     with pytest.raises(ValueError, match="strategy.prune.criterion='l1'"):
         compose_config("strategy=fedspine strategy.prune.criterion=l1")
+
+
+def test_federate_then_prune_keeps_devices_that_cannot_hold_the_model_out_until_the_end():
+    phone = dataclasses.replace(PHONE, sparsity=0.5)
+    edge = dataclasses.replace(EDGE, sparsity=0.25)
+    strategy = spine(devices=[phone, edge], num_rounds=3, prune_at_end=True)
+    grid, asked = FakeGrid({11: 0, 12: 1}), []
+
+    for t in (1, 2, 3):
+        messages = list(strategy.configure_train(t, ArrayRecord(), ConfigRecord(), grid))
+        asked.append({m.metadata.dst_node_id: TrainOrder.from_dict(m.content["config"]).prune
+                      .ratio for m in messages})
+        strategy.aggregate_train(t, [unit_reply(m, {}, t) for m in messages])
+
+    # the phone (needs 0.42 at rank 2) waits; the edge trains unpruned; both prune at the end
+    assert asked == [{12: 0.0}, {12: 0.0}, {11: 0.5, 12: 0.25}]
+    with pytest.raises(ValueError, match="strategy.prune_at_end='yes'; allowed: true, false"):
+        spine(prune_at_end="yes")
