@@ -61,7 +61,6 @@ from flwr.serverapp import Grid
 from strategies.bandit import (
     Arm,
     BanditBank,
-    BanditConfig,
     ClientBandit,
     Feasible,
     needed_prune_ratio,
@@ -70,62 +69,29 @@ from strategies.bandit import (
 from strategies.base import ClientIdentity
 from strategies.devices import DeviceProfile
 from strategies.flora import FLoRA
-from strategies.lora_math import Factors, LoraUpdate, append_factors, join_factors
+from strategies.lora_math import (
+    Factors,
+    LoraUpdate,
+    append_factors,
+    join_factors,
+    rank_of,
+    split_factors,
+    truncate_factors,
+)
 from strategies.protocol import (
     METRICS,
     NO_SETUP,
     UNITS,
-    PruneOrder,
     TrainOrder,
 )
 from strategies.replies import RejectedReply, parse_reply
 from strategies.scatter import pruned_shapes, read_kept, scatter_factors
+from strategies.spine_config import bandit_config, memory_model, prune_template
 from strategies.summary import ClientOutcome
 from strategies.units import UnitLists, read_units, units_record
 
 POLICIES = ("bandit", "random")
 TOLERANCE = 1e-9  # ratios are sums of floats
-PRUNE_KEYS = ("criterion", "slices", "tune_steps")
-MEMORY_KEYS = ("fixed_mb", "base_mb", "lora_mb_per_rank")
-
-
-def bandit_config(bandit: Mapping | None) -> BanditConfig:
-    """`strategy.bandit` as a BanditConfig (which checks the values), unknown keys refused."""
-    bandit = dict(bandit or {})
-    allowed = [f.name for f in dataclasses.fields(BanditConfig)]
-    if unknown := sorted(set(bandit) - set(allowed)):
-        raise ValueError(f"strategy.bandit has unknown keys {unknown}; allowed: {allowed}")
-    try:
-        return BanditConfig.from_dict(bandit)
-    except ValueError as err:
-        raise ValueError(f"strategy.{err}") from None
-
-
-def prune_template(prune: Mapping | None) -> PruneOrder:
-    """`strategy.prune` as the PruneOrder every client gets (its ratio set per arm)."""
-    prune = dict(prune or {})
-    if unknown := sorted(set(prune) - set(PRUNE_KEYS)):
-        raise ValueError(f"strategy.prune has unknown keys {unknown}; allowed: "
-                         f"{list(PRUNE_KEYS)}")
-    order = PruneOrder(ratio=0.0, **prune)
-    if order.criterion == "llm-drop":
-        raise ValueError("strategy.prune.criterion='llm-drop' drops whole blocks, which no "
-                         "stock architecture loads, and each device's deployed model is "
-                         "exported as one; allowed: taylor, magnitude")
-    return order
-
-
-def memory_model(memory: Mapping | None) -> dict[str, float]:
-    """`strategy.memory`: the coefficients of an arm's estimated memory (all three, >= 0)."""
-    memory = dict(memory or {k: 0.0 for k in MEMORY_KEYS})
-    if sorted(memory) != sorted(MEMORY_KEYS) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
-            for v in memory.values()):
-        raise ValueError(f"strategy.memory={memory}; allowed: numbers >= 0 for exactly "
-                         f"{list(MEMORY_KEYS)}")
-    return {k: float(v) for k, v in memory.items()}
-
-
 class FedSpine(FLoRA):
     name = "fedspine"
     supports_dp = False
@@ -136,7 +102,7 @@ class FedSpine(FLoRA):
     def __init__(self, *args, arm_policy: str = "bandit", time_weight: float = 0.1,
                  bandit: Mapping | None = None, prune: Mapping | None = None,
                  memory: Mapping | None = None, num_rounds: int = 1,
-                 prune_at_end: bool = False, **kwargs) -> None:
+                 prune_at_end: bool = False, personal: bool = False, **kwargs) -> None:
         super().__init__(*args, ranks=None, **kwargs)  # the bandits pick every client's rank
         if arm_policy not in POLICIES:
             raise ValueError(f"strategy.arm_policy={arm_policy!r}; allowed: {list(POLICIES)}")
@@ -146,9 +112,11 @@ class FedSpine(FLoRA):
             raise ValueError(f"strategy.time_weight={time_weight!r}; allowed: a number >= 0")
         if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
             raise ValueError(f"num_rounds={num_rounds!r}; allowed: an int >= 1")
-        if not isinstance(prune_at_end, bool):
-            raise ValueError(  # noqa: TRY004 - config errors are ValueErrors here
-                f"strategy.prune_at_end={prune_at_end!r}; allowed: true, false")
+        for key, value in (("prune_at_end", prune_at_end), ("personal", personal)):
+            if not isinstance(value, bool):
+                raise ValueError(  # noqa: TRY004 - config errors are ValueErrors here
+                    f"strategy.{key}={value!r}; allowed: true, false")
+        self.personal = personal  # each device keeps its own residual P_k beside G
         self.arm_policy, self.time_weight = arm_policy, float(time_weight)
         self.prune_at_end = prune_at_end  # federate, then prune in the last round
         self.final_round = num_rounds  # every device is at its target sparsity after it
@@ -165,6 +133,7 @@ class FedSpine(FLoRA):
         # with its own update stacked beside it at full weight (not kept in checkpoints)
         self.held: dict[str, Factors] = {}
         self.sent_global: Factors = {}
+        self.residual: dict[str, Factors] = {}  # `personal`: P_k per device (not checkpointed)
         self.targets = {d.name: self.target_for(d) for d in self.devices}  # fail now
 
     def need(self, device: DeviceProfile, rank: int) -> float:
@@ -248,6 +217,21 @@ class FedSpine(FLoRA):
         self.arms[client.name] = (arm, client, order)
         return order
 
+    def client_state(self, client: ClientIdentity,
+                     state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """G, and with `personal` its residual P_k stacked beside it: the frozen adapter the
+        device trains beside (exactly G + P_k)."""
+        if not self.personal or client.name not in self.residual:
+            return state
+        return join_factors(append_factors(split_factors(state), self.residual[client.name]))
+
+    def keep_residual(self, name: str, update: LoraUpdate, share: float) -> None:
+        """P_k ← P_k + (1 − p_k) s U, re-compressed to `rank_budget` (G holds p_k s U)."""
+        own = {m: ((1 - share) * update.scaling * a, b) for m, (a, b) in update.factors.items()}
+        joined = append_factors(self.residual.get(name, {}), own)
+        self.residual[name] = truncate_factors(joined, self.rank_budget)[0] \
+            if rank_of(joined) > self.rank_budget else joined
+
     def order_records(self, client: ClientIdentity) -> dict[str, ArrayRecord]:
         units = self.units.get(client.name)
         return {UNITS: units_record(units)} if units else {}
@@ -289,15 +273,20 @@ class FedSpine(FLoRA):
         says nothing about its arm: its bandit is not updated."""
         ok = {n: c for n, c in clients.items() if n in self.arms and c.ok}
         times = [c.completion_seconds or 0.0 for c in ok.values()]
+        total = sum(self.pending[id(self.arms[n][2])][1].weight for n in ok) or 1.0
         for name, (arm, client, order) in sorted(self.arms.items()):
             outcome = clients.setdefault(name, ClientOutcome())
             value = -1.0 - self.time_weight
             if name in ok:
                 self.units[name], update = self.pending[id(order)]
                 wire = getattr(torch, self.setup.wire_dtype)
-                self.held[name] = append_factors(self.sent_global, {
+                sent = append_factors(self.sent_global, self.residual.get(name, {})) \
+                    if self.personal else self.sent_global
+                self.held[name] = append_factors(sent, {
                     m: ((update.scaling * a).to(wire), b.to(wire))
                     for m, (a, b) in update.factors.items()})
+                if self.personal:
+                    self.keep_residual(name, update, update.weight / total)
                 self.reached[name] = order.prune.ratio if order.prune else 0.0
                 self.device_class[name] = self.device_for(client).name
                 value = reward(outcome.metrics["loss-before"], outcome.metrics["loss-after"],
@@ -328,7 +317,10 @@ class FedSpine(FLoRA):
         for name, device in sorted(self.device_class.items()):
             out[name] = {"device": device, "target": self.targets[device],
                          "reached": self.reached[name], "units": self.units.get(name, {})}
-            if name in self.held:
+            if self.personal and name in self.residual:  # G + P_k, as it would get next
+                out[name]["held"] = join_factors(append_factors(self.global_factors,
+                                                                self.residual[name]))
+            elif name in self.held:
                 out[name]["held"] = join_factors(self.held[name])
         return out
 

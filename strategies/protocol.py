@@ -210,14 +210,16 @@ class PruneOrder(_Record):
     """FedSpine: the device's copy, at the structure it `reached` (sent as "units", pruned to
     `reached` of the full model's attention / MLP parameters), is pruned on to `ratio` in
     `slices` slices, tuning LoRA `tune_steps` steps after each slice (within the round's
-    `local_steps`), scoring units by `criterion`; the client then measures its loss on a
-    probe batch before and after, for the server's bandit."""
+    `local_steps`), scoring units by `criterion` (Taylor: the first slice on `calibration`
+    batches of its data, later ones on the tuning steps' gradients); the client then
+    measures its loss on a probe batch before and after, for the server's bandit."""
 
     ratio: float = field(metadata={"config": "scenario.devices.<class>.sparsity"})
     criterion: str = field(default="taylor", metadata={"config": "strategy.prune.criterion"})
     slices: int = field(default=2, metadata={"config": "strategy.prune.slices"})
     tune_steps: int = field(default=20, metadata={"config": "strategy.prune.tune_steps"})
     reached: float = field(default=0.0, metadata={"help": "the ratio of the structure sent"})
+    calibration: int = field(default=8, metadata={"config": "strategy.prune.calibration"})
 
     def __post_init__(self) -> None:
         require(_is_number(self.ratio) and 0 <= self.ratio < 1, _key(self, "ratio"),
@@ -226,7 +228,7 @@ class PruneOrder(_Record):
                  _key(self, "reached"), self.reached, f"0 <= reached <= ratio ({self.ratio})")
         require(self.criterion in CRITERIA, _key(self, "criterion"), self.criterion,
                  str(list(CRITERIA)))
-        for name in ("slices", "tune_steps"):
+        for name in ("slices", "tune_steps", "calibration"):
             value = getattr(self, name)
             require(_is_int(value) and value >= 1, _key(self, name), value, "an int >= 1")
 

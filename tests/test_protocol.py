@@ -69,7 +69,7 @@ def test_train_order_wire_format():
                       "seed": 3, "global-mode": "frozen", "train-lora-a": True,
                       "pooled": False,
                       "prune-ratio": 0.5, "prune-criterion": "magnitude", "prune-slices": 2,
-                      "prune-tune-steps": 4, "prune-reached": 0.25}
+                      "prune-tune-steps": 4, "prune-reached": 0.25, "prune-calibration": 8}
 
 
 def test_order_without_prune_sends_no_prune_keys():
@@ -199,6 +199,7 @@ BAD = [
     (prune, {"ratio": 1.0}, "scenario.devices.<class>.sparsity=1.0; allowed: 0 <= ratio < 1"),
     (prune, {"ratio": -0.25}, "scenario.devices.<class>.sparsity=-0.25; allowed: 0 <= ratio < 1"),
     (prune, {"reached": 0.75}, "reached=0.75; allowed: 0 <= reached <= ratio (0.5)"),
+    (prune, {"calibration": 0}, "strategy.prune.calibration=0; allowed: an int >= 1"),
     (prune, {"criterion": "random"},
      "strategy.prune.criterion='random'; allowed: ['magnitude', 'taylor', 'llm-drop']"),
     (prune, {"slices": 0}, "strategy.prune.slices=0; allowed: an int >= 1"),

@@ -143,7 +143,8 @@ def prune_step(prune: PruneOrder) -> float:
 
 def tune_with_probes(model: torch.nn.Module, prune: PruneOrder, slices: int | None,
                      tune: Callable[[torch.nn.Module], None], probe: Mapping[str, torch.Tensor],
-                     probes: dict[str, float]) -> PruneResult | None:
+                     probes: dict[str, float], calibration: list[Mapping[str, torch.Tensor]]
+                     ) -> PruneResult | None:
     """A pruning order's training: L_before of the model the device starts from (its
     structure + G, the fresh LoRA still zero), then prune `prune_step` in `slices` slices
     with `tune` after each (None: no pruning this round, tune once), then L_after. Returns
@@ -152,7 +153,8 @@ def tune_with_probes(model: torch.nn.Module, prune: PruneOrder, slices: int | No
     done = None
     if slices is not None:
         done = iterative_prune(model, prune_step(prune), slices, tune, prune.criterion,
-                               batches=[probe] if prune.criterion != "magnitude" else None)
+                               batches=calibration if prune.criterion != "magnitude"
+                               else None)
     else:
         tune(model)
     probes["loss-after"] = probe_loss(model, probe)
@@ -194,8 +196,11 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
         if prune is None:
             tune(model)
         else:
+            calibration = [collate(examples[i:i + setup.batch_size], pad) for i in range(
+                0, min(len(examples), prune.calibration * setup.batch_size), setup.batch_size)
+                           ] if pruning_now else []
             done = tune_with_probes(model, prune, len(plan) if pruning_now else None, tune,
-                                    probe, probes)
+                                    probe, probes, calibration)
         seconds = time.perf_counter() - start
         state = lora_state(model, getattr(torch, setup.wire_dtype))
     if not order.train_lora_a:  # the server already holds A: send B only

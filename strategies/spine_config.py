@@ -1,0 +1,50 @@
+"""FedSpine's own config sections (`strategy.bandit`, `strategy.prune`, `strategy.memory`),
+read and checked before training, each unknown key or bad value refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from strategies.bandit import BanditConfig
+from strategies.protocol import PruneOrder
+
+PRUNE_KEYS = ("criterion", "slices", "tune_steps", "calibration")
+MEMORY_KEYS = ("fixed_mb", "base_mb", "lora_mb_per_rank")
+
+
+def bandit_config(bandit: Mapping | None) -> BanditConfig:
+    """`strategy.bandit` as a BanditConfig (which checks the values), unknown keys refused."""
+    bandit = dict(bandit or {})
+    allowed = [f.name for f in dataclasses.fields(BanditConfig)]
+    if unknown := sorted(set(bandit) - set(allowed)):
+        raise ValueError(f"strategy.bandit has unknown keys {unknown}; allowed: {allowed}")
+    try:
+        return BanditConfig.from_dict(bandit)
+    except ValueError as err:
+        raise ValueError(f"strategy.{err}") from None
+
+
+def prune_template(prune: Mapping | None) -> PruneOrder:
+    """`strategy.prune` as the PruneOrder every client gets (its ratio set per arm)."""
+    prune = dict(prune or {})
+    if unknown := sorted(set(prune) - set(PRUNE_KEYS)):
+        raise ValueError(f"strategy.prune has unknown keys {unknown}; allowed: "
+                         f"{list(PRUNE_KEYS)}")
+    order = PruneOrder(ratio=0.0, **prune)
+    if order.criterion == "llm-drop":
+        raise ValueError("strategy.prune.criterion='llm-drop' drops whole blocks, which no "
+                         "stock architecture loads, and each device's deployed model is "
+                         "exported as one; allowed: taylor, magnitude")
+    return order
+
+
+def memory_model(memory: Mapping | None) -> dict[str, float]:
+    """`strategy.memory`: the coefficients of an arm's estimated memory (all three, >= 0)."""
+    memory = dict(memory or {k: 0.0 for k in MEMORY_KEYS})
+    if sorted(memory) != sorted(MEMORY_KEYS) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+            for v in memory.values()):
+        raise ValueError(f"strategy.memory={memory}; allowed: numbers >= 0 for exactly "
+                         f"{list(MEMORY_KEYS)}")
+    return {k: float(v) for k, v in memory.items()}
