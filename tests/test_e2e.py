@@ -140,7 +140,8 @@ def test_flwr_run_on_other_model_families(family, strategy, tmp_path, flwr_env):
                  "partitioner=iid")
     if strategy == "fedspine":
         overrides += (" strategy.bandit.prune_ratios=[0.5] strategy.bandit.ranks=[4] "
-                      "strategy.prune.tune_steps=1")
+                      "strategy.prune.tune_steps=1 +scenario.devices={dev:{sparsity:0.5}} "
+                      "+scenario.device_of_client=[dev]")
     else:
         overrides += " strategy.ranks=[2,4]"
 
