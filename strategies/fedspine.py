@@ -130,10 +130,10 @@ class FedSpine(FLoRA):
         self.device_class: dict[str, str] = {}  # ... and its device class
         self.pending: dict[int, tuple[UnitLists, LoraUpdate]] = {}  # id(order) -> reply's
         # what each device holds after its last accepted round: G as sent to it (wire dtype)
-        # with its own update stacked beside it at full weight (not kept in checkpoints)
+        # with its own update stacked beside it at full weight
         self.held: dict[str, Factors] = {}
         self.sent_global: Factors = {}
-        self.residual: dict[str, Factors] = {}  # `personal`: P_k per device (not checkpointed)
+        self.residual: dict[str, Factors] = {}  # `personal`: P_k per device
         self.targets = {d.name: self.target_for(d) for d in self.devices}  # fail now
 
     def need(self, device: DeviceProfile, rank: int) -> float:
@@ -311,7 +311,8 @@ class FedSpine(FLoRA):
     def deployments(self) -> dict[str, dict]:
         """Per device that trained: its class, target and reached sparsity, structure, and
         the adapter it holds (`held`: G as sent in its last round + its own update, the
-        model it ended that round with; absent after a resume: then G). Its deployed model
+        model it ended that round with; absent from a checkpoint written before it was
+        kept: then G). Its deployed model
         is the base pruned to `units` with that adapter cut to it."""
         out = {}
         for name, device in sorted(self.device_class.items()):
@@ -325,9 +326,14 @@ class FedSpine(FLoRA):
         return out
 
     def state_dict(self) -> dict:
+        """Bandits, structures, and the adapters each device holds: a discarded attempt
+        restores them all (factors are never changed in place, so copies of the dicts do)."""
         return {**super().state_dict(), "bandits": self.bank.state_dict(),
                 "units": {n: {k: list(v) for k, v in u.items()} for n, u in self.units.items()},
-                "reached": dict(self.reached), "device_class": dict(self.device_class)}
+                "reached": dict(self.reached), "device_class": dict(self.device_class),
+                "held": {n: dict(f) for n, f in self.held.items()},
+                "residual": {n: dict(f) for n, f in self.residual.items()},
+                "sent_global": dict(self.sent_global)}
 
     def load_state(self, state: dict, arrays: ArrayRecord) -> None:
         super().load_state(state, arrays)
@@ -337,6 +343,9 @@ class FedSpine(FLoRA):
                       for n, u in state.get("units", {}).items()}
         self.reached = {n: float(r) for n, r in state.get("reached", {}).items()}
         self.device_class = dict(state.get("device_class", {}))
+        self.held = {n: dict(f) for n, f in state.get("held", {}).items()}
+        self.residual = {n: dict(f) for n, f in state.get("residual", {}).items()}
+        self.sent_global = dict(state.get("sent_global", {}))
 
     def export_metadata(self) -> dict:
         meta = {**super().export_metadata(), "targets": self.targets,

@@ -262,9 +262,11 @@ def test_a_dropped_module_contributes_zero_and_the_rest_is_stacked():
     torch.testing.assert_close(got[Q][1] @ got[Q][0], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_discarded_attempt_leaves_no_trace_in_the_stack_or_the_bandits():
+@pytest.mark.parametrize("personal", [False, True])
+def test_a_discarded_attempt_leaves_no_trace_in_the_stack_or_the_bandits(personal):
     """min_replies=2: attempt 1 gets one valid reply and is retried; the result must equal a
-    run whose first attempt succeeded with attempt 2's replies."""
+    run whose first attempt succeeded with attempt 2's replies, down to the adapter each
+    device holds (and, with `personal`, its residual)."""
 
     class ScriptedGrid(FakeGrid):
         def __init__(self, attempts):
@@ -280,7 +282,7 @@ def test_a_discarded_attempt_leaves_no_trace_in_the_stack_or_the_bandits():
                     for n, m in enumerate(messages) if n in good]
 
     def run(attempts):
-        strategy = spine(prune={"slices": 1})
+        strategy = spine(prune={"slices": 1}, personal=personal)
         arrays = run_rounds(strategy, ScriptedGrid(attempts), ArrayRecord(), 1, 1, 10.0, 2, 1,
                             lambda *_: None)
         return strategy, split_factors(arrays.to_torch_state_dict())
@@ -291,3 +293,10 @@ def test_a_discarded_attempt_leaves_no_trace_in_the_stack_or_the_bandits():
     for key in MODULES:
         torch.testing.assert_close(got[key][1] @ got[key][0], expected[key][1] @ expected[key][0])
     assert retried.bank.state_dict() == straight.bank.state_dict()
+    deployed, expected_deployed = retried.deployments(), straight.deployments()
+    assert deployed.keys() == expected_deployed.keys() == {"partition-0", "partition-1"}
+    for name, info in deployed.items():
+        held, want = info["held"], expected_deployed[name]["held"]
+        assert held.keys() == want.keys()
+        for key in held:
+            torch.testing.assert_close(held[key], want[key])

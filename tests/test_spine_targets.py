@@ -15,7 +15,7 @@ from strategies.devices import DeviceProfile, device_profiles
 from strategies.lora_math import LORA_A, LORA_B, join_factors, split_factors
 from strategies.protocol import TrainOrder
 from tests.test_fedspine import BANDIT, EDGE, PHONE, Q, first_round, kept_reply, spine
-from tests.test_strategies import FakeGrid
+from tests.test_strategies import FakeGrid, task_identity  # noqa: F401  (an autouse fixture)
 
 
 def unit_reply(msg: Message, units: dict[str, list[int]], seed: int) -> Message:
@@ -136,3 +136,32 @@ def test_personal_residual_gives_each_device_its_own_update_at_full_weight():
     assert a.shape[0] == g[0].shape[0] + 2  # G's rank + the residual's
     with pytest.raises(ValueError, match="strategy.personal=1; allowed: true, false"):
         spine(personal=1)
+
+
+def test_a_checkpoint_keeps_what_each_device_holds_and_its_residual(tmp_path):
+    # Prepare: one round with personal residuals, then a checkpoint written and read back
+    first = spine(personal=True, num_rounds=2, bandit={**BANDIT, "ranks": [2]})
+    messages, _ = first_round(first)
+    first.aggregate_train(1, [kept_reply(messages[11], [0, 2, 5], 2, seed=1)[0],
+                              kept_reply(messages[12], [1, 2, 3, 4], 2, seed=2)[0]])
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    arrays = ArrayRecord(join_factors(first.global_factors))
+
+    # Execute: a fresh strategy restored from it
+    resumed = spine(personal=True, num_rounds=2, bandit={**BANDIT, "ranks": [2]})
+    resumed.load_state(torch.load(tmp_path / "state.pt", weights_only=False), arrays)
+
+    # Assert: same deployed adapters, and round 2 sends each device the same G + P_k
+    for name, info in first.deployments().items():
+        got = resumed.deployments()[name]["held"]
+        assert got.keys() == info["held"].keys()
+        for key, value in info["held"].items():
+            torch.testing.assert_close(got[key], value)
+    grid = FakeGrid({11: 0, 12: 1})
+    sent = [{m.metadata.dst_node_id: m.content["arrays"].to_torch_state_dict()
+             for m in s.configure_train(2, arrays, ConfigRecord(), grid)}
+            for s in (first, resumed)]
+    for node, state in sent[0].items():
+        assert state.keys() == sent[1][node].keys()
+        for key, value in state.items():
+            torch.testing.assert_close(sent[1][node][key], value)
