@@ -37,8 +37,11 @@ dozen rounds leaves little exploitation; the dominant drift here (everyone's imp
 shrinking together) keeps the arms' order, which smoothed means track without re-exploring,
 and a stale optimistic mean gets re-tested as soon as the tracked arms drift below it.
 `select(feasible)` returns, among arms that pass the `feasible` predicate, the first
-never-played arm in grid order, else argmax UCB among the undominated (ties: grid order). An infeasible arm is
-never returned; with no feasible arm it raises ValueError.
+never-played arm in grid order, else argmax UCB among the undominated (ties: grid order).
+`select(feasible, prior)` scores never-played arms by a predicted reward instead
+(`strategies.spine_prior`: a cost model of the device's round time), with the bonus of
+`prior_pulls` pulls, so they compete with the played ones rather than going first. An
+infeasible arm is never returned; with no feasible arm it raises ValueError.
 
 **Reward.** `reward()` mixes usefulness and speed, both as seen by the server:
 
@@ -109,6 +112,12 @@ class BanditConfig:
         default=0.75, metadata={"help": "refinement never goes above it, < 1"})
     min_ratio_step: float = field(
         default=0.02, metadata={"help": "no new ratio closer than this to an existing one"})
+    prior_pulls: float = field(
+        default=1.0, metadata={"help": "pulls an unplayed arm's predicted reward counts as "
+                               "(its UCB bonus); 0: unplayed arms go first, in grid order"})
+    fixed_step_share: float = field(
+        default=0.56, metadata={"help": "the part of a step pruning does not shrink, in the "
+                                "prior's cost model (strategies.spine_prior)"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prune_ratios", tuple(float(x) for x in self.prune_ratios))
@@ -131,6 +140,9 @@ class BanditConfig:
              max(self.prune_ratios, default=0.0) <= self.max_prune_ratio < 1,
              "every initial ratio <= x < 1"),
             ("min_ratio_step", self.min_ratio_step, self.min_ratio_step > 0, "> 0"),
+            ("prior_pulls", self.prior_pulls, self.prior_pulls >= 0, ">= 0"),
+            ("fixed_step_share", self.fixed_step_share, 0 <= self.fixed_step_share <= 1,
+             "0 <= κ <= 1"),
         ]
         for name, value, ok, allowed in checks:
             if not ok:
@@ -243,9 +255,12 @@ class ClientBandit:
         lcb = {a: self.stats[a].mean - self.bonus(a) for a in tried}
         return {a for a in tried if any(lcb[b] > ucb[a] for b in tried if b != a)}
 
-    def select(self, feasible: Feasible | None = None) -> Arm:
-        """The arm to play: the first unplayed feasible arm, else the best UCB among the
-        feasible arms that are not dominated.
+    def select(self, feasible: Feasible | None = None,
+               prior: Callable[[Arm], float] | None = None) -> Arm:
+        """The arm to play: without `prior` (or with `prior_pulls` 0), the first unplayed
+        feasible arm, else the best UCB among the feasible arms that are not dominated. With
+        `prior` (a predicted reward per arm, `strategies.spine_prior`), an unplayed arm
+        competes from the start: scored prior(arm) + c · sqrt(ln(max(N, e)) / prior_pulls).
 
         Raises ValueError when no arm of the grid is feasible.
         """
@@ -255,10 +270,15 @@ class ClientBandit:
                              f"{min(self.stats, key=lambda a: (a.rank, -a.prune_ratio))}); "
                              f"raise the device's memory budget or add higher prune ratios / "
                              f"lower ranks to the grid")
-        for arm in allowed:
-            if self.stats[arm].pulls == 0:
-                return arm
+        unplayed = [a for a in allowed if self.stats[a].pulls == 0]
+        if unplayed and (prior is None or not self.config.prior_pulls):
+            return unplayed[0]
         scores, beaten = self.scores(), self.dominated(allowed)
+        if unplayed:
+            pulls = sum(s.pulls for s in self.stats.values())
+            bonus = self.config.exploration * math.sqrt(math.log(max(pulls, math.e))
+                                                        / self.config.prior_pulls)
+            scores.update({a: prior(a) + bonus for a in unplayed})
         return max((a for a in allowed if a not in beaten),  # the first of equal scores
                    key=lambda a: scores[a])
 

@@ -16,7 +16,9 @@ the latest; the arm's ratio only says how early. Arms whose rank fits at no rati
 target are never played.
 
 **Rounds.** For each selected device its bandit (`strategies.bandit`, keyed by the client's
-stable name) picks an arm (prune ratio, rank) among the feasible ones; the order says the
+stable name) picks an arm (prune ratio, rank) among the feasible ones (one of each set that
+trains alike, `feasible_for`), unplayed arms scored by a predicted reward
+(`strategies.spine_prior`) once the device has a measured round; the order says the
 ratio to reach and the ratio reached, and the message carries the device's structure
 (`protocol.UNITS`, kept by the server: a device keeps nothing between rounds). The client
 rebuilds that structure from the base, prunes on to the round's ratio, tunes a LoRA of that
@@ -50,7 +52,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Iterable, Mapping
+import statistics
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 
 import torch
@@ -87,6 +90,7 @@ from strategies.protocol import (
 from strategies.replies import RejectedReply, parse_reply
 from strategies.scatter import pruned_shapes, read_kept, scatter_factors
 from strategies.spine_config import bandit_config, memory_model, prune_template
+from strategies.spine_prior import Seen, arm_prior, arm_seconds
 from strategies.summary import ClientOutcome
 from strategies.units import UnitLists, read_units, units_record
 
@@ -134,6 +138,7 @@ class FedSpine(FLoRA):
         self.held: dict[str, Factors] = {}
         self.sent_global: Factors = {}
         self.residual: dict[str, Factors] = {}  # `personal`: P_k per device
+        self.seen: dict[str, Seen] = {}  # per device: what its last accepted round cost
         self.targets = {d.name: self.target_for(d) for d in self.devices}  # fail now
 
     def need(self, device: DeviceProfile, rank: int) -> float:
@@ -174,14 +179,37 @@ class FedSpine(FLoRA):
         reached = self.reached.get(client.name, 0.0)
         return min(target, max(reached, arm.prune_ratio, self.need(device, arm.rank)))
 
-    def feasible_for(self, client: ClientIdentity, server_round: int = 0) -> Feasible:
-        """Arms whose rank fits the device at a ratio it may train at (up to its target;
-        0 before the last round with `prune_at_end`)."""
+    def feasible_for(self, client: ClientIdentity, arms: Iterable[Arm],
+                     server_round: int = 0) -> Feasible:
+        """Arms of `arms` whose rank fits the device at a ratio it may train at (up to its
+        target; 0 before the last round with `prune_at_end`), and of arms that train alike
+        there (the same rank, the same ratio once capped at that limit and raised to what
+        the rank needs) only the first in grid order: the edge of a run whose target is 0
+        has as many arms as ranks, not ratios × ranks."""
         device = self.device_for(client)
         limit = self.targets[device.name]
         if self.prune_at_end and server_round < self.final_round:
             limit = 0.0
-        return lambda arm: self.need(device, arm.rank) <= limit + TOLERANCE
+        first: dict[tuple[float, int], Arm] = {}
+        for arm in arms:
+            need = self.need(device, arm.rank)
+            if need <= limit + TOLERANCE:
+                alike = (round(min(limit, max(arm.prune_ratio, need)), 6), arm.rank)
+                first.setdefault(alike, arm)
+        return set(first.values()).__contains__
+
+    def prior_for(self, server_round: int, client: ClientIdentity
+                  ) -> Callable[[Arm], float] | None:
+        """The predicted reward of `client`'s unplayed arms (`strategies.spine_prior`), once
+        it has an accepted round; None before."""
+        bandit, seen = self.bank[client.name], self.seen.get(client.name)
+        means = {a: s.mean for a, s in bandit.stats.items() if s.pulls}
+        if seen is None or not means:
+            return None
+        device, share = self.device_for(client), bandit.config.fixed_step_share
+        return arm_prior(means, lambda arm: arm_seconds(
+            seen, device, self.train_ratio(server_round, client, arm), arm.rank, share),
+            seen.median_seconds, self.time_weight)
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
         """With `prune_at_end`, a device that cannot train the unpruned model (its memory
@@ -194,12 +222,14 @@ class FedSpine(FLoRA):
                 if self.need(self.device_for(self.identities[n]), rank) <= TOLERANCE]
 
     def choose_arm(self, server_round: int, client: ClientIdentity) -> Arm:
-        feasible = self.feasible_for(client, server_round)
         if self.arm_policy == "random":  # the initial grid, never refined
-            allowed = [a for a in ClientBandit(self.bank.config).arms if feasible(a)]
+            grid = ClientBandit(self.bank.config).arms
+            feasible = self.feasible_for(client, grid, server_round)
             rng = random.Random(f"{self.seed}/{server_round}/{client.name}")
-            return rng.choice(allowed)
-        return self.bank[client.name].select(feasible)
+            return rng.choice([a for a in grid if feasible(a)])
+        bandit = self.bank[client.name]
+        return bandit.select(self.feasible_for(client, bandit.arms, server_round),
+                             self.prior_for(server_round, client))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -288,6 +318,10 @@ class FedSpine(FLoRA):
                 if self.personal:
                     self.keep_residual(name, update, update.weight / total)
                 self.reached[name] = order.prune.ratio if order.prune else 0.0
+                self.seen[name] = Seen(
+                    outcome.metrics["train-seconds"], self.reached[name],
+                    outcome.bytes_up or 0, arm.rank, outcome.bytes_down,
+                    statistics.median(times))
                 self.device_class[name] = self.device_for(client).name
                 value = reward(outcome.metrics["loss-before"], outcome.metrics["loss-after"],
                                outcome.completion_seconds or 0.0, times, self.time_weight)
@@ -299,7 +333,7 @@ class FedSpine(FLoRA):
             if self.arm_policy == "bandit" and not lost_setup:
                 bandit = self.bank[name]
                 bandit.update(arm, value)
-                added = bandit.refine(self.feasible_for(client))
+                added = bandit.refine(self.feasible_for(client, bandit.arms))
             log(INFO, "  %s: arm (prune %.3f, r=%d) -> ratio %.3f of target %.3f, reward "
                 "%+.4f, completion %s s%s", name, arm.prune_ratio, arm.rank,
                 order.prune.ratio if order.prune else 0.0,
@@ -333,7 +367,8 @@ class FedSpine(FLoRA):
                 "reached": dict(self.reached), "device_class": dict(self.device_class),
                 "held": {n: dict(f) for n, f in self.held.items()},
                 "residual": {n: dict(f) for n, f in self.residual.items()},
-                "sent_global": dict(self.sent_global)}
+                "sent_global": dict(self.sent_global),
+                "seen": {n: dataclasses.asdict(v) for n, v in self.seen.items()}}
 
     def load_state(self, state: dict, arrays: ArrayRecord) -> None:
         super().load_state(state, arrays)
@@ -346,6 +381,7 @@ class FedSpine(FLoRA):
         self.held = {n: dict(f) for n, f in state.get("held", {}).items()}
         self.residual = {n: dict(f) for n, f in state.get("residual", {}).items()}
         self.sent_global = dict(state.get("sent_global", {}))
+        self.seen = {n: Seen(**v) for n, v in state.get("seen", {}).items()}
 
     def export_metadata(self) -> dict:
         meta = {**super().export_metadata(), "targets": self.targets,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -117,6 +118,24 @@ def test_a_dominated_arm_is_not_played_again():
     assert bandit.dominated([a, b]) == {b}
     assert bandit.select() == a
     assert bandit.select(lambda arm: arm == b) == b  # alone, it is not dominated
+
+
+def test_with_a_prior_an_unplayed_arm_competes_instead_of_going_first():
+    # Prepare: three arms of rank 4, 8, 16; rank 4 played once with reward 0.5 (N = 1)
+    bandit = ClientBandit(BanditConfig(prune_ratios=(0.0,), ranks=(4, 8, 16), exploration=0.1,
+                                       smoothing=0.0, prior_pulls=4.0))
+    a, b, c = bandit.arms
+    bandit.update(a, 0.5)
+    prior = {b: 0.3, c: 0.6}.get
+
+    # Execute / Assert: UCB(a) = 0.5 + 0.1·sqrt(1 / 1) = 0.6; the unplayed get the bonus of
+    # 4 pulls, 0.1·sqrt(1 / 4) = 0.05: b 0.35, c 0.65 -> c; without c, a (0.6 > 0.35)
+    assert bandit.select() == b  # no prior: the first unplayed arm in grid order
+    assert bandit.select(prior=prior) == c
+    assert bandit.select(lambda arm: arm != c, prior) == a
+    off = ClientBandit(dataclasses.replace(bandit.config, prior_pulls=0.0))
+    off.update(a, 0.5)
+    assert off.select(prior=prior) == b  # prior_pulls 0: the prior is not used
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from fedapp.config import compose_config
 from fedapp.server.loop import run_rounds
-from strategies.bandit import estimated_memory_mb
+from strategies.bandit import Arm, estimated_memory_mb
 from strategies.base import config_bytes
 from strategies.devices import DeviceProfile, device_profiles
 from strategies.fedspine import FedSpine
@@ -174,7 +174,7 @@ def test_random_policy_is_seeded_and_feasible():
 
     assert chosen == play(spine(arm_policy="random"), 6)
     assert {c["partition-0"][1] for c in chosen} == {2}  # the phone: of the grid, rank 2
-    assert len({c["partition-1"] for c in chosen}) > 1  # the edge: any of the 6 arms
+    assert len({c["partition-1"] for c in chosen}) > 1  # the edge: either rank (its target is 0: one ratio)
 
 
 def test_bandit_state_survives_a_checkpoint():
@@ -300,3 +300,28 @@ def test_a_discarded_attempt_leaves_no_trace_in_the_stack_or_the_bandits(persona
         assert held.keys() == want.keys()
         for key in held:
             torch.testing.assert_close(held[key], want[key])
+
+
+def test_arms_that_train_alike_are_one_arm_and_unplayed_arms_get_a_prior():
+    # Prepare: one round; the phone's target and need at rank 2 are 0.42, the edge's target 0
+    strategy = spine()
+    play(strategy, 1)
+    phone, edge = (strategy.arms[n][1] for n in ("partition-0", "partition-1"))
+
+    # Assert: the phone's three ratios at rank 2 all train at 0.42 (rank 4 does not fit);
+    # the edge's ratios all train at 0
+    grid = strategy.bank["partition-0"].arms
+    assert [a for a in grid if strategy.feasible_for(phone, grid)(a)] == [Arm(0.0, 2)]
+    assert [a for a in grid if strategy.feasible_for(edge, grid)(a)] == [Arm(0.0, 2),
+                                                                         Arm(0.0, 4)]
+    # the edge played (0, 2); rank 4 is predicted at its mean reward less λ times the time
+    # of uploading twice the bytes, in units of the round's median completion time
+    clients = strategy.round_log[1].clients
+    played = strategy.arms["partition-1"][0]
+    up = clients["partition-1"].bytes_up * 8 / (EDGE.up_mbps * 1e6)  # seconds at rank 2
+    median = (clients["partition-0"].completion_seconds
+              + clients["partition-1"].completion_seconds) / 2
+    expected = strategy.bank["partition-1"].stats[played].mean - 0.1 * (
+        up * (4 // played.rank - 1)) / median
+    assert strategy.prior_for(2, edge)(Arm(0.0, 4)) == pytest.approx(expected)
+    assert spine().prior_for(1, edge) is None  # nothing measured yet

@@ -1,0 +1,69 @@
+"""FedSpine's prior for the arms a device has not played: a cost model of its round time.
+
+Without a prior a bandit plays every unplayed arm once, in grid order, before it exploits:
+with a dozen arms that is the whole of a short run. With one, an unplayed arm competes with
+the played ones from the start (`ClientBandit.select`), scored by its predicted reward plus
+the exploration bonus of `prior_pulls` pulls, and is played only when that prediction is
+competitive.
+
+After a device's first accepted round the server knows what the round cost it (`Seen`):
+compute seconds c at train ratio p, bytes up b at rank k, bytes down, and the round's median
+completion time M. An arm that would train at ratio p' (the ratio FedSpine would give it
+this round) with rank k' would cost
+
+    c' = c · f(p') / f(p),   f(x) = κ + (1 − κ)(1 − x)
+    b' = b · k' / k
+    T' = the device's completion time for c', b' and the same bytes down
+
+with κ = `fixed_step_share`, the part of a training step pruning does not shrink (the
+embeddings, the LM head and the loss over the vocabulary: halving SmolLM2-135M's blocks made
+a step only 1.28× faster, so κ ≈ 0.56). Pruning also shrinks the factors of a pruned module;
+b' ignores that, so it errs towards the higher cost. The predicted reward keeps the gain
+part of what the device earned so far and changes only the time part of the reward:
+
+    prior(arm) = mean_j μ_j − λ · (T'(arm) − mean_j T'(j)) / M     (j: the played arms)
+
+so a faster arm is predicted better by λ times the time it saves, in units of the median.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from strategies.bandit import Arm
+from strategies.devices import DeviceProfile
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a device's last accepted round cost, as the server measured it."""
+
+    compute_seconds: float
+    ratio: float  # the prune ratio it trained at
+    bytes_up: float
+    rank: int
+    bytes_down: float
+    median_seconds: float  # the round's median completion time
+
+
+def arm_seconds(seen: Seen, device: DeviceProfile, ratio: float, rank: int,
+                fixed_step_share: float) -> float:
+    """T' of an arm training at `ratio` with `rank` on `device` (module docstring)."""
+    def step(x: float) -> float:
+        return fixed_step_share + (1 - fixed_step_share) * (1 - x)
+    compute = seen.compute_seconds * step(ratio) / step(seen.ratio)
+    return device.completion_seconds(compute, seen.bytes_up * rank / seen.rank,
+                                     seen.bytes_down)
+
+
+def arm_prior(means: Mapping[Arm, float], seconds: Callable[[Arm], float],
+              median_seconds: float, time_weight: float) -> Callable[[Arm], float]:
+    """prior(arm) = mean of `means` − λ · (seconds(arm) − mean seconds of the played) / M."""
+    if not means:
+        raise ValueError("arm_prior: no played arm to start from")
+    mean = statistics.fmean(means.values())
+    played = statistics.fmean(seconds(a) for a in means)
+    scale = time_weight / max(median_seconds, 1e-8)
+    return lambda arm: mean - scale * (seconds(arm) - played)

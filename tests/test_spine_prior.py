@@ -1,0 +1,43 @@
+"""FedSpine's prior for unplayed arms: the cost model of a device's round time and the
+predicted reward, against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from strategies.bandit import Arm
+from strategies.devices import DeviceProfile
+from strategies.spine_prior import Seen, arm_prior, arm_seconds
+
+# 8 Mbit/s up, 80 Mbit/s down: 1 MB up takes 1 s, 1 MB down 0.1 s
+DEVICE = DeviceProfile("phone", slowdown=2.0, up_mbps=8.0, down_mbps=80.0)
+SEEN = Seen(compute_seconds=10.0, ratio=0.0, bytes_up=1e6, rank=4, bytes_down=1e6,
+            median_seconds=20.0)
+
+
+def test_round_time_scales_compute_by_the_pruned_share_and_bytes_by_rank():
+    # unchanged arm: 2·10 + 1 + 0.1
+    assert arm_seconds(SEEN, DEVICE, 0.0, 4, 0.5) == pytest.approx(21.1)
+    # ratio 0.5 with κ = 0.5: f = 0.5 + 0.5·0.5 = 0.75 -> 7.5 s of compute, 15 s on the device;
+    # rank 8 doubles the upload: 2 s
+    assert arm_seconds(SEEN, DEVICE, 0.5, 8, 0.5) == pytest.approx(15.0 + 2.0 + 0.1)
+    # κ = 1: pruning saves nothing; κ = 0: compute is proportional to what is kept
+    assert arm_seconds(SEEN, DEVICE, 0.5, 4, 1.0) == pytest.approx(21.1)
+    assert arm_seconds(SEEN, DEVICE, 0.5, 4, 0.0) == pytest.approx(10.0 + 1.1)
+    # from a pruned round back to a less pruned arm: compute grows by f(0.25) / f(0.5)
+    pruned = Seen(7.5, 0.5, 1e6, 4, 1e6, 20.0)
+    assert arm_seconds(pruned, DEVICE, 0.25, 4, 0.5) == pytest.approx(
+        2 * 7.5 * 0.875 / 0.75 + 1.1)
+
+
+def test_prior_keeps_the_mean_reward_and_charges_the_time_difference():
+    a, b, c = Arm(0.0, 4), Arm(0.0, 8), Arm(0.5, 4)
+    seconds = {a: 20.0, b: 30.0, c: 10.0}.get
+
+    prior = arm_prior({a: 0.4, b: 0.2}, seconds, median_seconds=20.0, time_weight=0.1)
+
+    # mean reward 0.3, mean time of the played 25 s; λ / M = 0.005 per second
+    assert prior(c) == pytest.approx(0.3 - 0.005 * (10.0 - 25.0))
+    assert prior(a) == pytest.approx(0.3 + 0.005 * 5.0)
+    with pytest.raises(ValueError, match="no played arm"):
+        arm_prior({}, seconds, 20.0, 0.1)
