@@ -31,20 +31,23 @@ from bench_common import run_worker
 UNPRUNED = "unpruned"
 
 
-def worker(model_dir: str, adapter_dir: str, run_dir: str, prompts: int, tokens: int) -> dict:
+def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, prompts: int,
+           tokens: int) -> dict:
     """Load one model and generate; the figures as a JSON-able dict."""
+    import bitsandbytes as bnb
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from fedapp.config import data_spec, load_run_config
     from fedapp.llm.data import encode_prompt, load_split
+    from fedapp.llm.model import disable_bnb_cpu_repack, load_tokenizer
     from fedapp.pruning.surgery import parameter_count
     from fedapp.server.generate import heldout_prompts
 
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cfg = load_run_config(Path(run_dir))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     spec = data_spec(cfg)
     _, test = load_split(spec)
     texts, _ = heldout_prompts(test, spec, tokenizer, prompts)
@@ -54,6 +57,13 @@ def worker(model_dir: str, adapter_dir: str, run_dir: str, prompts: int, tokens:
     params = parameter_count(model)
     model = PeftModel.from_pretrained(model, adapter_dir).eval()
     load_seconds = time.perf_counter() - start
+    # bitsandbytes' CPU inference repack needs every 4-bit layer's output size to be a
+    # multiple of 32 (it asserts otherwise): true of real models' pruned units (heads and
+    # MLP groups of 64), not of tiny test models, which then run the training path's kernel
+    odd = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)
+           and m.out_features % 32]
+    if odd:
+        disable_bnb_cpu_repack(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
     encoded = [torch.tensor([encode_prompt(text, tokenizer)]) for text in texts]
@@ -71,11 +81,13 @@ def worker(model_dir: str, adapter_dir: str, run_dir: str, prompts: int, tokens:
                for p in folder.glob("*.safetensors"))
     return {"params": params, "disk_mb": disk / 2**20, "load_s": load_seconds,
             "tok_s": generated / seconds, "peak_mb": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss / 1024, "floor_mb": floor}
+                resource.RUSAGE_SELF).ru_maxrss / 1024, "floor_mb": floor,
+            "repacked": float(not odd)}
 
 
-def models(run_dir: Path) -> dict[str, tuple[str, str, dict]]:
-    """name -> (model folder, adapter folder, what the run measured for it)."""
+def models(run_dir: Path) -> dict[str, tuple[str, str, str, dict]]:
+    """name -> (model folder, adapter folder, tokenizer folder, what the run measured for it);
+    the unpruned 4-bit base is the app's prepared copy, which holds no tokenizer."""
     from fedapp.config import load_run_config
     from fedapp.llm.model import default_device, prepared_dir, resolve_model_path
 
@@ -91,10 +103,10 @@ def models(run_dir: Path) -> dict[str, tuple[str, str, dict]]:
     base = prepared_dir(source, default_device())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
                .splitlines() if line.strip()]
-    found = {UNPRUNED: (str(base), str(run_dir / "adapter"), metrics[-1])}
+    found = {UNPRUNED: (str(base), str(run_dir / "adapter"), source, metrics[-1])}
     for name, info in json.loads(summary_path.read_text()).items():
         folder = run_dir / "devices" / name
-        found[name] = (str(folder), str(folder / "adapter"), info)
+        found[name] = (str(folder), str(folder / "adapter"), str(folder), info)
     return found
 
 
@@ -112,10 +124,11 @@ def main() -> None:
     found = models(args.run_dir.resolve())
     runs: dict[str, list[dict]] = {name: [] for name in found}
     for repeat in range(args.repeats):
-        for name, (model_dir, adapter_dir, _) in found.items():
+        for name, (model_dir, adapter_dir, tokenizer_dir, _) in found.items():
             print(f"[{repeat + 1}/{args.repeats}] {name} ...", file=sys.stderr, flush=True)
             runs[name].append(run_worker(__file__, "--worker", model_dir, adapter_dir,
-                                         str(args.run_dir.resolve()), str(args.prompts),
+                                         tokenizer_dir, str(args.run_dir.resolve()),
+                                         str(args.prompts),
                                          str(args.tokens)))
     mean = {n: {k: statistics.mean(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
     ref = mean[UNPRUNED]
@@ -125,19 +138,21 @@ def main() -> None:
           f"{'peak RSS MiB':>17}{'above imports':>16}{'tokens/s':>15}{'eval loss':>10}"
           f"{'rank acc':>9}")
     for name, m in mean.items():
-        info = found[name][2]
+        info = found[name][3]
         above, ref_above = m["peak_mb"] - m["floor_mb"], ref["peak_mb"] - ref["floor_mb"]
         print(f"{name:<14}{info.get('device', '-'):<8}{info.get('reached', 0.0):>9.3f}"
               f"{fmt(m['params'] / 1e6, ref['params'] / 1e6):>16}"
               f"{fmt(m['disk_mb'], ref['disk_mb']):>16}{fmt(m['peak_mb'], ref['peak_mb'], 0):>17}"
               f"{fmt(above, ref_above, 0):>16}{fmt(m['tok_s'], ref['tok_s']):>15}"
               f"{info.get('eval-loss', float('nan')):>10.4f}"
-              f"{info.get('eval-rank-accuracy', float('nan')):>9.3f}")
+              f"{info.get('eval-rank-accuracy', float('nan')):>9.3f}"
+              f"{'' if m['repacked'] else '  (no CPU repack: a layer width is not a multiple of 32)'}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, model_dir, adapter_dir, run_dir, prompts, tokens = sys.argv
-        print(json.dumps(worker(model_dir, adapter_dir, run_dir, int(prompts), int(tokens))))
+        _, _, model_dir, adapter_dir, tokenizer_dir, run_dir, prompts, tokens = sys.argv
+        print(json.dumps(worker(model_dir, adapter_dir, tokenizer_dir, run_dir, int(prompts),
+                                int(tokens))))
     else:
         main()
