@@ -52,6 +52,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from omegaconf import OmegaConf
 
 from fedapp.server.report import read_metrics
 from fedapp.tools.submit import flower_env, run_submit
@@ -124,6 +125,31 @@ def method_figures(runs: dict[int, dict], targets: dict[str, float]) -> dict[str
     return figures
 
 
+def memory_by_class(run: dict) -> dict[str, tuple[float, float, float, float]]:
+    """{device class: (largest estimated MB while loading and pruning, i.e. at the structure
+    a round starts from, largest while training after pruning, its budget, largest process
+    peak RSS MiB)}, estimates by the run's strategy.memory at the arm's rank."""
+    cfg = OmegaConf.load(run["dir"] / "config.yaml")
+    mem, devices = cfg.strategy.memory, cfg.scenario.devices
+    start: dict[str, float] = {}  # per client: the ratio its structure had before the round
+    out: dict[str, tuple[float, float, float, float]] = {}
+
+    def estimate(ratio: float, rank: float) -> float:
+        return mem.fixed_mb + mem.base_mb * (1 - ratio) + mem.lora_mb_per_rank * rank
+    for row in run["rows"][1:]:
+        for name, c in row.get("clients", {}).items():
+            if c.get("status") != "ok":
+                continue
+            ratio = c.get("train-ratio", 0.0)
+            load, train = estimate(start.get(name, 0.0), c["arm-rank"]), estimate(
+                ratio, c["arm-rank"])
+            start[name] = ratio
+            old = out.get(c["device"], (0.0, 0.0, float(devices[c["device"]].memory_mb), 0.0))
+            out[c["device"]] = (max(old[0], load), max(old[1], train), old[2],
+                                max(old[3], c.get("peak-rss-mb", 0)))
+    return dict(sorted(out.items()))
+
+
 def report(out_dir: Path) -> str:
     runs = load(out_dir)
     if "fedspine" not in runs:
@@ -157,6 +183,17 @@ def report(out_dir: Path) -> str:
             ratios.append(f"{key} {mine / base[key]:.2f}x" if math.isfinite(mine / base[key])
                           else f"{key} n/a (a run never reached it)")
         lines.append(f"- {method}: " + ", ".join(ratios))
+    lines += ["", ("Training memory per device class (first seed): the largest estimate "
+              "(strategy.memory at the arm's rank) while loading and pruning (the structure "
+              "a round starts from: unpruned in a device's first round) and while training "
+              "(after pruning), against the class's budget, and the largest peak RSS a "
+              "client process reported (in simulation a process also holds other clients' "
+              "cached copies, so it is an upper bound):"), ""]
+    for method, by_seed in runs.items():
+        lines.append(f"- {method}: " + "; ".join(
+            f"{c} load/prune {load:.0f}, train {train:.0f} / budget {budget:g} MB, process "
+            f"peak {rss:.0f} MiB"
+            for c, (load, train, budget, rss) in memory_by_class(by_seed[seeds[0]]).items()))
     lines += ["", ("Per device (first seed): class, target and reached sparsity, deployed loss, "
               "parameters kept:"), ""]
     for method, by_seed in runs.items():
