@@ -297,6 +297,38 @@ def zeropad_factors(updates: Sequence[LoraUpdate]) -> Factors:
     return out
 
 
+def keep_untrained(factors: Factors, previous: Factors) -> Factors:
+    """`factors` (a round's zero-padded average, rank r) with the rank components of
+    `previous` (the global before the round, same scaling) beyond r appended: components
+    no client of the round trained keep their values instead of being dropped."""
+    out: Factors = {}
+    for module, (a, b) in factors.items():
+        r = a.shape[0]
+        if module in previous and previous[module][0].shape[0] > r:
+            pa, pb = previous[module]
+            a = torch.cat([a, pa[r:].to(a.dtype)])
+            b = torch.cat([b, pb[:, r:].to(b.dtype)], dim=1)
+        out[module] = (a, b)
+    return out
+
+
+def fresh_rows(factors: Factors, r: int, seed: int) -> Factors:
+    """`factors` grown to rank r as a new LoRA grows: the added rows of A drawn like peft's
+    lora_A init (uniform in ±1 / sqrt(in), seeded), the added columns of B zero, so the
+    product is unchanged and the new components can learn."""
+    gen = torch.Generator().manual_seed(seed)
+    out: Factors = {}
+    for module, (a, b) in sorted(factors.items()):
+        add = r - a.shape[0]
+        if add > 0:
+            bound = a.shape[1] ** -0.5
+            new = (torch.rand(add, a.shape[1], generator=gen) * 2 - 1) * bound
+            a = torch.cat([a, new.to(a.dtype)])
+            b = torch.cat([b, b.new_zeros(b.shape[0], add)], dim=1)
+        out[module] = (a, b)
+    return out
+
+
 def relative_error(factors: Factors, updates: Sequence[LoraUpdate]) -> float:
     """‖Σ_modules (B @ A − Σ p s B_k A_k)‖_F / ‖Σ p s B_k A_k‖_F for scaling-1 `factors`."""
     err_sq, ref_sq = 0.0, 0.0

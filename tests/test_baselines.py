@@ -22,6 +22,8 @@ from strategies.lora_math import (
     average_b,
     exact_delta,
     factors_for_client,
+    fresh_rows,
+    keep_untrained,
     relative_error,
     split_factors,
     zeropad_factors,
@@ -146,6 +148,57 @@ def test_zeropad_strategy_truncates_downloads_and_logs_its_error():
     torch.testing.assert_close(down[module + LORA_A],
                                (global_state[module + LORA_A][:1] / 2.0).half())
     torch.testing.assert_close(down[module + LORA_B], global_state[module + LORA_B][:, :1].half())
+
+
+def test_keep_untrained_and_fresh_rows_hand_computed():
+    a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0], [4.0]])  # rank 1, in 2, out 2
+    pa, pb = torch.tensor([[9.0, 9.0], [5.0, 6.0]]), torch.tensor([[9.0, 7.0], [9.0, 8.0]])
+
+    kept = keep_untrained({"m": (a, b)}, {"m": (pa, pb)})["m"]
+    grown = fresh_rows({"m": (a, b)}, 3, seed=1)["m"]
+
+    torch.testing.assert_close(kept[0], torch.tensor([[1.0, 2.0], [5.0, 6.0]]))
+    torch.testing.assert_close(kept[1], torch.tensor([[3.0, 7.0], [4.0, 8.0]]))
+    assert keep_untrained({"m": (pa, pb)}, {"m": (a, b)})["m"][0] is pa  # nothing beyond
+    assert grown[0].shape == (3, 2) and torch.equal(grown[0][:1], a)
+    assert 0 < grown[0][1:].abs().max() <= 2 ** -0.5  # peft's lora_A bound: 1 / sqrt(in)
+    torch.testing.assert_close(grown[1] @ grown[0], b @ a)  # zero B columns: same product
+    assert torch.equal(fresh_rows({"m": (a, b)}, 3, seed=1)["m"][0], grown[0])  # seeded
+
+
+def test_zeropad_under_partial_participation_keeps_ranks_and_grows_newcomers():
+    """Ranks 1 and 2 (scaling 2); round 1 only the rank-1 client answers, round 2 only the
+    rank-2 one, round 3 only the rank-1 one."""
+    grid = FakeGrid({1: 0, 2: 1})
+    strategy = ZeroPad(SETUP, MODULES, local_steps=1, ranks=[1, 2], alpha_ratio=2.0)
+    msgs = by_rank(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    low = adapter(1, 31)
+    g1, _ = strategy.aggregate_train(1, [reply(msgs[1], low, 1.0)])
+
+    # round 2: the rank-2 client gets the rank-1 global grown by a fresh component
+    msgs = by_rank(strategy.configure_train(2, g1, ConfigRecord(), grid))
+    down = split_factors(msgs[2].content["arrays"].to_torch_state_dict())
+    for module, (a, b) in down.items():
+        assert a.shape[0] == 2 and b.shape[1] == 2
+        torch.testing.assert_close(a[:1].float(), low[module + LORA_A].half().float())
+        assert 0 < a[1].abs().max() <= MODULES[module][1] ** -0.5
+        assert torch.count_nonzero(b[:, 1]) == 0
+    high = adapter(2, 32)
+    g2, _ = strategy.aggregate_train(2, [reply(msgs[2], high, 1.0)])
+    assert strategy.round_log[2].accepted == 1
+
+    # round 3: the rank-1 client alone; the global keeps rank 2 and the second component
+    msgs = by_rank(strategy.configure_train(3, g2, ConfigRecord(), grid))
+    low3 = adapter(1, 33)
+    g3, _ = strategy.aggregate_train(3, [reply(msgs[1], low3, 1.0)])
+    before, after = split_factors(g2.to_torch_state_dict()), split_factors(
+        g3.to_torch_state_dict())
+    for module, (a, b) in after.items():
+        torch.testing.assert_close(a, torch.cat([2.0 * low3[module + LORA_A],
+                                                 before[module][0][1:]]))
+        torch.testing.assert_close(b, torch.cat([low3[module + LORA_B],
+                                                 before[module][1][:, 1:]], dim=1))
+    assert strategy.global_adapter(g3)[1:] == (2, 2.0)
 
 
 # ---------------------------------------------------------------------------------------
