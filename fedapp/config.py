@@ -95,7 +95,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.accuracy_examples:
         require(bool(cfg.dataset.label_column), "eval.accuracy_examples",
                  cfg.eval.accuracy_examples, "0 unless dataset.label_column is set")
-    build_strategy(cfg, module_shapes={})
+    strategy = build_strategy(cfg, module_shapes={})
+    sampled = strategy.sample_size(cfg.scenario.num_clients)
+    require(cfg.scenario.min_replies <= sampled, "scenario.min_replies",
+            cfg.scenario.min_replies, f"at most the {sampled} clients a round of strategy="
+            f"{strategy.name} samples from scenario.num_clients={cfg.scenario.num_clients} "
+            "(fraction_train, min_train_nodes); more would fail every round")
 
 
 def data_spec(cfg: DictConfig) -> DataSpec:

@@ -18,10 +18,11 @@ from fedapp.config import (
     compose_config,
     data_spec,
     load_run_config,
+    run_setup,
     strategy_class,
 )
 from fedapp.llm.adapters import lora_state, with_lora
-from fedapp.llm.data import load_split
+from fedapp.llm.data import partition_sizes
 from fedapp.llm.model import cached_base, cached_tokenizer, default_device, resolve_model_path
 from fedapp.pruning.structure import check_prunable
 from fedapp.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -56,11 +57,10 @@ def make_run_dir(cfg: DictConfig, requested: str) -> Path:
 
 
 def check_federation_fits_data(cfg: DictConfig) -> None:
-    """More clients than training examples cannot be partitioned: say so before training."""
-    train, _ = load_split(data_spec(cfg))
-    if cfg.scenario.num_clients > len(train):
-        raise ValueError(f"scenario.num_clients={cfg.scenario.num_clients} but the dataset has "
-                         f"only {len(train)} training examples; allowed: at most {len(train)}")
+    """Partition the data as the clients will, before training: a split it cannot give
+    (more clients than examples or label groups, an empty partition) stops the run here."""
+    sizes = partition_sizes(run_setup(cfg), cfg.scenario.num_clients)
+    log(INFO, "Partitions (%s): %s training examples per client", cfg.partitioner.name, sizes)
 
 
 def initial_arrays(strategy: LoraStrategy, base: torch.nn.Module, targets: list[str],

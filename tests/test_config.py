@@ -150,6 +150,22 @@ def test_more_clients_than_examples_is_refused():
         check_federation_fits_data(cfg)
 
 
+def test_a_split_the_clients_would_fail_on_fails_on_the_server_first():
+    # natural label groups: 9 clients cannot each get a group of the FAQ's categories
+    with pytest.raises(ValueError, match="partitioner.name='natural' cannot split .* into 9"):
+        check_federation_fits_data(compose_config("scenario.num_clients=9"))
+    check_federation_fits_data(compose_config("scenario.num_clients=9 partitioner=iid"))
+
+
+@pytest.mark.parametrize("overrides, sampled", [
+    ("scenario=partial scenario.min_replies=3", 2),
+    ("strategy=centralized scenario.min_replies=2", 1)])
+def test_more_replies_required_than_a_round_samples_is_refused(overrides, sampled):
+    with pytest.raises(ValueError, match=rf"scenario.min_replies=\d; allowed: at most the "
+                                         rf"{sampled} clients a round"):
+        compose_config(overrides)
+
+
 def test_missing_column_is_named():
     cfg = compose_config("dataset.response_column=answer")
     with pytest.raises(ValueError, match=r"dataset.response_column='answer' is not a column"):

@@ -199,7 +199,7 @@ def test_more_partitions_than_training_examples_is_refused():
     too_many = NUM_RECORDS - NUM_TEST + 1
 
     # Execute / Assert
-    with pytest.raises(ValueError, match=f"{too_many} clients but only {too_many - 1} training examples"):
+    with pytest.raises(ValueError, match=f"num_clients={too_many} but only {too_many - 1} training examples"):
         load_partition(setup_of("iid"), too_many, 0)
 
 

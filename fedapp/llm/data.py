@@ -103,20 +103,39 @@ def make_partitioner(setup: RunSetup, num_partitions: int, num_labels: int):
                                        sort_unique_ids=True)
 
 
+def partitioner_for(setup: RunSetup, num_partitions: int):  # -> flwr-datasets Partitioner
+    """The run's partitioner over the training split (never the held-out records)."""
+    spec = setup.data
+    train, _ = load_split(spec)
+    if num_partitions > len(train):
+        raise ValueError(f"scenario.num_clients={num_partitions} but only {len(train)} "
+                         f"training examples; allowed: at most {len(train)} (one client per example)")
+    num_labels = len(set(train[spec.label_column])) if spec.label_column else 0
+    part = make_partitioner(setup, num_partitions, num_labels)
+    part.dataset = train
+    return part
+
+
 def load_partition(setup: RunSetup, num_partitions: int,
                    partition_id: int):  # -> datasets.Dataset
     """The training records of one client (never any of the held-out test records)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id={partition_id} outside 0..{num_partitions - 1}")
-    spec = setup.data
-    train, _ = load_split(spec)
-    if num_partitions > len(train):
-        raise ValueError(f"{num_partitions} clients but only {len(train)} training examples; "
-                         f"allowed: at most one client per example")
-    num_labels = len(set(train[spec.label_column])) if spec.label_column else 0
-    part = make_partitioner(setup, num_partitions, num_labels)
-    part.dataset = train
-    return part.load_partition(partition_id)
+    return partitioner_for(setup, num_partitions).load_partition(partition_id)
+
+
+def partition_sizes(setup: RunSetup, num_partitions: int) -> list[int]:
+    """Every client's number of training records, partitioned exactly as the clients will.
+    The server calls it before training, so a split the data cannot give (more clients than
+    examples or label groups, an empty partition) fails there, naming the keys, instead of
+    in every client round after round."""
+    part = partitioner_for(setup, num_partitions)
+    sizes = [part.load_partition(i).num_rows for i in range(num_partitions)]
+    if empty := [i for i, n in enumerate(sizes) if n == 0]:
+        raise ValueError(f"partitioner.name={setup.partitioner!r} leaves partitions {empty} of "
+                         f"scenario.num_clients={num_partitions} empty; allowed: fewer clients "
+                         "or another partitioner (iid gives every client examples)")
+    return sizes
 
 
 def prompt_text(record: dict, spec: DataSpec, tokenizer) -> str:
