@@ -321,7 +321,14 @@ class LoraStrategy(FedAvg):
             if assignment is None:
                 raise RejectedReply("reply from a node that was not asked")
             outcome.bytes_up = sum(r.count_bytes() for r in msg.content.array_records.values())
-            update = self.parse_update(msg.content, assignment.order)
+            try:
+                update = self.parse_update(msg.content, assignment.order)
+            except RejectedReply:
+                raise
+            except Exception as err:  # a reply is untrusted input: no fault in one may stop
+                # the round; the checks in parse_update name the faults they know
+                raise RejectedReply(f"malformed reply ({type(err).__name__}: "
+                                    f"{str(err)[:200]})") from err
         except RejectedReply as err:
             log(WARNING, "Round %d: rejected %s: %s", server_round, name, err)
             outcome.status = f"rejected: {err}"

@@ -32,7 +32,7 @@ from flwr.app import RecordDict
 
 from strategies.lora_math import Factors, rank_of
 from strategies.protocol import KEPT, KEPT_IN, KEPT_OUT
-from strategies.replies import RejectedReply
+from strategies.replies import INDEX_DTYPES, RejectedReply, read_arrays
 
 KeptIndices = tuple[torch.Tensor | None, torch.Tensor | None]
 """Per module: (kept_out, kept_in); each a 1-D integer tensor into the full layer, or None
@@ -169,16 +169,20 @@ def read_kept(content: RecordDict, module_shapes: Mapping[str, tuple[int, int]])
     """The reply's kept rows / columns per module ({} when it pruned nothing)."""
     if KEPT not in content.array_records:
         return {}
-    arrays = content.array_records[KEPT].to_torch_state_dict()
+    record = content.array_records[KEPT]
     kept: dict = {}
-    for key, index in arrays.items():
+    sizes: dict[str, int] = {}  # per key: the most indices it can hold
+    for key in record:
         suffix = KEPT_OUT if key.endswith(KEPT_OUT) else KEPT_IN if key.endswith(KEPT_IN) \
             else None
         module = key.removesuffix(suffix) if suffix else key
         if suffix is None or module not in module_shapes:
-            raise RejectedReply(f"kept record holds '{key}'; allowed: '<target module>"
-                                f"{KEPT_OUT}' and '<target module>{KEPT_IN}'")
-        kept.setdefault(module, {})[suffix] = index
+            raise RejectedReply(f"kept record holds '{str(key)[:120]}'; allowed: '<target "
+                                f"module>{KEPT_OUT}' and '<target module>{KEPT_IN}'")
+        sizes[key] = module_shapes[module][0 if suffix == KEPT_OUT else 1]
+    for key, index in read_arrays(record, sizes, "kept record", INDEX_DTYPES).items():
+        suffix = KEPT_OUT if key.endswith(KEPT_OUT) else KEPT_IN
+        kept.setdefault(key.removesuffix(suffix), {})[suffix] = index
     if half := sorted(m for m, sides in kept.items() if len(sides) != 2):
         raise RejectedReply(f"kept record has only one side for {half[:2]}; both "
                             f"{KEPT_OUT} and {KEPT_IN} are needed")

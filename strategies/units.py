@@ -15,11 +15,13 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from strategies.protocol import UNITS
-from strategies.replies import RejectedReply
+from strategies.replies import INDEX_DTYPES, RejectedReply, read_arrays
 
 UnitLists = dict[str, list[int]]
 UNIT_KEY = re.compile(r"^\d+\.(self_attn|mlp)$")
 MAX_INDEX = 1 << 24  # no layer has this many KV groups or channels
+MAX_UNITS = 1 << 20  # nor keeps this many
+MAX_BLOCKS = 4096  # attention + MLP blocks of a 2048-layer model
 
 
 def read_units(content: RecordDict, previous: Mapping[str, list[int]]) -> UnitLists:
@@ -30,13 +32,16 @@ def read_units(content: RecordDict, previous: Mapping[str, list[int]]) -> UnitLi
                                 f"pruned before ({len(previous)} blocks)")
         return {}
     units: UnitLists = {}
-    for key, array in content.array_records[UNITS].to_torch_state_dict().items():
+    record = content.array_records[UNITS]
+    for key in record:
         if not UNIT_KEY.match(key):
-            raise RejectedReply(f"'{UNITS}' record holds '{key}'; allowed: '<layer>.self_attn'"
-                                " and '<layer>.mlp'")
-        if array.dim() != 1 or array.dtype not in (torch.int64, torch.int32):
-            raise RejectedReply(f"'{UNITS}' {key}: {array.dtype} of shape {tuple(array.shape)}"
-                                "; allowed: a 1-D int64 array")
+            raise RejectedReply(f"'{UNITS}' record holds '{str(key)[:120]}'; allowed: "
+                                "'<layer>.self_attn' and '<layer>.mlp'")
+    if len(record) > MAX_BLOCKS:
+        raise RejectedReply(f"'{UNITS}' record holds {len(record)} blocks; at most "
+                            f"{MAX_BLOCKS}")
+    wanted = dict.fromkeys(record, MAX_UNITS)
+    for key, array in read_arrays(record, wanted, f"'{UNITS}' record", INDEX_DTYPES).items():
         kept = array.tolist()
         if any(not 0 <= k < MAX_INDEX for k in kept) or any(
                 a >= b for a, b in pairwise(kept)):

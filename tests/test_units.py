@@ -124,7 +124,7 @@ def test_the_server_accepts_only_further_pruning():
          "sorted, unique and non-negative"),
         (units_reply(**{"0.attn": torch.tensor([1])}), "holds '0.attn'"),
         (units_reply(**{"0.mlp": torch.tensor([1.0])}, **{"0.self_attn": torch.tensor([1])}),
-         "allowed: a 1-D int64 array"),
+         r"'0.mlp' has dtype 'float32'; allowed: \['int32', 'int64'\]"),
         (RecordDict({}), "lacks its 'units' record"),
     ]
     for content, reason in bad:
