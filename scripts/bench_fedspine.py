@@ -57,6 +57,7 @@ from omegaconf import OmegaConf
 
 from fedapp.server.report import read_metrics
 from fedapp.tools.submit import flower_env, run_submit
+from strategies.bandit import estimated_memory_mb
 
 METHODS = {
     "fedspine": "strategy=fedspine",
@@ -151,8 +152,9 @@ def memory_by_class(run: dict) -> dict[str, tuple[float, float, float, float]]:
     start: dict[str, float] = {}  # per client: the ratio its structure had before the round
     out: dict[str, tuple[float, float, float, float]] = {}
 
-    def estimate(ratio: float, rank: float) -> float:
-        return mem.fixed_mb + mem.base_mb * (1 - ratio) + mem.lora_mb_per_rank * rank
+    def estimate(ratio: float, rank: float) -> float:  # FedSpine's own memory model
+        return estimated_memory_mb(ratio, int(rank), mem.base_mb, mem.lora_mb_per_rank,
+                                   mem.fixed_mb)
     for row in run["rows"][1:]:
         for name, c in row.get("clients", {}).items():
             if c.get("status") != "ok":
