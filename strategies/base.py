@@ -279,13 +279,16 @@ class LoraStrategy(FedAvg):
         # find who it stands for through the message it answers.
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent
                 if m.metadata.message_id}
+        accepted = []  # sorted by name below: the aggregate must not depend on arrival order
         for msg in replies:
             node_id = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             name, outcome, update = self.check_reply(server_round, node_id, msg)
             summary.clients[name] = outcome
             if update is not None:
-                updates.append(update)
-                losses.append((update.weight, outcome.metrics.get("train-loss", float("nan"))))
+                accepted.append((name, update, outcome.metrics.get("train-loss", float("nan"))))
+        for _, update, loss in sorted(accepted, key=lambda item: item[0]):
+            updates.append(update)
+            losses.append((update.weight, loss))
         for assignment in self.assignments.values():  # asked but never answered
             summary.clients.setdefault(assignment.client.name,
                                        ClientOutcome(bytes_down=assignment.bytes_down))

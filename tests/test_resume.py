@@ -101,7 +101,8 @@ def test_killed_server_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, env
     got = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert expected.keys() == got.keys()
     for key, tensor in expected.items():
-        torch.testing.assert_close(got[key], tensor, rtol=1e-5, atol=1e-5, msg=key)
+        torch.testing.assert_close(got[key], tensor, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, key=key: f"{key}: {m}")
     rows_whole = read_metrics(tmp_path / "whole" / "metrics.jsonl")
     rows_resumed = read_metrics(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows_resumed] == [0, 1, 2, 3]

@@ -9,9 +9,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.fedit import FedIT
+from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.lora_math import LORA_A, LORA_B, LoraUpdate, exact_delta
 from strategies.protocol import NO_SETUP, RunSetup, TrainOrder
+from strategies.zeropad import ZeroPad
 
 MODULES = {"base_model.model.layer.q_proj": (6, 5), "base_model.model.layer.v_proj": (3, 5)}
 SETUP = RunSetup(model_path="m", quantization="nf4", target_modules=("q_proj",), lr=0.1,
@@ -242,3 +244,25 @@ def test_train_orders_are_small_and_carry_no_run_wide_values():
         assert TrainOrder.from_dict(record) == TrainOrder(
             server_round=5, lora_r=r, lora_alpha=2.0 * r, local_steps=3, seed=7005,
             global_mode="frozen")
+
+
+@pytest.mark.parametrize("cls,ranks,extra", [(FLoRA, [2, 4, 3], {"rank_budget": 4}),
+                                             (FedIT, [2], {}), (ZeroPad, [2, 4, 3], {}),
+                                             (FlexLoRA, [2, 4, 3], {})])
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(cls, ranks, extra):
+    """Replies arrive in whatever order the network delivers them; the stacking (and its
+    SVD) must see them in one fixed order, or reruns and resumed runs drift apart."""
+    results = []
+    for order in ([11, 12, 13], [13, 11, 12]):
+        strategy = cls(SETUP, MODULES, local_steps=1, ranks=ranks, alpha_ratio=2.0,
+                       min_available_nodes=3, **extra)
+        msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+            1, ArrayRecord(), ConfigRecord(), FakeGrid({11: 0, 12: 1, 13: 2}))}
+        states = {n: adapter(int(msgs[n].content["config"]["lora-r"]), n) for n in msgs}
+        arrays, metrics = strategy.aggregate_train(
+            1, [reply(msgs[n], states[n], float(n)) for n in order])
+        results.append((arrays.to_torch_state_dict(), dict(metrics)))
+    (first, m1), (second, m2) = results
+    assert m1 == m2 and first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
