@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedapp.client.round import run_round
+from fedapp.client.zeroth import zo_round
 from strategies.flora import receive_global
 from strategies.protocol import (
     ARRAYS,
@@ -103,8 +104,11 @@ def train(msg: Message, context: Context) -> Message:
     global_state = held_global(msg, context, setup)
     units = msg.content[UNITS].to_torch_state_dict() if UNITS in msg.content.array_records \
         else {}
-    result = run_round(setup, order, partition_id, num_partitions, global_state,
-                       units=units)
+    if order.zo is not None:  # FedKSeed
+        result = zo_round(setup, order, partition_id, num_partitions, global_state)
+    else:
+        result = run_round(setup, order, partition_id, num_partitions, global_state,
+                           units=units)
     if GLOBAL in msg.content.config_records:  # the server may build on it next round
         context.state[LAST_UPLOAD] = ArrayRecord(result.state)
     metrics = result.metrics

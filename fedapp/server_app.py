@@ -21,7 +21,7 @@ from fedapp.config import (
     run_setup,
     strategy_class,
 )
-from fedapp.llm.adapters import lora_state, with_lora
+from fedapp.llm.adapters import lora_state, target_module_shapes, with_lora
 from fedapp.llm.data import partition_sizes
 from fedapp.llm.model import cached_base, cached_tokenizer, default_device, resolve_model_path
 from fedapp.pruning.structure import check_prunable
@@ -34,7 +34,6 @@ from fedapp.server.evaluate import (
     heldout_choice_items,
     heldout_examples,
     heldout_ranking_items,
-    target_module_shapes,
 )
 from fedapp.server.loop import run_rounds
 from fedapp.server.ranking import RankingSet

@@ -238,12 +238,12 @@ def worker_bare(overrides: str) -> dict:
 
     from fedapp.client.round import run_round
     from fedapp.config import build_strategy, compose_config, data_spec
+    from fedapp.llm.adapters import target_module_shapes
     from fedapp.llm.model import cached_base, cached_tokenizer
     from fedapp.server.evaluate import (
         evaluate_adapter,
         heldout_examples,
         heldout_ranking_items,
-        target_module_shapes,
     )
     from strategies.base import ClientIdentity
     from strategies.lora_math import LoraUpdate, split_factors

@@ -16,6 +16,7 @@ _CLASSES = {
     "FFALoRA": "ffa",
     "FLoRA": "flora",
     "FedIT": "fedit",
+    "FedKSeed": "fedkseed",
     "FedSpine": "fedspine",
     "FlexLoRA": "flexlora",
     "LoraStrategy": "base",
@@ -23,8 +24,8 @@ _CLASSES = {
     "ZeroPad": "zeropad",
 }
 
-__all__ = ["Centralized", "FFALoRA", "FLoRA", "FedIT", "FedSpine", "FlexLoRA", "LoraStrategy",
-           "OneShot", "ZeroPad"]
+__all__ = ["Centralized", "FFALoRA", "FLoRA", "FedIT", "FedKSeed", "FedSpine", "FlexLoRA",
+           "LoraStrategy", "OneShot", "ZeroPad"]
 
 
 def __getattr__(name: str) -> Any:

@@ -114,6 +114,7 @@ class LoraStrategy(FedAvg):
             raise ValueError(f"lora.alpha_ratio={alpha_ratio!r}; allowed: a number > 0")
         self.setup = setup
         self.module_shapes = dict(module_shapes)
+        self.check_ranks(ranks or [], "strategy.ranks")
         self.local_steps = local_steps
         self.ranks = list(ranks) if ranks is not None else None
         self.alpha_ratio = alpha_ratio
@@ -129,6 +130,14 @@ class LoraStrategy(FedAvg):
         for r in self.ranks or [1]:  # TrainOrder checks the configured values: fail now
             TrainOrder(server_round=1, lora_r=r, lora_alpha=alpha_for(r, alpha_ratio),
                        local_steps=local_steps, seed=seed)
+
+    def check_ranks(self, ranks: Sequence[int], key: str) -> None:
+        """A rank beyond min(out, in) of every target module buys nothing (B @ A cannot
+        exceed it) and costs more than training the modules themselves."""
+        limit = max((min(shape) for shape in self.module_shapes.values()), default=0)
+        if limit and ranks and max(ranks) > limit:
+            raise ValueError(f"{key}={list(ranks)}: rank {max(ranks)} exceeds {limit}, the "
+                             f"largest rank any target module has; allowed: ranks <= {limit}")
 
     # ------------------------------------------------------------------ who the clients are
     def wait_for_nodes(self, grid: Grid) -> list[int]:

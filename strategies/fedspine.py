@@ -125,6 +125,7 @@ class FedSpine(FLoRA):
         self.prune_at_end = prune_at_end  # federate, then prune in the last round
         self.final_round = num_rounds  # every device is at its target sparsity after it
         self.bank = BanditBank(bandit_config(bandit))
+        self.check_ranks(self.bank.config.ranks, "strategy.bandit.ranks")
         self.prune = prune_template(prune)
         self.make_order(1, 1, prune=self.prune)  # slices within local_steps: fail now
         self.memory = memory_model(memory)

@@ -76,6 +76,10 @@ class FLoRA(LoraStrategy):
         super().__init__(*args, **kwargs)
         if isinstance(rank_budget, bool) or not isinstance(rank_budget, int) or rank_budget <= 0:
             raise ValueError(f"strategy.rank_budget={rank_budget}; allowed: a positive integer")
+        if self.ranks and rank_budget < max(self.ranks):
+            raise ValueError(f"strategy.rank_budget={rank_budget} is below the largest client "
+                             f"rank {max(self.ranks)}: the global could not hold even one "
+                             f"client's update exactly; allowed: >= {max(self.ranks)}")
         self.rank_budget = rank_budget
         self.global_factors: Factors = {}
         self.dp = dict(dp) if dp else None

@@ -35,6 +35,7 @@ LOSSES = ("chunked", "plain")  # fedapp.llm.loss: the same value, chunked withou
 # frozen low-rank term beside the base ("frozen", FLoRA), or start its LoRA from them ("init").
 GLOBAL_MODES = ("none", "frozen", "init")
 CRITERIA = ("magnitude", "taylor", "llm-drop")  # structured-pruning importance criteria
+ZO_SAMPLINGS = ("uniform", "pro")  # FedKSeed: how a client draws its seeds (kseed_math)
 DEFAULT_DATASET = "zaragoza-faq"
 
 # Records of the messages. Query: "setup" (server → client), "identity" (client → server).
@@ -234,6 +235,31 @@ class PruneOrder(_Record):
 
 
 @dataclass(frozen=True)
+class ZoOrder(_Record):
+    """FedKSeed: train the LoRA's B by zeroth-order steps, each along the perturbation of
+    one of `seeds` candidate seeds of run `run_seed` (drawn by `sampling`), with step `lr`
+    and perturbation scale `eps`; the arrays are the K accumulated scalars
+    (`strategies.kseed_math`)."""
+
+    seeds: int = field(metadata={"config": "strategy.seeds"})
+    eps: float = field(metadata={"config": "strategy.eps"})
+    lr: float = field(metadata={"config": "strategy.zo_lr"})
+    sampling: str = field(metadata={"config": "strategy.sampling"})
+    run_seed: int = field(metadata={"config": "seed"})
+
+    def __post_init__(self) -> None:
+        require(_is_int(self.seeds) and self.seeds >= 1, _key(self, "seeds"), self.seeds,
+                 "an int >= 1 (K candidate seeds)")
+        for name in ("eps", "lr"):
+            value = getattr(self, name)
+            require(_is_number(value) and value > 0, _key(self, name), value,
+                     "a finite number > 0")
+        require(self.sampling in ZO_SAMPLINGS, _key(self, "sampling"), self.sampling,
+                 str(list(ZO_SAMPLINGS)))
+        require(_is_int(self.run_seed), _key(self, "run_seed"), self.run_seed, "an integer")
+
+
+@dataclass(frozen=True)
 class TrainOrder(_Record):
     """One client's orders for one round."""
 
@@ -251,6 +277,7 @@ class TrainOrder(_Record):
     pooled: bool = False
     prune: PruneOrder | None = field(default=None, metadata={"record": PruneOrder,
                                                              "optional": True})
+    zo: ZoOrder | None = field(default=None, metadata={"record": ZoOrder, "optional": True})
 
     def __post_init__(self) -> None:
         require(_is_int(self.server_round) and self.server_round >= 1,
@@ -267,6 +294,10 @@ class TrainOrder(_Record):
         require(isinstance(self.train_lora_a, bool), "train-lora-a", self.train_lora_a,
                  "true or false")
         require(isinstance(self.pooled, bool), "pooled", self.pooled, "true or false")
+        if self.zo is not None:
+            require(self.prune is None and not self.pooled and not self.train_lora_a,
+                    "zo", self.zo, "zeroth-order orders train lora_B only, unpruned, on the "
+                    "client's own data")
         if self.prune is not None:
             require(self.prune.slices <= self.local_steps, _key(self.prune, "slices"),
                      self.prune.slices, f"at most train.local_steps={self.local_steps} (every "

@@ -35,9 +35,10 @@ MAX_METRICS = 64
 
 
 def read_arrays(record: ArrayRecord, wanted: Mapping[str, tuple[int, ...] | int], what: str,
-                dtypes: tuple[str, ...] = FACTOR_DTYPES) -> dict[str, torch.Tensor]:
+                dtypes: tuple[str, ...] | Mapping[str, tuple[str, ...]] = FACTOR_DTYPES
+                ) -> dict[str, torch.Tensor]:
     """The record's arrays as tensors, each checked before it is decoded: exactly the keys
-    of `wanted`, a dtype of `dtypes`, the wanted shape (an int n: any 1-D shape of at most n
+    of `wanted`, a dtype of `dtypes` (or of `dtypes[key]`), the wanted shape (an int n: any 1-D shape of at most n
     entries), a payload no larger than that shape needs, and a decoded array that agrees
     with its declared dtype and shape. Raises RejectedReply naming the first fault."""
     missing = sorted(set(wanted) - set(record.keys()))
@@ -48,9 +49,10 @@ def read_arrays(record: ArrayRecord, wanted: Mapping[str, tuple[int, ...] | int]
     out = {}
     for key, shape in wanted.items():
         array = record[key]
-        if array.dtype not in dtypes:
+        allowed = dtypes[key] if isinstance(dtypes, Mapping) else dtypes
+        if array.dtype not in allowed:
             raise RejectedReply(f"'{key}' has dtype {str(array.dtype)[:40]!r}; allowed: "
-                                f"{list(dtypes)}")
+                                f"{list(allowed)}")
         declared = tuple(array.shape)
         if isinstance(shape, int):
             if len(declared) != 1 or not 0 <= declared[0] <= shape:
@@ -108,6 +110,19 @@ def parse_reply(content: RecordDict, module_shapes: Mapping[str, tuple[int, int]
     With `fixed_a` ({module: lora_A}, FFA-LoRA) the reply must hold lora_B only, and the
     update is completed with the server's A. Raises RejectedReply with the reason.
     """
+    weight = reply_weight(content, weight_key)
+    wanted = expected_shapes(module_shapes, r)
+    if fixed_a is not None:
+        wanted = {k: v for k, v in wanted.items() if k.endswith(LORA_B)}
+    state = read_arrays(content.array_records[ARRAYS], wanted, f"rank-{r} adapter")
+    if fixed_a is not None:
+        state = {**state, **{m + LORA_A: a for m, a in fixed_a.items()}}
+    return LoraUpdate(factors=split_factors(state), scaling=scaling, weight=weight)
+
+
+def reply_weight(content: RecordDict, weight_key: str = "num-examples") -> float:
+    """A reply's aggregation weight, once its records and metrics pass their checks: an
+    ArrayRecord and a MetricRecord, a positive `weight_key`, a time >= 0, finite metrics."""
     if ARRAYS not in content.array_records:
         raise RejectedReply(f"reply has no ArrayRecord '{ARRAYS}'")
     if METRICS not in content.metric_records:
@@ -120,10 +135,4 @@ def parse_reply(content: RecordDict, module_shapes: Mapping[str, tuple[int, int]
     if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
         raise RejectedReply(f"metric 'train-seconds' is {seconds!r}; expected a time >= 0")
     check_metrics(content)
-    wanted = expected_shapes(module_shapes, r)
-    if fixed_a is not None:
-        wanted = {k: v for k, v in wanted.items() if k.endswith(LORA_B)}
-    state = read_arrays(content.array_records[ARRAYS], wanted, f"rank-{r} adapter")
-    if fixed_a is not None:
-        state = {**state, **{m + LORA_A: a for m, a in fixed_a.items()}}
-    return LoraUpdate(factors=split_factors(state), scaling=scaling, weight=float(weight))
+    return float(weight)

@@ -71,6 +71,7 @@ class RoundSummary:
     clients: dict[str, ClientOutcome] = field(default_factory=dict)
     train_loss: float | None = None
     figures: dict[str, float] = field(default_factory=dict)
+    attempts: int = 1  # the round's attempts: more than 1 when too few replies came
 
     @property
     def accepted(self) -> int:
@@ -92,7 +93,7 @@ class RoundSummary:
 
     def to_json(self) -> dict:
         row = {"clients": {name: c.to_json() for name, c in sorted(self.clients.items())},
-               "accepted": self.accepted}
+               "accepted": self.accepted, "attempts": self.attempts}
         if self.train_loss is not None:
             row["train-loss"] = self.train_loss
         return {**row, **self.figures}

@@ -62,4 +62,4 @@ def test_centralized_is_a_strategy_the_config_builds():
     cfg = compose_config("strategy=centralized")
     assert cfg.strategy._target_ == "strategies.Centralized"
     with pytest.raises(ValueError, match="single rank"):
-        Centralized(SETUP, MODULES, local_steps=1, ranks=[4, 8], alpha_ratio=2.0)
+        Centralized(SETUP, MODULES, local_steps=1, ranks=[2, 4], alpha_ratio=2.0)

@@ -231,3 +231,27 @@ def test_a_run_written_before_ranking_and_generations_resumes_without_them(tmp_p
 
     assert loaded.eval.ranking_examples == 0 and loaded.eval.generate_examples == 0
     assert loaded.eval.ranking_k == 3 and loaded.eval.ranking_score == "pmi"
+
+
+SMOLLM2_SHAPES = {"m.q_proj": (576, 576), "m.k_proj": (192, 576)}  # k_proj: 3 kv heads × 64
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("strategy.ranks=[8,600] strategy.rank_budget=600",
+     (r"strategy.ranks=\[8, 600\]: rank 600 exceeds 576, the largest rank any target module "
+     r"has; allowed: ranks <= 576")),
+    ("strategy=fedspine strategy.bandit.ranks=[4,1000] strategy.bandit.max_rank=1000",
+     r"strategy.bandit.ranks=\[4, 1000\]: rank 1000 exceeds 576")])
+def test_ranks_wider_than_the_model_are_refused_where_the_run_is_built(overrides, message):
+    cfg = compose_config(overrides)  # the model's shapes are known once it is loaded
+    with pytest.raises(ValueError, match=message):
+        build_strategy(cfg, SMOLLM2_SHAPES)
+    build_strategy(compose_config(""), SMOLLM2_SHAPES)  # the default fits
+    build_strategy(compose_config("strategy.ranks=[256] strategy.rank_budget=256"),
+                   SMOLLM2_SHAPES)  # wider than k_proj only: still of use to q_proj
+
+
+def test_a_rank_budget_below_a_client_rank_is_refused_when_composed():
+    with pytest.raises(ValueError, match=r"strategy.rank_budget=6 is below the largest client "
+                                         r"rank 8.*allowed: >= 8"):
+        compose_config("strategy.ranks=[4,8] strategy.rank_budget=6")

@@ -129,7 +129,7 @@ def test_flwr_run_fedspine_on_unequal_devices(tiny_model_dir, tmp_path, flwr_env
 
 
 @pytest.mark.parametrize("strategy", ["flora", "fedit", "zeropad", "flexlora", "ffa", "oneshot",
-                                      "fedspine", "centralized"])
+                                      "fedspine", "centralized", "fedkseed"])
 def test_every_strategy_completes_under_partial_participation(strategy, tiny_model_dir,
                                                              tmp_path, flwr_env):
     """scenario=partial: 2 of 4 clients a round, so a round can miss the highest rank (the
@@ -149,6 +149,9 @@ def test_every_strategy_completes_under_partial_participation(strategy, tiny_mod
     for row in rows[1:]:
         assert row["clients"] and {c["status"] for c in row["clients"].values()} == {"ok"}
         assert row["accepted"] == len(row["clients"]) and math.isfinite(row["eval-loss"])
+        if strategy == "fedkseed":  # a pair per step up, K = 1024 float64 scalars down
+            assert all(c["bytes-up"] < 1024 and c["bytes-down"] < 16 * 1024
+                       for c in row["clients"].values())
 
 
 @pytest.mark.parametrize("strategy", ["flora", "fedspine"])

@@ -6,13 +6,13 @@ from flwr.app import ArrayRecord
 from peft import PeftModel
 
 from fedapp.config import build_strategy, compose_config, data_spec
+from fedapp.llm.adapters import target_module_shapes
 from fedapp.llm.model import load_base, load_tokenizer
 from fedapp.llm.train import eval_loss
 from fedapp.server.evaluate import (
     evaluate_adapter,
     export_adapter,
     heldout_examples,
-    target_module_shapes,
 )
 from strategies import FLoRA
 from strategies.lora_math import LoraUpdate, split_factors

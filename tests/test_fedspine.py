@@ -293,6 +293,8 @@ def test_a_discarded_attempt_leaves_no_trace_in_the_stack_or_the_bandits(persona
     for key in MODULES:
         torch.testing.assert_close(got[key][1] @ got[key][0], expected[key][1] @ expected[key][0])
     assert retried.bank.state_dict() == straight.bank.state_dict()
+    assert (retried.round_log[1].attempts, straight.round_log[1].attempts) == (2, 1)
+    assert retried.round_log[1].to_json()["attempts"] == 2
     deployed, expected_deployed = retried.deployments(), straight.deployments()
     assert deployed.keys() == expected_deployed.keys() == {"partition-0", "partition-1"}
     for name, info in deployed.items():

@@ -98,3 +98,16 @@ def with_lora(base: torch.nn.Module, r: int, lora_alpha: float, target_modules: 
         yield model
     finally:
         detach_lora(model)
+
+
+def target_module_shapes(base: torch.nn.Module,
+                         target_modules: list[str]) -> dict[str, tuple[int, int]]:
+    """{peft module key: (out, in)} for every Linear a LoRA on `target_modules` would wrap."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in base.named_modules():
+        if name.rsplit(".", 1)[-1] in target_modules and hasattr(module, "in_features"):
+            shapes[PEFT_PREFIX + name] = (module.out_features, module.in_features)
+    if not shapes:
+        raise ValueError(f"lora.target_modules={target_modules} matches no Linear layer of "
+                         "the model")
+    return shapes

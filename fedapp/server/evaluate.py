@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fedapp.llm.adapters import PEFT_PREFIX, adapter_targets, with_lora
+from fedapp.llm.adapters import adapter_targets, with_lora
 from fedapp.llm.data import DataSpec, load_split, tokenize_records
 from fedapp.llm.train import eval_loss
 from fedapp.server.accuracy import ChoiceItem, build_choice_items, choice_accuracy
@@ -27,19 +27,6 @@ def heldout_examples(spec: DataSpec, tokenizer, max_length: int, max_examples: i
     if max_examples:
         test = test.select(range(min(max_examples, len(test))))
     return tokenize_records(test, spec, tokenizer, max_length)
-
-
-def target_module_shapes(base: torch.nn.Module,
-                         target_modules: list[str]) -> dict[str, tuple[int, int]]:
-    """{peft module key: (out, in)} for every Linear a LoRA on `target_modules` would wrap."""
-    shapes: dict[str, tuple[int, int]] = {}
-    for name, module in base.named_modules():
-        if name.rsplit(".", 1)[-1] in target_modules and hasattr(module, "in_features"):
-            shapes[PEFT_PREFIX + name] = (module.out_features, module.in_features)
-    if not shapes:
-        raise ValueError(f"lora.target_modules={target_modules} matches no Linear layer of "
-                         "the model")
-    return shapes
 
 
 def _global_lora(base: torch.nn.Module, state: Mapping[str, torch.Tensor], r: int,

@@ -42,6 +42,7 @@ def run_rounds(strategy: LoraStrategy, grid: Grid, arrays: ArrayRecord, first_ro
             accepted = strategy.round_log[server_round].accepted
             if new_arrays is not None and accepted >= min_replies:
                 arrays = new_arrays
+                strategy.round_log[server_round].attempts = attempt + 1
                 break
             log(WARNING, "Round %d: %d valid replies, scenario.min_replies=%d", server_round,
                 accepted, min_replies)

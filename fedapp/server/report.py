@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import matplotlib
+import psutil
 
 from strategies.summary import RoundSummary
 
@@ -28,6 +29,7 @@ class RunRecorder:
         self.cum_up = 0
         self.cum_down = 0
         self.rows: list[dict] = []
+        self.cpu_mark = time.process_time()
 
     def state_dict(self) -> dict:
         return {"cum_up": self.cum_up, "cum_down": self.cum_down,
@@ -47,7 +49,8 @@ class RunRecorder:
                summary: RoundSummary | None) -> dict:
         """One line of metrics.jsonl: the evaluation, the round's traffic and clients, and the
         simulated time so far (clients train in parallel: a round lasts as long as its
-        slowest accepted client's `completion-seconds`, strategies.devices)."""
+        slowest accepted client's `completion-seconds`, strategies.devices), and the server
+        process's own cost: CPU seconds since the last line and resident memory now."""
         summary = summary or RoundSummary(server_round)  # round 0: no clients yet
         self.cum_up += summary.bytes_up
         self.cum_down += summary.bytes_down
@@ -62,9 +65,12 @@ class RunRecorder:
             "cum-mb": (self.cum_up + self.cum_down) / MB,
             "wall-seconds": round(time.monotonic() - self.start, 2),
             "sim-seconds": round(self.sim_seconds, 2),
+            "server-cpu-seconds": round(time.process_time() - self.cpu_mark, 3),
+            "server-rss-mb": round(psutil.Process().memory_info().rss / MB, 1),
             **({k: v for k, v in summary.to_json().items() if k != "train-loss"}
                if summary.clients else {}),
         }
+        self.cpu_mark = time.process_time()
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")

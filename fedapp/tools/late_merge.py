@@ -79,8 +79,8 @@ def train_late_client(run_dir: Path, partition_id: int, num_partitions: int) -> 
 
     from fedapp.client.round import run_round
     from fedapp.config import build_strategy, load_run_config
+    from fedapp.llm.adapters import target_module_shapes
     from fedapp.llm.model import cached_base, default_device
-    from fedapp.server.evaluate import target_module_shapes
     from strategies.base import ClientIdentity
 
     cfg = load_run_config(run_dir)  # the run's composed config

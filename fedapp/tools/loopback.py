@@ -43,8 +43,10 @@ class LoopbackFederation:
         self.address = ""
         self.extra_env: dict[str, str] = {}  # e.g. settings the SuperNodes' clients see
 
-    def start_superlink(self) -> None:
-        port = free_port()
+    def start_superlink(self, port: int | None = None) -> None:
+        """Start the SuperLink (again, on the same port and state database, when `port` is
+        the one it had: registered SuperNodes reconnect on their own)."""
+        port = port or free_port()
         self.address = f"127.0.0.1:{port}"
         proc = self._start("superlink", [SCRIPTS / "superlink.sh", "--certs", self.root / "certs",
                                          "--host", "127.0.0.1", "--port", str(port)])
@@ -53,14 +55,24 @@ class LoopbackFederation:
 
     def start_supernodes(self, num_nodes: int) -> None:
         """Register one key per SuperNode, start them, wait until all are online."""
-        keys = [self.root / "keys" / f"supernode-{i}" for i in range(num_nodes)]
+        keys = [self.key(i) for i in range(num_nodes)]
         self._script("register.sh", CONNECTION, *(str(write_node_key(k)) for k in keys))
-        for i, key in enumerate(keys):
-            self._start(f"supernode-{i}", [
-                SCRIPTS / "supernode.sh", "--superlink", self.address, "--ca", self.tls.ca_cert,
-                "--key", key, "--partition-id", str(i), "--num-partitions", str(num_nodes),
-                "--port", str(free_port())])
-        deadline = time.monotonic() + 90
+        for i in range(num_nodes):
+            self.start_supernode(i, num_nodes)
+        self.wait_online(num_nodes, timeout=90 + 2 * num_nodes)
+
+    def key(self, i: int) -> Path:
+        return self.root / "keys" / f"supernode-{i}"
+
+    def start_supernode(self, i: int, num_nodes: int) -> None:
+        """SuperNode `i` of `num_nodes` with its registered key (again, after a kill)."""
+        self._start(f"supernode-{i}", [
+            SCRIPTS / "supernode.sh", "--superlink", self.address, "--ca", self.tls.ca_cert,
+            "--key", self.key(i), "--partition-id", str(i), "--num-partitions", str(num_nodes),
+            "--port", str(free_port())])
+
+    def wait_online(self, num_nodes: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         while (online := self.online_nodes()) < num_nodes:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{online}/{num_nodes} SuperNodes online\n{self.logs()}")
@@ -75,9 +87,9 @@ class LoopbackFederation:
             return 0
         return sum(n["status"] == "online" for n in nodes)
 
-    def submit(self, overrides: str, run_dir: Path) -> subprocess.Popen:
-        """`python -m fedapp.tools.submit` against this SuperLink; output in submit.log."""
-        return self._start("submit", [
+    def submit(self, overrides: str, run_dir: Path, name: str = "submit") -> subprocess.Popen:
+        """`python -m fedapp.tools.submit` against this SuperLink; output in <name>.log."""
+        return self._start(name, [
             sys.executable, "-m", "fedapp.tools.submit", "--app", self.app, "--superlink", CONNECTION,
             "--overrides", overrides, "--run-dir", run_dir], env=self.cli_env)
 
@@ -102,6 +114,18 @@ class LoopbackFederation:
         for child in family:
             try:
                 child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    def freeze(self, name: str, frozen: bool = True, children_only: bool = False) -> None:
+        """SIGSTOP (or SIGCONT) a process and everything it started: a machine that hangs,
+        or that comes back. `children_only`: a SuperNode that stays connected (it still
+        heartbeats) while its app hangs."""
+        proc = self.procs[name]
+        family = descendants(proc.pid)
+        for p in family if children_only else [psutil.Process(proc.pid), *family]:
+            try:
+                p.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
             except psutil.NoSuchProcess:
                 pass
 
