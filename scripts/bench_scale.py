@@ -46,11 +46,12 @@ from fedapp.tools.submit import flower_env, run_submit
 
 
 def ray_workers() -> list[psutil.Process]:
-    """Ray's worker processes on this machine (the simulated clients run inside them)."""
+    """Ray's worker processes on this machine, idle or running an actor (the simulated
+    clients run inside them); not Ray's own agents and monitors."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if cmd.startswith("ray::") or "default_worker.py" in cmd:
+        if cmd.startswith("ray::") and ("Actor" in cmd or "IDLE" in cmd):
             found.append(proc)
     return found
 
@@ -149,12 +150,17 @@ def main() -> None:
         print(f"{r['clients']:>7} {r['sampled']:>7} {r['round_wall']:>12.1f} "
               f"{r['server_cpu']:>12.2f} {r['server_cpu'] / r['sampled']:>12.3f} "
               f"{r['server_rss']:>14.0f} {r['rss_growth']:>10.1f} {r['workers']:>11}")
-    first, last = results[0], results[-1]
-    print(f"\n{last['sampled']} vs {first['sampled']} sampled ({last['sampled'] / first['sampled']:.2f}x"
-          f" clients): round wall {last['round_wall'] / first['round_wall']:.2f}x, server CPU "
-          f"{last['server_cpu'] / first['server_cpu']:.2f}x, server RSS "
-          f"{last['server_rss'] / first['server_rss']:.2f}x; Ray workers "
-          f"{sorted({r['workers'] for r in results})}")
+    for clients in args.clients:
+        rs = sorted((r for r in results if r["clients"] == clients), key=lambda r: r["sampled"])
+        first, last = rs[0], rs[-1]
+        if first is last:
+            continue
+        print(f"{clients} clients, {last['sampled']} vs {first['sampled']} sampled "
+              f"({last['sampled'] / first['sampled']:.2f}x): round wall "
+              f"{last['round_wall'] / first['round_wall']:.2f}x, server CPU "
+              f"{last['server_cpu'] / first['server_cpu']:.2f}x, server RSS "
+              f"{last['server_rss'] / first['server_rss']:.2f}x")
+    print(f"Ray worker processes, most at once, per run: {[r['workers'] for r in results]}")
     plot(results, out / "scale.png")
     print(f"plot: {out / 'scale.png'}")
 

@@ -39,7 +39,7 @@ class SeedUpdate(LoraUpdate):
 class FedKSeed(LoraStrategy):
     name = "fedkseed"
 
-    def __init__(self, *args, seeds: int = 1024, eps: float = 1e-3, zo_lr: float = 1e-4,
+    def __init__(self, *args, seeds: int = 1024, eps: float = 1e-3, zo_lr: float = 1e-3,
                  sampling: str = "uniform", steps: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if len(set(self.ranks or [])) != 1:

@@ -1,5 +1,6 @@
-"""A client's partition is prepared once (in a helper process when the client has not
-loaded `datasets`), then read from the cache: same examples as tokenising directly."""
+"""A client's partition is prepared once, with the rest of its split (in a helper process
+when the client has not loaded `datasets`), then read from the cache: same examples as
+tokenising directly."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def test_the_cached_partition_holds_the_tokenised_examples(setup):
     assert examples == expected and pad == tokenizer.pad_token_id
     assert partition_file(setup, 4, 1).exists()
     assert partition_file(setup, 4, 2) != partition_file(setup, 4, 1)
+    # one preparation wrote the whole split: a newly sampled client reads its file at once
+    written = {i: partition_file(setup, 4, i).exists() for i in range(4)}
+    assert written == {0: True, 1: True, 2: True, 3: True}
+    partition_examples.cache_clear()
+    assert partition_examples(setup, 4, 3)[0] == tokenize_records(
+        load_partition(setup, 4, 3), setup.data, tokenizer, setup.max_length)
     other = run_setup(compose_config(f"model.path={setup.model_path} train.max_length=64"))
     assert partition_file(other, 4, 1) != partition_file(setup, 4, 1)
 
