@@ -116,6 +116,7 @@ def main() -> None:
     print(f"\n[bench] federated, {args.rounds} rounds each; FedKSeed gets {steps} steps per round "
           f"(equal client time) ...", flush=True)
     work = ROOT / "runs" / "bench-kseed" / time.strftime("%Y%m%d-%H%M%S")
+    work.mkdir(parents=True)
     rows = {"flora": federated("flora", "", args.rounds, work),
             "fedkseed": federated("fedkseed", f"strategy.steps={steps} {args.kseed}",
                                   args.rounds, work)}

@@ -138,3 +138,40 @@ def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(
     victim = clients["partition-2"]["status"]
     assert victim == "no reply" or "Node Unavailable" in victim, victim
     assert (run_dir / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_a_restarted_superlink_takes_its_supernodes_back_and_the_run_resumes(
+        tiny_model_dir, tmp_path, federation):
+    """The SuperLink (and the ServerApp it runs) dies after round 1; started again on the
+    same port and state, the SuperNodes reconnect by themselves and `resume=` finishes the
+    run with every round and both clients (scripts/bench_faults.py compares the adapter)."""
+    import torch
+
+    from fedapp.server.checkpoint import CHECKPOINT
+
+    federation.start_superlink()
+    federation.start_supernodes(2)
+    run_dir = tmp_path / "run"
+    federation.submit(f"model.path={tiny_model_dir} {TINY_RUN} num_rounds=3 "
+                      "train.local_steps=4", run_dir)
+    deadline = time.monotonic() + 240
+    while not (run_dir / CHECKPOINT).exists():
+        if time.monotonic() > deadline or federation.procs["submit"].poll() is not None:
+            pytest.fail(f"no checkpoint after round 1\n{federation.logs()}")
+        time.sleep(0.2)
+    port = int(federation.address.rsplit(":", 1)[1])
+    federation.kill("superlink")
+    assert federation.wait("submit", timeout=60) != 0  # its run died with the SuperLink
+    done = torch.load(run_dir / CHECKPOINT, weights_only=False)["server_round"]
+    assert done < 3, "the run finished before the SuperLink was killed"
+
+    federation.start_superlink(port)
+    federation.wait_online(2, timeout=180)
+    federation.submit(f"resume={run_dir}", run_dir, name="resubmit")
+
+    assert federation.wait("resubmit", timeout=300) == 0, federation.logs()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["accepted"] == 2 and r["attempts"] == 1 for r in rows[1:])
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
