@@ -8,8 +8,9 @@ tiny test model (tests/tiny.py) for `--rounds` rounds, every online node trainin
 - nodes-restarted: SuperNodes 0 and 1 are killed (SIGKILL, with their app processes) while
   round 2 trains, and started again 5 s later with the same keys;
 - silent-node: SuperNode 2 freezes (SIGSTOP) as round 1 starts and never answers again;
-- late-node: SuperNode 3's app freezes as it starts training in round 1 while the SuperNode
-  itself stays connected, and resumes after `round_timeout`: its reply comes too late;
+- late-node: SuperNode 3's app process freezes as it starts training in round 1 while the
+  SuperNode stays connected, and resumes once the server has moved on to round 2: its reply
+  comes too late (Flower refuses the upload of a task whose heartbeats stopped);
 - superlink-restart: the SuperLink (and the ServerApp it runs) is killed after round 1's
   checkpoint, started again on the same port and state, and the run is resubmitted with
   `resume=<run dir>`. The math says its final adapter must equal the undisturbed one.
@@ -86,16 +87,16 @@ def disturb(case: str, fed: LoopbackFederation, nodes: int, run_dir: Path, overr
     if case == "late-node":
         wait_until(lambda: in_log(fed, "supernode-3", "Client 3: "), "node 3 training", fed,
                    timeout)
-        fed.freeze("supernode-3", children_only=True)
+        fed.freeze("supernode-3", only="flwr-clientapp")
         wait_until(lambda: in_log(fed, "submit", "[ROUND 2/"), "round 2", fed, 2 * timeout)
-        fed.freeze("supernode-3", frozen=False, children_only=True)
+        fed.freeze("supernode-3", frozen=False, only="flwr-clientapp")
         return "SuperNode 3's app frozen while training round 1, resumed in round 2"
     if case == "superlink-restart":
         wait_until(lambda: checkpointed_round(run_dir) >= 1, "round 1's checkpoint", fed,
                    timeout)
         port = int(fed.address.rsplit(":", 1)[1])
         fed.kill("superlink")
-        fed.wait("submit", timeout=60)
+        fed.kill("submit")  # the operator's CLI: it would keep asking a dead SuperLink
         done = checkpointed_round(run_dir)
         fed.start_superlink(port)
         fed.wait_online(nodes, timeout=180)

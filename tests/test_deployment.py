@@ -162,7 +162,7 @@ def test_a_restarted_superlink_takes_its_supernodes_back_and_the_run_resumes(
         time.sleep(0.2)
     port = int(federation.address.rsplit(":", 1)[1])
     federation.kill("superlink")
-    assert federation.wait("submit", timeout=60) != 0  # its run died with the SuperLink
+    federation.kill("submit")  # the operator's CLI: it would keep asking a dead SuperLink
     done = torch.load(run_dir / CHECKPOINT, weights_only=False)["server_round"]
     assert done < 3, "the run finished before the SuperLink was killed"
 

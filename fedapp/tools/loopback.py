@@ -117,15 +117,16 @@ class LoopbackFederation:
             except psutil.NoSuchProcess:
                 pass
 
-    def freeze(self, name: str, frozen: bool = True, children_only: bool = False) -> None:
+    def freeze(self, name: str, frozen: bool = True, only: str | None = None) -> None:
         """SIGSTOP (or SIGCONT) a process and everything it started: a machine that hangs,
-        or that comes back. `children_only`: a SuperNode that stays connected (it still
-        heartbeats) while its app hangs."""
+        or that comes back. `only`: just the processes it started whose command line holds
+        that text (e.g. "flwr-clientapp": an app that hangs on a node that stays up)."""
         proc = self.procs[name]
-        family = descendants(proc.pid)
-        for p in family if children_only else [psutil.Process(proc.pid), *family]:
+        family = [psutil.Process(proc.pid), *descendants(proc.pid)]
+        for p in family:
             try:
-                p.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+                if only is None or only in " ".join(p.cmdline()):
+                    p.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
             except psutil.NoSuchProcess:
                 pass
 
