@@ -106,7 +106,7 @@ def disturb(case: str, fed: LoopbackFederation, nodes: int, run_dir: Path, overr
 
 
 def run_case(case: str, root: Path, model: Path, nodes: int, rounds: int,
-             round_timeout: float) -> dict:
+             round_timeout: float, in_memory: bool) -> dict:
     fed = LoopbackFederation(root / case, ROOT)
     run_dir = root / case / "run"
     overrides = (f"model.path={model} scenario.num_clients={nodes} scenario.min_train_nodes="
@@ -117,7 +117,11 @@ def run_case(case: str, root: Path, model: Path, nodes: int, rounds: int,
                  f"round_timeout={round_timeout:.0f} scenario.wait_seconds=600")
     start = time.monotonic()
     try:
-        fed.start_superlink()
+        # Only a restarted SuperLink needs its state on disk (the registered SuperNodes); in
+        # memory it cannot fail with SQLite's "database is locked", which a 2-core machine
+        # running 20 SuperNodes and their apps provoked (writes waited past 5 s).
+        fed.start_superlink(database=None if case == "superlink-restart" or not in_memory
+                            else ":flwr-in-memory:")
         fed.start_supernodes(nodes)
         fed.submit(overrides, run_dir)
         what = disturb(case, fed, nodes, run_dir, overrides, timeout=round_timeout * 3)
@@ -175,6 +179,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-timeout", type=float, default=240.0)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--file-state", action="store_true",
+                        help="every SuperLink keeps its state in a file, not only the one "
+                             "that is restarted")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-faults"))
     args = parser.parse_args()
     if args.nodes < 4:
@@ -186,7 +193,8 @@ def main() -> None:
     results = []
     for case in args.cases:
         print(f"[bench] {case}: {args.nodes} SuperNodes, {args.rounds} rounds ...", flush=True)
-        results.append(run_case(case, out, model, args.nodes, args.rounds, args.round_timeout))
+        results.append(run_case(case, out, model, args.nodes, args.rounds, args.round_timeout,
+                                not args.file_state))
         r = results[-1]
         print(f"[bench]   exit {r['exit']}, {r['completed']}/{args.rounds} rounds, lost "
               f"{r['lost']}, accepted {r['accepted']}, {r['wall']:.0f} s", flush=True)

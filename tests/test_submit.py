@@ -40,3 +40,17 @@ def test_the_submit_tool_runs_with_the_venv_interpreter_and_no_venv_on_path(tmp_
 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("0 ") and "1.41" in proc.stdout
+
+
+def test_a_dropped_log_stream_waits_for_the_run_and_gives_up_only_when_unreachable(
+        monkeypatch, capsys):
+    answers = iter(["running", "running", "unknown", "running", "finished:completed"])
+    monkeypatch.setattr(submit, "run_status", lambda run_id, superlink: next(answers))
+    monkeypatch.setattr(submit.time, "sleep", lambda s: None)
+    assert submit.wait_until_finished("7", "x", unreachable_for=60) == "finished:completed"
+    assert "run 7 is running, waiting for it to finish" in capsys.readouterr().out
+
+    clock = iter(range(0, 1000, 40))  # 40 s between polls: the second unknown gives up
+    monkeypatch.setattr(submit, "run_status", lambda run_id, superlink: "unknown")
+    monkeypatch.setattr(submit.time, "monotonic", lambda: next(clock))
+    assert submit.wait_until_finished("7", "x", unreachable_for=60) == "unknown"

@@ -43,13 +43,15 @@ class LoopbackFederation:
         self.address = ""
         self.extra_env: dict[str, str] = {}  # e.g. settings the SuperNodes' clients see
 
-    def start_superlink(self, port: int | None = None) -> None:
+    def start_superlink(self, port: int | None = None, database: str | None = None) -> None:
         """Start the SuperLink (again, on the same port and state database, when `port` is
-        the one it had: registered SuperNodes reconnect on their own)."""
+        the one it had: registered SuperNodes reconnect on their own). `database`: its
+        state (default: a file under its FLWR_HOME; ":flwr-in-memory:" keeps it in memory)."""
         port = port or free_port()
         self.address = f"127.0.0.1:{port}"
-        proc = self._start("superlink", [SCRIPTS / "superlink.sh", "--certs", self.root / "certs",
-                                         "--host", "127.0.0.1", "--port", str(port)])
+        proc = self._start("superlink", [
+            SCRIPTS / "superlink.sh", "--certs", self.root / "certs", "--host", "127.0.0.1",
+            "--port", str(port), *(["--database", database] if database else [])])
         wait_for_port("127.0.0.1", port, timeout=60, proc=proc)
         self._script("connection.sh", CONNECTION, self.address, str(self.tls.ca_cert))
 

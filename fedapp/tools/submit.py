@@ -126,6 +126,29 @@ def run_status(run_id: str, superlink: str) -> str:
         return "unknown"
 
 
+def wait_until_finished(run_id: str, superlink: str, unreachable_for: float = 300.0,
+                        every: float = 5.0) -> str:
+    """The run's final status. The log stream can end before the run does (a moment before,
+    or long before when a loaded SuperLink drops the stream): keep asking while the run is
+    still going, and give up only once the SuperLink has been unreachable for
+    `unreachable_for` seconds in a row (then the status is "unknown")."""
+    status, said, lost_since = run_status(run_id, superlink), "", None
+    while not status.startswith("finished"):
+        if status == "unknown":
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > unreachable_for:
+                break
+        else:
+            lost_since = None
+        if status != said:
+            print(f"[submit] the log stream ended; run {run_id} is {status}, waiting for it to "
+                  "finish", flush=True)
+            said = status
+        time.sleep(every)
+        status = run_status(run_id, superlink)
+    return status
+
+
 def submit(app: str, superlink: str, run_config: str, federation_config: str) -> str:
     args = ["run", app, superlink, "--run-config", run_config, "--format", "json"]
     if federation_config:
@@ -157,12 +180,7 @@ def main() -> int:
     print(f"[submit] run {run_id} submitted to '{args.superlink}'", flush=True)
     try:
         stream_log(run_id, args.superlink)
-        status = run_status(run_id, args.superlink)
-        for _ in range(30):  # the log stream can end a moment before the status is final
-            if status.startswith("finished"):
-                break
-            time.sleep(1)
-            status = run_status(run_id, args.superlink)
+        status = wait_until_finished(run_id, args.superlink)
     finally:
         if args.superlink == "local":
             for pid in set(local_superlink_pids()) - was_running:
