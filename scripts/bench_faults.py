@@ -154,8 +154,12 @@ def max_product_difference(a: Path, b: Path) -> float:
     return worst
 
 
-def report(results: list[dict], nodes: int, rounds: int, out: Path) -> str:
+def report(results: list[dict], nodes: int, rounds: int, out: Path,
+           earlier: Path | None = None) -> str:
     reference = next((r for r in results if r["case"] == "undisturbed"), None)
+    if reference is None and earlier is not None:  # an undisturbed run of an earlier call
+        reference = {"adapter": earlier / "undisturbed" / "run" / "adapter" /
+                     "adapter_model.safetensors"}
     lines = [(f"{nodes} SuperNodes (TLS + node auth, 127.0.0.1), {rounds} rounds, FLoRA, tiny "
              "model"), "", ("| case | what happened | rounds completed | rounds lost | accepted "
              "per round | disturbed nodes | final adapter vs undisturbed | wall s |"),
@@ -179,6 +183,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-timeout", type=float, default=240.0)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="an earlier output folder whose undisturbed run (same nodes, "
+                             "rounds and seed) the restarted run is compared with")
     parser.add_argument("--file-state", action="store_true",
                         help="every SuperLink keeps its state in a file, not only the one "
                              "that is restarted")
@@ -199,7 +206,7 @@ def main() -> None:
         print(f"[bench]   exit {r['exit']}, {r['completed']}/{args.rounds} rounds, lost "
               f"{r['lost']}, accepted {r['accepted']}, {r['wall']:.0f} s", flush=True)
     print()
-    print(report(results, args.nodes, args.rounds, out))
+    print(report(results, args.nodes, args.rounds, out, args.reference))
     print(f"logs and runs: {out}")
 
 
