@@ -17,6 +17,7 @@ _CLASSES = {
     "FLoRA": "flora",
     "FedIT": "fedit",
     "FedKSeed": "fedkseed",
+    "FedPipe": "fedpipe",
     "FedSpine": "fedspine",
     "FlexLoRA": "flexlora",
     "LoraStrategy": "base",
@@ -24,8 +25,8 @@ _CLASSES = {
     "ZeroPad": "zeropad",
 }
 
-__all__ = ["Centralized", "FFALoRA", "FLoRA", "FedIT", "FedKSeed", "FedSpine", "FlexLoRA",
-           "LoraStrategy", "OneShot", "ZeroPad"]
+__all__ = ["Centralized", "FFALoRA", "FLoRA", "FedIT", "FedKSeed", "FedPipe", "FedSpine",
+           "FlexLoRA", "LoraStrategy", "OneShot", "ZeroPad"]
 
 
 def __getattr__(name: str) -> Any:

@@ -260,6 +260,25 @@ class ZoOrder(_Record):
 
 
 @dataclass(frozen=True)
+class PipeOrder(_Record):
+    """FedPipe: the device's adapter structure, one LoRA rank per target module of the
+    model in sorted peft-key order (`strategies.pipe_math.module_order`); 0: no LoRA on that
+    module. Every module's lora_alpha is alpha_ratio · its rank, so all share one scaling."""
+
+    ranks: tuple[int, ...] = field(metadata={"config": "strategy.rank_grid", "tuple": True})
+
+    def __post_init__(self) -> None:
+        try:
+            ranks = tuple(int(r) for r in self.ranks)
+        except (TypeError, ValueError):
+            ranks = ()
+        require(bool(ranks) and all(r >= 0 for r in ranks) and any(ranks),
+                 _key(self, "ranks"), self.ranks, "one rank >= 0 per target module, at "
+                 "least one of them > 0")
+        object.__setattr__(self, "ranks", ranks)
+
+
+@dataclass(frozen=True)
 class TrainOrder(_Record):
     """One client's orders for one round."""
 
@@ -278,6 +297,8 @@ class TrainOrder(_Record):
     prune: PruneOrder | None = field(default=None, metadata={"record": PruneOrder,
                                                              "optional": True})
     zo: ZoOrder | None = field(default=None, metadata={"record": ZoOrder, "optional": True})
+    pipe: PipeOrder | None = field(default=None, metadata={"record": PipeOrder,
+                                                           "optional": True})
 
     def __post_init__(self) -> None:
         require(_is_int(self.server_round) and self.server_round >= 1,
@@ -298,6 +319,11 @@ class TrainOrder(_Record):
             require(self.prune is None and not self.pooled and not self.train_lora_a,
                     "zo", self.zo, "zeroth-order orders train lora_B only, unpruned, on the "
                     "client's own data")
+        if self.pipe is not None:
+            require(self.prune is None and self.zo is None and not self.pooled
+                    and self.train_lora_a and max(self.pipe.ranks) == self.lora_r, "pipe",
+                    self.pipe, f"a per-module structure whose largest rank is lora_r "
+                    f"({self.lora_r}), unpruned, first-order, on the client's own data")
         if self.prune is not None:
             require(self.prune.slices <= self.local_steps, _key(self.prune, "slices"),
                      self.prune.slices, f"at most train.local_steps={self.local_steps} (every "

@@ -129,7 +129,7 @@ def test_flwr_run_fedspine_on_unequal_devices(tiny_model_dir, tmp_path, flwr_env
 
 
 @pytest.mark.parametrize("strategy", ["flora", "fedit", "zeropad", "flexlora", "ffa", "oneshot",
-                                      "fedspine", "centralized", "fedkseed"])
+                                      "fedspine", "centralized", "fedkseed", "fedpipe"])
 def test_every_strategy_completes_under_partial_participation(strategy, tiny_model_dir,
                                                              tmp_path, flwr_env):
     """scenario=partial: 2 of 4 clients a round, so a round can miss the highest rank (the

@@ -46,7 +46,7 @@ from fedapp.client.pruned import (
     take_copy,
     units_key,
 )
-from fedapp.llm.adapters import PEFT_PREFIX, lora_state, with_lora
+from fedapp.llm.adapters import PEFT_PREFIX, lora_state, target_module_shapes, with_lora
 from fedapp.llm.data import collate, train_batches
 from fedapp.llm.loss import lm_loss
 from fedapp.llm.memory import peak_rss_mb, return_freed_memory
@@ -61,6 +61,7 @@ from fedapp.pruning.surgery import (
 )
 from fedapp.pruning.units import apply_units, units_of
 from strategies.lora_math import LORA_A
+from strategies.pipe_math import module_order
 from strategies.protocol import PruneOrder, RunSetup, TrainOrder
 
 
@@ -110,6 +111,19 @@ def target_keys(base: torch.nn.Module, target_modules: tuple[str, ...]) -> list[
     """The peft keys of every LoRA target module of the full base."""
     return [PEFT_PREFIX + name for name, module in base.named_modules()
             if name.rsplit(".", 1)[-1] in target_modules and hasattr(module, "in_features")]
+
+
+def structure(base: torch.nn.Module, setup: RunSetup, order: TrainOrder
+              ) -> dict[str, int] | None:
+    """A FedPipe order's {peft module key: rank} (modules at rank 0 left out); None for
+    every other order. ValueError when the order lists another number of modules."""
+    if order.pipe is None:
+        return None
+    keys = module_order(target_module_shapes(base, list(setup.target_modules)))
+    if len(keys) != len(order.pipe.ranks):
+        raise ValueError(f"the order's structure lists {len(order.pipe.ranks)} module ranks; "
+                         f"this model has {len(keys)} target modules")
+    return {k: r for k, r in zip(keys, order.pipe.ranks, strict=True) if r}
 
 
 def round_base(setup: RunSetup, order: TrainOrder, partition_id: int, num_partitions: int,
@@ -190,7 +204,7 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
     with with_lora(base, order.lora_r, order.lora_alpha, list(setup.target_modules),
                    order.seed, global_state if order.global_mode == "init" else None,
                    slice_global(frozen, copy.result) if copy else frozen,
-                   order.train_lora_a) as model:
+                   order.train_lora_a, structure(base, setup, order)) as model:
         training_started, start = time.time(), time.perf_counter()
         done = None
         if prune is None:
@@ -205,7 +219,7 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
         state = lora_state(model, getattr(torch, setup.wire_dtype))
     if not order.train_lora_a:  # the server already holds A: send B only
         state = {k: v for k, v in state.items() if LORA_A not in k}
-    metrics = round_metrics(len(examples), results, seconds, order, probes)
+    metrics = round_metrics(len(examples), results, seconds, order, probes, state)
     metrics["training-started"] = training_started  # wall clock, for the ClientApp's figure
     if copy is None:
         return RoundResult(state, metrics)
@@ -224,9 +238,10 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
 
 
 def round_metrics(num_examples: int, results: list[TrainResult], seconds: float,
-                  order: TrainOrder, probes: dict[str, float]) -> dict[str, float]:
-    """The reply's metrics; pruning orders add their probes (what pruning kept is added
-    by run_round)."""
+                  order: TrainOrder, probes: dict[str, float],
+                  state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The reply's metrics (`lora-params`: the parameters trained and sent in `state`);
+    pruning orders add their probes (what pruning kept is added by run_round)."""
     steps = sum(r.steps for r in results)
     metrics = {
         "num-examples": float(num_examples),
@@ -234,6 +249,7 @@ def round_metrics(num_examples: int, results: list[TrainResult], seconds: float,
         "train-seconds": seconds,
         "peak-rss-mb": peak_rss_mb(),
         "lora-r": float(order.lora_r),
+        "lora-params": float(sum(v.numel() for v in state.values())),
     }
     if order.prune is not None:
         metrics.update({

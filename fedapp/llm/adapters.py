@@ -12,6 +12,7 @@ wrapper together with its base layer, so G follows a pruned layer exactly.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -30,8 +31,19 @@ PEFT_PREFIX = "base_model.model."
 TRAINED, GLOBAL = "default", "global"  # adapter names: the client's own, the server's frozen G
 
 
-def lora_config(r: int, lora_alpha: float, target_modules: list[str]) -> LoraConfig:
-    return LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules),
+def lora_config(r: int, lora_alpha: float, target_modules: list[str],
+                ranks: Mapping[str, int] | None = None) -> LoraConfig:
+    """A rank-r LoRA on every layer named by `target_modules`; with `ranks` ({peft module
+    key: rank}, FedPipe) exactly those modules, each at its rank with lora_alpha scaled
+    alike, so that every module's scaling is lora_alpha / r."""
+    if not ranks:
+        return LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules),
+                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    names = {re.escape(m.removeprefix(PEFT_PREFIX)): k for m, k in ranks.items()}
+    return LoraConfig(r=r, lora_alpha=lora_alpha,
+                      target_modules=[m.removeprefix(PEFT_PREFIX) for m in ranks],
+                      rank_pattern=names,
+                      alpha_pattern={n: lora_alpha * k / r for n, k in names.items()},
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
 
@@ -44,14 +56,16 @@ def adapter_targets(state: Mapping[str, torch.Tensor]) -> list[str]:
 def attach_lora(base: torch.nn.Module, r: int, lora_alpha: float, target_modules: list[str],
                 seed: int, init_state: Mapping[str, torch.Tensor] | None = None,
                 frozen_global: Mapping[str, torch.Tensor] | None = None,
-                train_lora_a: bool = True) -> PeftModel:
+                train_lora_a: bool = True, ranks: Mapping[str, int] | None = None
+                ) -> PeftModel:
     """Inject a trainable LoRA (peft's init under `seed`, or `init_state` when given).
 
     `frozen_global`: the server's update G as scaling-1 LoRA factors (peft keys), attached
     as the frozen adapter "global" and applied before the trainable one. `train_lora_a`
-    False keeps lora_A at its initial value (FFA-LoRA)."""
+    False keeps lora_A at its initial value (FFA-LoRA). `ranks`: per-module ranks of the
+    trainable LoRA (`lora_config`)."""
     torch.manual_seed(seed)
-    model = get_peft_model(base, lora_config(r, lora_alpha, target_modules))
+    model = get_peft_model(base, lora_config(r, lora_alpha, target_modules, ranks))
     if init_state:
         load_adapter_state(model, init_state, TRAINED)
     if frozen_global:
@@ -90,10 +104,11 @@ def detach_lora(model: PeftModel) -> torch.nn.Module:
 def with_lora(base: torch.nn.Module, r: int, lora_alpha: float, target_modules: list[str],
               seed: int, init_state: Mapping[str, torch.Tensor] | None = None,
               frozen_global: Mapping[str, torch.Tensor] | None = None,
-              train_lora_a: bool = True) -> Iterator[PeftModel]:
+              train_lora_a: bool = True, ranks: Mapping[str, int] | None = None
+              ) -> Iterator[PeftModel]:
     """`attach_lora` for the duration of a block; the base is restored even on errors."""
     model = attach_lora(base, r, lora_alpha, target_modules, seed, init_state, frozen_global,
-                        train_lora_a)
+                        train_lora_a, ranks)
     try:
         yield model
     finally:
