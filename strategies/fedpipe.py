@@ -61,6 +61,9 @@ class FedPipe(FLoRA):
     def __init__(self, *args, rank_grid: Sequence[int] = (4, 8, 16),
                  step_seconds: float | None = None, min_share: float = 0.25,
                  costs: Mapping | None = None, **kwargs) -> None:
+        if kwargs.get("dp"):
+            raise ValueError("dp.enabled=true; allowed: false with strategy=fedpipe (its "
+                             "per-module stacking is not what the clipping and noise cover)")
         super().__init__(*args, ranks=None, **kwargs)
         grid = list(rank_grid)
         if not grid or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0

@@ -265,7 +265,7 @@ class PipeOrder(_Record):
     model in sorted peft-key order (`strategies.pipe_math.module_order`); 0: no LoRA on that
     module. Every module's lora_alpha is alpha_ratio · its rank, so all share one scaling."""
 
-    ranks: tuple[int, ...] = field(metadata={"config": "strategy.rank_grid", "tuple": True})
+    ranks: tuple[int, ...] = field(metadata={"config": "pipe-ranks", "tuple": True})
 
     def __post_init__(self) -> None:
         try:

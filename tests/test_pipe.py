@@ -156,6 +156,10 @@ def test_fedpipe_refuses_a_budget_no_structure_fits_and_bad_keys():
         pipe(min_share=2)
     with pytest.raises(ValueError, match="one rank >= 0 per target module"):
         PipeOrder(ranks=(0, 0))
+    with pytest.raises(ValueError, match=r"pipe-ranks=\(0, 0\)"):
+        PipeOrder(ranks=(0, 0))
+    with pytest.raises(ValueError, match="dp.enabled=true"):
+        pipe(dp={"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5})
     with pytest.raises(ValueError, match="largest rank is lora_r"):
         TrainOrder(server_round=1, lora_r=8, lora_alpha=16.0, local_steps=1, seed=0,
                    pipe=PipeOrder(ranks=(4, 0)))
@@ -165,7 +169,7 @@ def test_a_client_trains_exactly_the_ordered_structure(tiny_model_dir):
     """On the real 4-bit path: only the ordered modules get LoRA, each at its rank, and
     the reply holds those factors, trained."""
     from fedapp.client.round import run_round
-    from fedapp.llm.adapters import target_module_shapes
+    from fedapp.llm.adapters import target_module_shapes, with_lora
     from fedapp.llm.model import cached_base
     from strategies.protocol import RunSetup
 
@@ -183,7 +187,30 @@ def test_a_client_trains_exactly_the_ordered_structure(tiny_model_dir):
     got = {m: a.shape[0] for m, (a, _) in split_factors(result.state).items()}
     assert got == {keys[-2]: 2, keys[-1]: 4}
     assert all(math.isfinite(v) for v in result.metrics.values())
+    assert result.metrics["lora-params"] == sum(v.numel() for v in result.state.values())
     assert any(b.any() for m, (_, b) in split_factors(result.state).items())
+
+    # every module at scaling alpha_ratio (lora_alpha / r = 2), beside a frozen global that
+    # covers one module only (the others add nothing): the server reads order.scaling
+    base = cached_base(setup.model_path, "nf4", "cpu")
+    gen = torch.Generator().manual_seed(3)
+    out_f, in_f = shapes[keys[0]]
+    partial = {keys[0] + LORA_A: torch.randn(3, in_f, generator=gen),
+               keys[0] + LORA_B: torch.randn(out_f, 3, generator=gen)}
+    with with_lora(base, 4, 8.0, ["q_proj", "v_proj"], 0, frozen_global=partial,
+                   ranks={keys[-2]: 2, keys[-1]: 4}) as model:
+        trained = {n: m for n, m in model.named_modules()
+                   if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
+        assert {n: (m.r["default"], m.scaling["default"]) for n, m in trained.items()} == {
+            keys[-2]: (2, 2.0), keys[-1]: (4, 2.0)}
+        nonzero = [n for n, m in model.named_modules()
+                   if isinstance(getattr(m, "lora_B", None), torch.nn.ModuleDict)
+                   and "global" in m.lora_B and m.lora_B["global"].weight.any()]
+        assert nonzero == [keys[0]]
+    order = TrainOrder(server_round=1, lora_r=4, lora_alpha=8.0, local_steps=1, seed=0,
+                       global_mode="frozen", pipe=PipeOrder(ranks=tuple(ranks)))
+    beside = run_round(setup, order, 0, 2, partial, device="cpu")
+    assert set(split_factors(beside.state)) == {keys[-2], keys[-1]}
     with pytest.raises(ValueError, match="lists 2 module ranks"):
         run_round(setup, TrainOrder(server_round=1, lora_r=4, lora_alpha=8.0, local_steps=1,
                                     seed=0, pipe=PipeOrder(ranks=(4, 0))), 0, 2, {},
