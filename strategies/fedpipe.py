@@ -15,24 +15,37 @@ the device trains the ranks that importance implies (`ranks_from_importance`: mo
 module, 0 = none). Replies are checked against exactly that structure. The server stacks
 each module's updates over the clients that trained it, weights renormalised per module
 (`stack_per_module`), into the global update G as FLoRA does (re-compressed to
-`rank_budget`); every device trains a fresh structured LoRA beside the frozen G, which it
-receives whole minus its all-zero modules.
+`rank_budget`, held at wire precision); every device trains a fresh structured LoRA beside
+the frozen G. The downlink is FLoRA's, versioned: a client accepted in round t gets, in
+round t+1, only the other clients' uploads of round t ("<slot>/<peft key>" arrays, with
+their weights: `ModuleSlots`) and rebuilds G_t bitwise (`pipe_math.slots_delta`); everyone
+else gets all of G less its all-zero modules (a module nobody trained yet).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from logging import INFO
 
 import torch
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from flwr.common.logger import log
 
 from strategies.base import ClientIdentity
 from strategies.devices import DeviceProfile
-from strategies.flora import FLoRA
-from strategies.lora_math import LORA_A, LORA_B, Factors, LoraUpdate, split_factors
+from strategies.flora import FLoRA, RoundSlots
+from strategies.lora_math import (
+    LORA_A,
+    LORA_B,
+    Factors,
+    LoraUpdate,
+    digest,
+    join_factors,
+    split_factors,
+)
 from strategies.pipe_math import (
+    encode_slots,
     estimate,
     lora_parameters,
     module_layers,
@@ -44,9 +57,27 @@ from strategies.pipe_math import (
     window,
     window_depth,
 )
-from strategies.protocol import ARRAYS, PipeOrder, TrainOrder
+from strategies.protocol import ARRAYS, Increment, PipeOrder, TrainOrder
 from strategies.replies import read_arrays, reply_weight
 from strategies.summary import ClientOutcome
+
+
+@dataclass(frozen=True)
+class ModuleSlots(RoundSlots):
+    """A round's slots when each covers its own modules: `parts` are (weight, factors)."""
+
+    scaling: float = 1.0
+
+    def increment_for(self, name: str, rank_budget: int) -> tuple[ArrayRecord, Increment]:
+        own = self.names.index(name)
+        slots = [f for _, f in self.parts]
+        return ArrayRecord(encode_slots(slots, own)), Increment(
+            rank_budget=rank_budget, ranks=tuple(max(a.shape[0] for a, _ in f.values())
+                                                 for f in slots),
+            coefficients=tuple(w for w, _ in self.parts), own_slot=own,
+            own_digest=digest(join_factors(slots[own])), per_module=True,
+            scaling=self.scaling)
+
 
 DEFAULT_COSTS = {"fixed_mb": 0.0, "layer_mb": 0.0, "lora_mb_per_mparam": 0.0,
                  "forward_s": 0.0, "backward_s": 0.0}
@@ -56,7 +87,7 @@ class FedPipe(FLoRA):
     name = "fedpipe"
     supports_dp = False
     picks_ranks = True  # each device's structure follows its budget and importance
-    increments = False  # structures differ per module: every client gets all of G
+    increments = True  # a returning client gets the round's other slots (per module)
 
     def __init__(self, *args, rank_grid: Sequence[int] = (4, 8, 16),
                  step_seconds: float | None = None, min_share: float = 0.25,
@@ -160,8 +191,19 @@ class FedPipe(FLoRA):
         return name, outcome, update
 
     def round_update(self, server_round: int, updates: list[LoraUpdate]
-                     ) -> tuple[Factors, dict[str, float], None]:
-        return stack_per_module(updates, self.module_shapes), {}, None
+                     ) -> tuple[Factors, dict[str, float], list[tuple[float, Factors]]]:
+        """Δ from the uploads as they came over the wire (what returning clients rebuild it
+        from), and the slots: (weight, factors) per client."""
+        return stack_per_module(updates, self.module_shapes), {}, [
+            (u.weight, u.factors) for u in updates]
+
+    def aggregate_updates(self, server_round: int, updates: list[LoraUpdate]
+                          ) -> tuple[ArrayRecord, dict[str, float]]:
+        arrays, figures = super().aggregate_updates(server_round, updates)
+        if self.slots is not None:
+            self.slots = ModuleSlots(self.slots.server_round, self.slots.names,
+                                     self.slots.parts, self.alpha_ratio)
+        return arrays, figures
 
     def state_dict(self) -> dict:
         return {**super().state_dict(),

@@ -42,6 +42,7 @@ from strategies.lora_math import (
     split_slots,
     stack_scaled,
 )
+from strategies.pipe_math import decode_slots, slots_delta
 from strategies.protocol import NO_GLOBAL, GlobalVersion, Increment
 from strategies.summary import ClientOutcome
 
@@ -187,6 +188,10 @@ def receive_global(version: GlobalVersion, arrays: Mapping[str, torch.Tensor],
                            "builds on an upload of this node's that it does not hold; the "
                            "server sends the whole global next time")
     own = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in split_factors(upload).items()}
+    if inc.per_module:  # FedPipe: slots of different modules (strategies.pipe_math)
+        slots = decode_slots(arrays, len(inc.ranks), inc.own_slot, own)
+        base, delta = slots_delta(slots, inc.coefficients, inc.scaling, split_factors(held))
+        return join_factors(next_global(base, delta, inc.rank_budget, dtype)[0])
     others, other_ranks = split_factors(arrays), [r for j, r in enumerate(inc.ranks)
                                                   if j != inc.own_slot]
     if sorted(others) != (sorted(own) if other_ranks else []):

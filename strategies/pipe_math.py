@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from strategies.lora_math import Factors, LoraUpdate
+from strategies.lora_math import LORA_A, LORA_B, Factors, LoraUpdate, split_factors
 
 COST_KEYS = ("fixed_mb", "layer_mb", "lora_mb_per_mparam", "forward_s", "backward_s")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -159,3 +159,49 @@ def stack_per_module(updates: Sequence[LoraUpdate],
         out[module] = (torch.cat([a, a.new_zeros(pad, in_features)]),
                        torch.cat([b, b.new_zeros(out_features, pad)], dim=1))
     return out
+
+
+# ---------------------------------------------------------------- the per-module downlink
+# A client accepted in round t holds G_{t-1} and its own upload; to rebuild G_t it needs the
+# other slots of round t (each covering its own modules) and their weights: the server's
+# Δ_t is `stack_per_module` of all slots, and `slots_delta` computes the same numbers for
+# the modules any slot or the held global covers (the others are zero on both sides).
+
+def encode_slots(slots: Sequence[Factors], skip: int) -> dict[str, torch.Tensor]:
+    """Every slot but `skip` as "<slot index>/<peft key>" arrays."""
+    return {f"{j}/{m}{suffix}": t for j, factors in enumerate(slots) if j != skip
+            for m, (a, b) in factors.items() for suffix, t in ((LORA_A, a), (LORA_B, b))}
+
+
+def decode_slots(arrays: Mapping[str, torch.Tensor], count: int, own_slot: int,
+                 own: Factors) -> list[Factors]:
+    """Inverse of `encode_slots`, with `own` put back at `own_slot`; ValueError naming a
+    key that names no other slot."""
+    grouped: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+    for key, tensor in arrays.items():
+        slot, _, name = key.partition("/")
+        if not slot.isdigit() or int(slot) >= count or int(slot) == own_slot:
+            raise ValueError(f"increment array {key[:80]!r} names no other slot of {count}")
+        grouped[int(slot)][name] = tensor
+    slots = [split_factors(g) for g in grouped]
+    slots[own_slot] = dict(own)
+    return slots
+
+
+def slots_delta(slots: Sequence[Factors], weights: Sequence[float], scaling: float,
+                held: Factors) -> tuple[Factors, Factors]:
+    """(held, Δ) ready for `lora_math.next_global`, both over the same modules: Δ is
+    `stack_per_module` of the slots, each module of `held` no slot covers gets Δ's rank in
+    zeros, and each module of Δ that `held` lacks gets held's rank in zeros (what the
+    server holds for a module nobody trained yet)."""
+    shapes = {m: (b.shape[0], a.shape[1]) for f in slots for m, (a, b) in f.items()}
+    shapes |= {m: (b.shape[0], a.shape[1]) for m, (a, b) in held.items()}
+    updates = [LoraUpdate(f, scaling, w) for f, w in zip(slots, weights, strict=True)]
+    delta = stack_per_module(updates, shapes)
+    if not held:  # G_0: nothing to append to
+        return {}, delta
+    a0 = next(iter(held.values()))[0]
+    rank, dtype = a0.shape[0], a0.dtype
+    full = {m: held.get(m, (torch.zeros(rank, i, dtype=dtype), torch.zeros(o, rank, dtype=dtype)))
+            for m, (o, i) in shapes.items()}
+    return full, delta

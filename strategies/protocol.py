@@ -354,6 +354,11 @@ class Increment(_Record):
     coefficients: tuple[float, ...] = field(metadata={"tuple": True})
     own_slot: int
     own_digest: str
+    # FedPipe: slots cover different modules; the arrays are keyed "<slot>/<peft key>",
+    # the coefficients are the slots' aggregation weights and `scaling` their one scaling
+    # (strategies.pipe_math.slots_delta)
+    per_module: bool = False
+    scaling: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
@@ -367,6 +372,9 @@ class Increment(_Record):
                  self.coefficients, f"{len(self.ranks)} finite numbers, one per slot")
         require(_is_int(self.own_slot) and 0 <= self.own_slot < len(self.ranks),
                  "increment-own-slot", self.own_slot, f"0 <= slot < {len(self.ranks)}")
+        require(isinstance(self.per_module, bool), "increment-per-module", self.per_module,
+                "true or false")
+        require(_is_number(self.scaling), "increment-scaling", self.scaling, "a finite number")
 
 
 @dataclass(frozen=True)
