@@ -111,7 +111,7 @@ def disturb(case: str, fed: LoopbackFederation, nodes: int, run_dir: Path, overr
 
 
 def run_case(case: str, root: Path, model: Path, nodes: int, rounds: int,
-             round_timeout: float, in_memory: bool) -> dict:
+             round_timeout: float, in_memory: bool, extra: str = "") -> dict:
     fed = LoopbackFederation(root / case, ROOT)
     run_dir = root / case / "run"
     overrides = (f"model.path={model} scenario.num_clients={nodes} scenario.min_train_nodes="
@@ -119,7 +119,7 @@ def run_case(case: str, root: Path, model: Path, nodes: int, rounds: int,
                  f"num_rounds={rounds} train.local_steps=2 train.max_length=64 "
                  "train.batch_size=2 strategy.ranks=[2,4] eval.max_examples=16 "
                  "eval.ranking_examples=0 eval.generate_examples=0 "
-                 f"round_timeout={round_timeout:.0f} scenario.wait_seconds=600")
+                 f"round_timeout={round_timeout:.0f} scenario.wait_seconds=600 {extra}")
     start = time.monotonic()
     try:
         # Only a restarted SuperLink needs its state on disk (the registered SuperNodes); in
@@ -194,6 +194,9 @@ def main() -> None:
     parser.add_argument("--file-state", action="store_true",
                         help="every SuperLink keeps its state in a file, not only the one "
                              "that is restarted")
+    parser.add_argument("--overrides", default="",
+                        help="more config overrides for every case's run, e.g. "
+                             "'train.num_threads=1' (one torch thread per app process)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-faults"))
     args = parser.parse_args()
     if args.nodes < 4:
@@ -206,7 +209,7 @@ def main() -> None:
     for case in args.cases:
         print(f"[bench] {case}: {args.nodes} SuperNodes, {args.rounds} rounds ...", flush=True)
         results.append(run_case(case, out, model, args.nodes, args.rounds, args.round_timeout,
-                                not args.file_state))
+                                not args.file_state, args.overrides))
         r = results[-1]
         print(f"[bench]   exit {r['exit']}, {r['completed']}/{args.rounds} rounds, lost "
               f"{r['lost']}, accepted {r['accepted']}, {r['wall']:.0f} s", flush=True)
