@@ -36,8 +36,6 @@ from strategies.base import ClientIdentity
 from strategies.devices import DeviceProfile
 from strategies.flora import FLoRA, RoundSlots
 from strategies.lora_math import (
-    LORA_A,
-    LORA_B,
     Factors,
     LoraUpdate,
     digest,
@@ -58,7 +56,7 @@ from strategies.pipe_math import (
     window_depth,
 )
 from strategies.protocol import ARRAYS, Increment, PipeOrder, TrainOrder
-from strategies.replies import read_arrays, reply_weight
+from strategies.replies import expected_shapes, read_arrays, reply_weight
 from strategies.summary import ClientOutcome
 
 
@@ -160,20 +158,15 @@ class FedPipe(FLoRA):
                      state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """G less the modules no device ever trained (all zeros: the client's frozen
         adapter treats a missing module as zero)."""
-        factors = split_factors(state)
-        return {k: v for m, (a, b) in factors.items() if bool(b.any())
-                for k, v in ((m + LORA_A, a), (m + LORA_B, b))}
+        return join_factors({m: (a, b) for m, (a, b) in split_factors(state).items()
+                             if bool(b.any())})
 
     def parse_update(self, content: RecordDict, order: TrainOrder) -> LoraUpdate:
         """The reply must hold exactly the ordered structure's factors."""
         weight = reply_weight(content)
-        ranks = dict(zip(self.order_keys, order.pipe.ranks, strict=True))  # type: ignore[union-attr]
-        wanted = {}
-        for module, r in ranks.items():
-            if r:
-                out_features, in_features = self.module_shapes[module]
-                wanted[module + LORA_A] = (r, in_features)
-                wanted[module + LORA_B] = (out_features, r)
+        ranks = zip(self.order_keys, order.pipe.ranks, strict=True)  # type: ignore[union-attr]
+        wanted = {k: shape for m, r in ranks if r
+                  for k, shape in expected_shapes({m: self.module_shapes[m]}, r).items()}
         state = read_arrays(content.array_records[ARRAYS], wanted,
                             f"structured adapter of {len(wanted) // 2} modules")
         return LoraUpdate(split_factors(state), order.scaling, weight)
