@@ -6,18 +6,22 @@ the wire. Each step runs in a fresh process that first builds the uploads (fp16,
 temporaries), then is timed; `--repeats` processes per step, alternating, the fastest kept:
 
     copy              the uploads cloned: the bytes any aggregation must at least touch
-    copy-to-stack     the same elements concatenated per module into the stack's dtype
-                      (float64): the data movement of FLoRA's stack without its scaling
-    flora-stack       FLoRA's round update: scaled_parts + stack_scaled (float64), exact
-    flora-recompress  next_global: a rank-`--budget` global with that stack appended,
-                      re-compressed to the budget (QR + SVD per module, float64, one thread)
+    flora-stack       FLoRA's round update as the server forms it: `wire_stack`, the
+                      uploads concatenated per module at wire precision plus one float64
+                      coefficient per stacked row; exact (Δ = B diag(c) A)
+    flora-stack-f64   the same stack materialised in float64 (`stack_scaled`), as the
+                      server formed it until the wire stack: 4x the bytes written
+    flora-recompress  next_global from the wire stack: a rank-`--budget` global with the
+                      stack appended, re-compressed to the budget (per module: float64
+                      copy, QR + SVD, one thread)
+    flora-recompress-f64  the same from the float64 stack (the previous server path)
     fedit             FedIT's factor average (every client at rank 16 for this one)
     zeropad           zero-padding to the largest rank, averaged
     flexlora          FLoRA's stack (float32) truncated to the budget
 
-Printed per step: seconds, ratio to `copy` (and flora-stack to `copy-to-stack`), the peak
-RSS above what holding the uploads takes, and for re-compression the seconds per module
-and the relative error the budget drops.
+Printed per step: seconds, ratio to `copy`, the peak RSS above what holding the uploads
+takes, and for re-compression the seconds per module and the relative error the budget
+drops.
 
     .venv/bin/python scripts/bench_aggregate.py                    # 50 clients, 7B shape
     .venv/bin/python scripts/bench_aggregate.py --clients 4 --layers 2 --width 256
@@ -38,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import run_worker
 
-STEPS = ("copy", "copy-to-stack", "flora-stack", "flora-recompress", "fedit", "zeropad",
-         "flexlora")
+STEPS = ("copy", "flora-stack", "flora-stack-f64", "flora-recompress", "flora-recompress-f64",
+         "fedit", "zeropad", "flexlora")
 
 
 def rss_mb() -> float:
@@ -77,6 +81,7 @@ def worker(step: str, clients: int, layers: int, width: int, budget: int, seed: 
         stack_factors,
         stack_scaled,
         truncate_factors,
+        wire_stack,
         zeropad_factors,
     )
 
@@ -86,22 +91,20 @@ def worker(step: str, clients: int, layers: int, width: int, budget: int, seed: 
                    "upload_mb": sum(a.numel() + b.numel() for u in updates
                                     for a, b in u.factors.values()) * 2 / 2**20}
     prev = None
-    if step == "flora-recompress":  # untimed: the stack, and a global at the budget
+    if step.startswith("flora-recompress"):  # untimed: the stack, and a global at the budget
         prev = {m: (a.to(torch.float16), b.to(torch.float16)) for m, (a, b) in
                 stack_scaled(scaled_parts(updates[:budget // 16 or 1], torch.float16)).items()}
         prev, _ = truncate_factors(prev, budget)
-        delta = stack_scaled(scaled_parts(updates, torch.float16))
+        parts = scaled_parts(updates, torch.float16)
+        delta = stack_scaled(parts) if step.endswith("f64") else wire_stack(parts)
     held, start = rss_mb(), time.perf_counter()
     if step == "copy":
         result = [(a.clone(), b.clone()) for u in updates for a, b in u.factors.values()]
-    elif step == "copy-to-stack":
-        modules = list(updates[0].factors)
-        result = {m: (torch.cat([u.factors[m][0].to(torch.float64) for u in updates]),
-                      torch.cat([u.factors[m][1].to(torch.float64) for u in updates], dim=1))
-                  for m in modules}
     elif step == "flora-stack":
+        result = wire_stack(scaled_parts(updates, torch.float16))
+    elif step == "flora-stack-f64":
         result = stack_scaled(scaled_parts(updates, torch.float16))
-    elif step == "flora-recompress":
+    elif step.startswith("flora-recompress"):
         result, dropped = next_global(prev, delta, budget, torch.float16)
         extra["dropped"] = dropped
     elif step == "fedit":
@@ -145,10 +148,8 @@ def main() -> None:
     print(f"Aggregation of {args.clients} clients x {first['modules']} modules ({args.width} x "
           f"{args.width}, mean rank {first['ranks']:.1f}, {first['upload_mb']:.1f} MiB of fp16 "
           f"uploads), rank budget {args.budget}; fastest of {args.repeats} fresh processes")
-    print(f"{'step':<18}{'seconds':>9}{'x copy':>9}{'x copy-to-stack':>17}"
-          f"{'peak above uploads MiB':>24}  notes")
+    print(f"{'step':<22}{'seconds':>9}{'x copy':>9}{'peak above uploads MiB':>24}  notes")
     copy = best.get("copy", {}).get("seconds")
-    to_stack = best.get("copy-to-stack", {}).get("seconds")
     for step, r in best.items():
         notes = ""
         if "dropped" in r:
@@ -157,9 +158,7 @@ def main() -> None:
         if step == "fedit":
             notes += "every client at rank 16"
         ratio = f"{r['seconds'] / copy:.2f}" if copy else "-"
-        ratio_stack = f"{r['seconds'] / to_stack:.2f}" if to_stack else "-"
-        print(f"{step:<18}{r['seconds']:>9.3f}{ratio:>9}{ratio_stack:>17}"
-              f"{r['above_held_mb']:>24.0f}  {notes}")
+        print(f"{step:<22}{r['seconds']:>9.3f}{ratio:>9}{r['above_held_mb']:>24.0f}  {notes}")
 
 
 if __name__ == "__main__":

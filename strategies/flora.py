@@ -32,6 +32,7 @@ from strategies.dp import make_accountant, private_aggregate, spend
 from strategies.lora_math import (
     Factors,
     LoraUpdate,
+    WireStack,
     cat_slots,
     digest,
     join_factors,
@@ -40,7 +41,7 @@ from strategies.lora_math import (
     scaled_parts,
     split_factors,
     split_slots,
-    stack_scaled,
+    wire_stack,
 )
 from strategies.pipe_math import decode_slots, slots_delta
 from strategies.protocol import NO_GLOBAL, GlobalVersion, Increment
@@ -130,12 +131,13 @@ class FLoRA(LoraStrategy):
         return getattr(torch, self.setup.wire_dtype) if self.increments else torch.float32
 
     def round_update(self, server_round: int, updates: list[LoraUpdate]
-                     ) -> tuple[Factors, dict[str, float], list[tuple[float, Factors]] | None]:
-        """This round's Δ as factors, its figures, and its slots (wire dtype; None under DP:
+                     ) -> tuple[Factors | WireStack, dict[str, float],
+                                list[tuple[float, Factors]] | None]:
+        """This round's Δ (factors, or the stack at wire precision), its figures, and its slots (wire dtype; None under DP:
         its differentially private version has no per-client parts)."""
         if self.dp is None:
             parts = scaled_parts(updates, self.held_dtype())
-            return stack_scaled(parts), {}, parts
+            return wire_stack(parts), {}, parts
         generator = torch.Generator().manual_seed(self.seed * 7919 + server_round)
         factors, info = private_aggregate(updates, float(self.dp["clip_norm"]),
                                           float(self.dp["noise_multiplier"]), self.rank_budget,
@@ -200,6 +202,6 @@ def receive_global(version: GlobalVersion, arrays: Mapping[str, torch.Tensor],
                          f"upload ({len(other_ranks)} other slots)")
     slots = split_slots(others, other_ranks)
     slots.insert(inc.own_slot, own)
-    delta = stack_scaled(list(zip(inc.coefficients, slots, strict=True)))
+    delta = wire_stack(list(zip(inc.coefficients, slots, strict=True)))
     factors, _ = next_global(split_factors(held), delta, inc.rank_budget, dtype)
     return join_factors(factors)

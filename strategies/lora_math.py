@@ -156,6 +156,34 @@ def stack_scaled(parts: Sequence[tuple[float, Factors]],
     return out
 
 
+@dataclass(frozen=True)
+class WireStack:
+    """FLoRA's round update at the uploads' precision: per module the uploaded A_k stacked
+    on dim 0 and B_k on dim 1 as they came (the wire dtype), and c_k = p_k s_k once per
+    stacked row, so Δ_m = B_m diag(c_m) A_m = Σ_k c_k B_k A_k exactly.
+
+    Forming it copies the uploads; c is applied in float64 where Δ is used (`scaled_module`:
+    bitwise the values of `stack_scaled` in float64)."""
+
+    factors: Factors
+    coefficients: dict[str, torch.Tensor]  # per module: (Σ r_k,) float64
+
+    def scaled_module(self, module: str, dtype: torch.dtype = torch.float64
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.factors[module]
+        return self.coefficients[module].to(dtype)[:, None] * a.to(dtype), b.to(dtype)
+
+    def scaled(self, dtype: torch.dtype = torch.float64) -> Factors:
+        return {m: self.scaled_module(m, dtype) for m in self.factors}
+
+
+def wire_stack(parts: Sequence[tuple[float, Factors]]) -> WireStack:
+    """`stack_scaled` without its float64 copy: the parts' factors (one dtype) as they are."""
+    coefficients = {m: torch.tensor([c for c, f in parts for _ in range(f[m][0].shape[0])],
+                                    dtype=torch.float64) for m in parts[0][1]}
+    return WireStack(cat_slots([f for _, f in parts]), coefficients)
+
+
 def stack_factors(updates: Sequence[LoraUpdate]) -> Factors:
     """FLoRA stacking: A_s = cat_k(p_k s_k A_k) on dim 0, B_s = cat_k(B_k) on dim 1 (fp32).
 
@@ -246,23 +274,34 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def next_global(prev: Factors, increment: Factors, budget: int,
+def next_global(prev: Factors, increment: Factors | WireStack, budget: int,
                 dtype: torch.dtype) -> tuple[Factors, float]:
     """FLoRA's global after a round: G_t = truncate(append(G_{t-1}, Δ_t), budget), in
     float64 on one CPU thread, cast to `dtype` (the wire dtype); and the error dropped.
 
+    Module by module: one module's float64 copy is alive at a time (a 7B-shaped round
+    needs the wire-precision stack and one module's working set, not all in float64).
+
     The server defines G_t this way and a returning client recomputes it from the same
     inputs (its held G_{t-1} and the round's Δ_t, both at wire precision), so the two agree
     bitwise on one platform (same torch and LAPACK build, same thread count: pinned here).
-    Across platforms LAPACK may round the last bits differently, or pick other signs (or,
-    for repeated singular values, other bases) for the singular vectors: the factors then
-    differ, but only the products B @ A enter the model, and those agree to rounding.
+    Across platforms LAPACK may round differently or pick other signs (or bases, for repeated
+    singular values): the factors differ, but the products B @ A agree to rounding.
     """
+    out: Factors = {}
+    worst = 0.0
     with _one_thread():
-        grown = append_factors({m: (a.double(), b.double()) for m, (a, b) in prev.items()},
-                               {m: (a.double(), b.double()) for m, (a, b) in increment.items()})
-        truncated, dropped = truncate_factors(grown, budget)
-    return {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in truncated.items()}, dropped
+        stack = increment if isinstance(increment, WireStack) else None
+        for module in stack.factors if stack else increment:
+            a, b = stack.scaled_module(module) if stack else map(torch.Tensor.double,
+                                                                 increment[module])
+            if prev:  # G_{t-1} beside Δ_t
+                a = torch.cat([prev[module][0].double(), a], dim=0)
+                b = torch.cat([prev[module][1].double(), b], dim=1)
+            a, b, dropped = truncate_lowrank(a, b, budget)
+            out[module] = (a.to(dtype), b.to(dtype))
+            worst = max(worst, dropped)
+    return out, worst
 
 
 def digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -359,26 +398,3 @@ def average_b(updates: Sequence[LoraUpdate]) -> dict[str, torch.Tensor]:
     ps = normalized_weights([u.weight for u in updates])
     return {module: sum(p * u.factors[module][1].float() for p, u in zip(ps, updates))
             for module in updates[0].factors}  # type: ignore[misc]
-
-
-def fold_in(global_factors: Factors, total_weight: float, late: LoraUpdate) -> Factors:
-    """Add a late client to a stacked aggregate of clients whose weights summed to
-    `total_weight`: the result equals stacking everyone at once (aggregation is a sum)."""
-    new_total = total_weight + late.weight
-    keep, share = total_weight / new_total, late.weight / new_total
-    out: Factors = {}
-    for module, (a_g, b_g) in global_factors.items():
-        a_l, b_l = late.factors[module]
-        out[module] = (torch.cat([keep * a_g.float(), share * late.scaling * a_l.float()]),
-                       torch.cat([b_g.float(), b_l.float()], dim=1))
-    return out
-
-
-def fold_in_average(global_factors: Factors, total_weight: float, late: LoraUpdate) -> Factors:
-    """The averaging counterpart of `fold_in`: A and B re-averaged with the late client's
-    weight, equal to averaging all clients at once (same rank and scaling required)."""
-    new_total = total_weight + late.weight
-    keep, share = total_weight / new_total, late.weight / new_total
-    return {m: (keep * a.float() + share * late.factors[m][0].float(),
-                keep * b.float() + share * late.factors[m][1].float())
-            for m, (a, b) in global_factors.items()}

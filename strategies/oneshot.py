@@ -4,7 +4,7 @@ With `budget_rounds: R` (the config's `num_rounds`), each client trains
 R × `train.local_steps` steps from the same base, once; the server aggregates once, by stacking (`combine: stack`, exact, any
 ranks) or by averaging the factors (`combine: average`, one rank), and broadcasts nothing.
 Aggregation is a weighted sum, so a client that answers late can be folded in afterwards
-(`fold_in` / `fold_in_average`, and `python -m fedapp.tools.late_merge`).
+(`strategies.late_math.fold_in` / `fold_in_average`, and `python -m fedapp.tools.late_merge`).
 """
 
 from __future__ import annotations

@@ -20,12 +20,10 @@ on the server before any training and a bad message is refused by the client.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Self
 
-from flwr.app import ConfigRecord
+from strategies.records import Record, config_key, is_int, is_number, require
 
 QUANTIZATIONS = ("nf4", "none")
 PARTITIONERS = ("iid", "dirichlet", "natural")
@@ -58,68 +56,8 @@ def alpha_for(r: int, alpha_ratio: float) -> float:
     return alpha_ratio * r
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def require(ok: bool, key: str, value: object, allowed: str) -> None:
-    """Raise ValueError "key=value; allowed: ..." unless `ok`: how every config error reads."""
-    if not ok:
-        raise ValueError(f"{key}={value!r}; allowed: {allowed}")
-
-
-def _key(obj: object, name: str) -> str:
-    """The config key a field's value comes from (its `config` metadata)."""
-    return next(f.metadata.get("config", name) for f in dataclasses.fields(obj)  # type: ignore[arg-type]
-                if f.name == name)
-
-
-class _Record:
-    """Flat ConfigRecord (de)serialisation of a frozen dataclass: kebab-case keys, tuples as
-    comma-joined strings, nested dataclasses under their field's prefix."""
-
-    def to_dict(self, prefix: str = "") -> dict[str, Any]:
-        record: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value, key = getattr(self, f.name), prefix + f.name.replace("_", "-")
-            if isinstance(value, _Record):
-                record.update(value.to_dict(key + "-"))
-            elif value is None:
-                continue  # an absent optional part
-            elif isinstance(value, tuple):  # lists would break ConfigRecord.count_bytes
-                record[key] = ",".join(map(str, value))  # str(float) round-trips exactly
-            else:
-                record[key] = value
-        return record
-
-    def to_config(self) -> ConfigRecord:
-        return ConfigRecord(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, record: Any, prefix: str = "") -> Self:
-        """Parse what `to_dict` wrote, naming a missing key; values are validated."""
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            key = prefix + f.name.replace("_", "-")
-            nested = f.metadata.get("record")
-            if nested is not None:
-                if f.metadata.get("optional") and not any(k.startswith(key + "-") for k in record):
-                    continue
-                kwargs[f.name] = nested.from_dict(record, key + "-")
-                continue
-            if key not in record:
-                raise KeyError(f"message config lacks '{key}'")
-            value = record[key]
-            kwargs[f.name] = tuple(value.split(",")) if f.metadata.get("tuple") else value
-        return cls(**kwargs)
-
-
 @dataclass(frozen=True)
-class DataSpec(_Record):
+class DataSpec(Record):
     """Which records, which columns, and how the held-out split is drawn."""
 
     path: str = field(default=DEFAULT_DATASET, metadata={
@@ -133,18 +71,18 @@ class DataSpec(_Record):
     seed: int = field(default=0, metadata={"config": "seed"})
 
     def __post_init__(self) -> None:
-        require(bool(self.path), _key(self, "path"), self.path, "a non-empty path or name")
+        require(bool(self.path), config_key(self, "path"), self.path, "a non-empty path or name")
         for name in ("instruction_column", "response_column"):
             value = getattr(self, name)
-            require(isinstance(value, str) and bool(value), _key(self, name), value,
+            require(isinstance(value, str) and bool(value), config_key(self, name), value,
                      "a column name")
-        require(_is_number(self.test_fraction) and 0 < self.test_fraction < 1,
-                 _key(self, "test_fraction"), self.test_fraction, "0 < x < 1")
-        require(_is_int(self.seed), _key(self, "seed"), self.seed, "an integer")
+        require(is_number(self.test_fraction) and 0 < self.test_fraction < 1,
+                 config_key(self, "test_fraction"), self.test_fraction, "0 < x < 1")
+        require(is_int(self.seed), config_key(self, "seed"), self.seed, "an integer")
 
 
 @dataclass(frozen=True)
-class RunSetup(_Record):
+class RunSetup(Record):
     """Everything a client needs that stays the same for the whole run."""
 
     model_path: str = field(metadata={"config": "model.path"})
@@ -171,34 +109,34 @@ class RunSetup(_Record):
     data: DataSpec = field(default_factory=DataSpec, metadata={"record": DataSpec})
 
     def __post_init__(self) -> None:
-        require(not isinstance(self.target_modules, str), _key(self, "target_modules"),
+        require(not isinstance(self.target_modules, str), config_key(self, "target_modules"),
                  self.target_modules, "a non-empty list of module names")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         require(isinstance(self.model_path, str) and bool(self.model_path),
-                 _key(self, "model_path"), self.model_path,
+                 config_key(self, "model_path"), self.model_path,
                  "a Hugging Face model folder, a Hub id, or 'smollm2-135m-instruct'")
-        require(self.quantization in QUANTIZATIONS, _key(self, "quantization"),
+        require(self.quantization in QUANTIZATIONS, config_key(self, "quantization"),
                  self.quantization, str(list(QUANTIZATIONS)))
         require(bool(self.target_modules) and all(isinstance(m, str) and m and "," not in m
                                                    for m in self.target_modules),
-                 _key(self, "target_modules"), list(self.target_modules),
+                 config_key(self, "target_modules"), list(self.target_modules),
                  "a non-empty list of module names")
-        require(_is_number(self.lr) and self.lr > 0, _key(self, "lr"), self.lr, "a number > 0")
+        require(is_number(self.lr) and self.lr > 0, config_key(self, "lr"), self.lr, "a number > 0")
         for name in ("batch_size", "max_length"):
             value = getattr(self, name)
-            require(_is_int(value) and value > 0, _key(self, name), value, "a positive integer")
-        require(self.partitioner in PARTITIONERS, _key(self, "partitioner"), self.partitioner,
+            require(is_int(value) and value > 0, config_key(self, name), value, "a positive integer")
+        require(self.partitioner in PARTITIONERS, config_key(self, "partitioner"), self.partitioner,
                  str(list(PARTITIONERS)))
         if self.partitioner == "dirichlet":
-            require(_is_number(self.partitioner_alpha) and self.partitioner_alpha > 0,
-                     _key(self, "partitioner_alpha"), self.partitioner_alpha, "> 0")
-        require(self.wire_dtype in WIRE_DTYPES, _key(self, "wire_dtype"), self.wire_dtype,
+            require(is_number(self.partitioner_alpha) and self.partitioner_alpha > 0,
+                     config_key(self, "partitioner_alpha"), self.partitioner_alpha, "> 0")
+        require(self.wire_dtype in WIRE_DTYPES, config_key(self, "wire_dtype"), self.wire_dtype,
                  str(list(WIRE_DTYPES)))
-        require(_is_int(self.num_threads) and self.num_threads >= 0, _key(self, "num_threads"),
+        require(is_int(self.num_threads) and self.num_threads >= 0, config_key(self, "num_threads"),
                  self.num_threads, "an integer >= 0")
-        require(self.loss in LOSSES, _key(self, "loss"), self.loss, str(list(LOSSES)))
+        require(self.loss in LOSSES, config_key(self, "loss"), self.loss, str(list(LOSSES)))
         for name in ("gradient_checkpointing", "release_memory"):
-            require(isinstance(getattr(self, name), bool), _key(self, name),
+            require(isinstance(getattr(self, name), bool), config_key(self, name),
                      getattr(self, name), "true or false")
         if self.partitioner != "iid":
             require(bool(self.data.label_column), "dataset.label_column",
@@ -207,7 +145,7 @@ class RunSetup(_Record):
 
 
 @dataclass(frozen=True)
-class PruneOrder(_Record):
+class PruneOrder(Record):
     """FedSpine: the device's copy, at the structure it `reached` (sent as "units", pruned to
     `reached` of the full model's attention / MLP parameters), is pruned on to `ratio` in
     `slices` slices, tuning LoRA `tune_steps` steps after each slice (within the round's
@@ -223,19 +161,19 @@ class PruneOrder(_Record):
     calibration: int = field(default=8, metadata={"config": "strategy.prune.calibration"})
 
     def __post_init__(self) -> None:
-        require(_is_number(self.ratio) and 0 <= self.ratio < 1, _key(self, "ratio"),
+        require(is_number(self.ratio) and 0 <= self.ratio < 1, config_key(self, "ratio"),
                  self.ratio, "0 <= ratio < 1")
-        require(_is_number(self.reached) and 0 <= self.reached <= self.ratio,
-                 _key(self, "reached"), self.reached, f"0 <= reached <= ratio ({self.ratio})")
-        require(self.criterion in CRITERIA, _key(self, "criterion"), self.criterion,
+        require(is_number(self.reached) and 0 <= self.reached <= self.ratio,
+                 config_key(self, "reached"), self.reached, f"0 <= reached <= ratio ({self.ratio})")
+        require(self.criterion in CRITERIA, config_key(self, "criterion"), self.criterion,
                  str(list(CRITERIA)))
         for name in ("slices", "tune_steps", "calibration"):
             value = getattr(self, name)
-            require(_is_int(value) and value >= 1, _key(self, name), value, "an int >= 1")
+            require(is_int(value) and value >= 1, config_key(self, name), value, "an int >= 1")
 
 
 @dataclass(frozen=True)
-class ZoOrder(_Record):
+class ZoOrder(Record):
     """FedKSeed: train the LoRA's B by zeroth-order steps, each along the perturbation of
     one of `seeds` candidate seeds of run `run_seed` (drawn by `sampling`), with step `lr`
     and perturbation scale `eps`; the arrays are the K accumulated scalars
@@ -248,19 +186,19 @@ class ZoOrder(_Record):
     run_seed: int = field(metadata={"config": "seed"})
 
     def __post_init__(self) -> None:
-        require(_is_int(self.seeds) and self.seeds >= 1, _key(self, "seeds"), self.seeds,
+        require(is_int(self.seeds) and self.seeds >= 1, config_key(self, "seeds"), self.seeds,
                  "an int >= 1 (K candidate seeds)")
         for name in ("eps", "lr"):
             value = getattr(self, name)
-            require(_is_number(value) and value > 0, _key(self, name), value,
+            require(is_number(value) and value > 0, config_key(self, name), value,
                      "a finite number > 0")
-        require(self.sampling in ZO_SAMPLINGS, _key(self, "sampling"), self.sampling,
+        require(self.sampling in ZO_SAMPLINGS, config_key(self, "sampling"), self.sampling,
                  str(list(ZO_SAMPLINGS)))
-        require(_is_int(self.run_seed), _key(self, "run_seed"), self.run_seed, "an integer")
+        require(is_int(self.run_seed), config_key(self, "run_seed"), self.run_seed, "an integer")
 
 
 @dataclass(frozen=True)
-class PipeOrder(_Record):
+class PipeOrder(Record):
     """FedPipe: the device's adapter structure, one LoRA rank per target module of the
     model in sorted peft-key order (`strategies.pipe_math.module_order`); 0: no LoRA on that
     module. Every module's lora_alpha is alpha_ratio · its rank, so all share one scaling."""
@@ -273,13 +211,13 @@ class PipeOrder(_Record):
         except (TypeError, ValueError):
             ranks = ()
         require(bool(ranks) and all(r >= 0 for r in ranks) and any(ranks),
-                 _key(self, "ranks"), self.ranks, "one rank >= 0 per target module, at "
+                 config_key(self, "ranks"), self.ranks, "one rank >= 0 per target module, at "
                  "least one of them > 0")
         object.__setattr__(self, "ranks", ranks)
 
 
 @dataclass(frozen=True)
-class TrainOrder(_Record):
+class TrainOrder(Record):
     """One client's orders for one round."""
 
     server_round: int
@@ -301,15 +239,15 @@ class TrainOrder(_Record):
                                                            "optional": True})
 
     def __post_init__(self) -> None:
-        require(_is_int(self.server_round) and self.server_round >= 1,
+        require(is_int(self.server_round) and self.server_round >= 1,
                  "server-round", self.server_round, "an int >= 1")
-        require(_is_int(self.lora_r) and self.lora_r > 0, _key(self, "lora_r"), self.lora_r,
+        require(is_int(self.lora_r) and self.lora_r > 0, config_key(self, "lora_r"), self.lora_r,
                  "a positive integer")
-        require(_is_number(self.lora_alpha) and self.lora_alpha > 0, _key(self, "lora_alpha"),
+        require(is_number(self.lora_alpha) and self.lora_alpha > 0, config_key(self, "lora_alpha"),
                  self.lora_alpha, "a number > 0 (lora_alpha = alpha_ratio · r)")
-        require(_is_int(self.local_steps) and self.local_steps > 0, _key(self, "local_steps"),
+        require(is_int(self.local_steps) and self.local_steps > 0, config_key(self, "local_steps"),
                  self.local_steps, "a positive integer")
-        require(_is_int(self.seed), _key(self, "seed"), self.seed, "an integer")
+        require(is_int(self.seed), config_key(self, "seed"), self.seed, "an integer")
         require(self.global_mode in GLOBAL_MODES, "global-mode", self.global_mode,
                  str(list(GLOBAL_MODES)))
         require(isinstance(self.train_lora_a, bool), "train-lora-a", self.train_lora_a,
@@ -325,7 +263,7 @@ class TrainOrder(_Record):
                     self.pipe, f"a per-module structure whose largest rank is lora_r "
                     f"({self.lora_r}), unpruned, first-order, on the client's own data")
         if self.prune is not None:
-            require(self.prune.slices <= self.local_steps, _key(self.prune, "slices"),
+            require(self.prune.slices <= self.local_steps, config_key(self.prune, "slices"),
                      self.prune.slices, f"at most train.local_steps={self.local_steps} (every "
                      "slice is tuned at least one step)")
             require(not self.pooled, "pooled", self.pooled, "false in a pruned round (the "
@@ -341,7 +279,7 @@ class TrainOrder(_Record):
 
 
 @dataclass(frozen=True)
-class Increment(_Record):
+class Increment(Record):
     """The arrays are round `version`'s stacked update Δ less the receiving client's own
     slot: the other slots side by side (lora_A rows, lora_B columns), in slot order.
 
@@ -363,22 +301,22 @@ class Increment(_Record):
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
         object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
-        require(_is_int(self.rank_budget) and self.rank_budget > 0, "increment-rank-budget",
+        require(is_int(self.rank_budget) and self.rank_budget > 0, "increment-rank-budget",
                  self.rank_budget, "a positive integer")
         require(bool(self.ranks) and all(r > 0 for r in self.ranks), "increment-ranks",
                  self.ranks, "positive ranks, one per slot")
         require(len(self.coefficients) == len(self.ranks)
                 and all(map(math.isfinite, self.coefficients)), "increment-coefficients",
                  self.coefficients, f"{len(self.ranks)} finite numbers, one per slot")
-        require(_is_int(self.own_slot) and 0 <= self.own_slot < len(self.ranks),
+        require(is_int(self.own_slot) and 0 <= self.own_slot < len(self.ranks),
                  "increment-own-slot", self.own_slot, f"0 <= slot < {len(self.ranks)}")
         require(isinstance(self.per_module, bool), "increment-per-module", self.per_module,
                 "true or false")
-        require(_is_number(self.scaling), "increment-scaling", self.scaling, "a finite number")
+        require(is_number(self.scaling), "increment-scaling", self.scaling, "a finite number")
 
 
 @dataclass(frozen=True)
-class GlobalVersion(_Record):
+class GlobalVersion(Record):
     """Which global update a train message's arrays give: version t is the global after
     round t (0: none yet). Without `increment` the arrays are all of it; with one, they
     take a client from version − 1 to `version`."""
@@ -388,7 +326,7 @@ class GlobalVersion(_Record):
                                                                 "optional": True})
 
     def __post_init__(self) -> None:
-        require(_is_int(self.version) and self.version >= 0, "global-version", self.version,
+        require(is_int(self.version) and self.version >= 0, "global-version", self.version,
                  "an int >= 0")
         require(self.increment is None or self.version >= 1, "global-version", self.version,
                  "an int >= 1 with an increment (it follows version - 1)")

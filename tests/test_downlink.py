@@ -28,6 +28,7 @@ from strategies.lora_math import (
     split_factors,
     split_slots,
     stack_scaled,
+    wire_stack,
 )
 from strategies.protocol import (
     GLOBAL,
@@ -109,6 +110,41 @@ def test_next_global_past_budget_is_the_best_rank_k_of_the_sum():
         torch.testing.assert_close(product(got, m), (u[:, :5] * s[:5]) @ vh[:5],
                                    rtol=1e-10, atol=1e-10)
     assert 0 < dropped < 1
+
+
+def test_the_wire_stack_is_a_copy_whose_scaled_values_equal_the_float64_stack_bitwise():
+    # Prepare: fp16 uploads of ranks 2, 3 and 1 with coefficients that round in float64
+    parts = list(zip((0.1, 1 / 3, 0.7), factors([2, 3, 1], seed=7), strict=True))
+
+    # Execute
+    stack = wire_stack(parts)
+
+    # Assert: the factors are the uploads as they came (fp16), one coefficient per row,
+    # and scaling them gives exactly stack_scaled's float64 values
+    want = stack_scaled(parts)
+    for m in MODULES:
+        a, b = stack.factors[m]
+        assert a.dtype == b.dtype == torch.float16
+        assert torch.equal(a, torch.cat([f[m][0] for _, f in parts]))
+        assert stack.coefficients[m].tolist() == [0.1, 0.1, 1 / 3, 1 / 3, 1 / 3, 0.7]
+        got_a, got_b = stack.scaled()[m]
+        assert torch.equal(got_a, want[m][0]) and torch.equal(got_b, want[m][1])
+
+
+@pytest.mark.parametrize("budget", [12, 5])
+def test_next_global_from_the_wire_stack_equals_it_from_the_float64_stack(budget):
+    # Prepare: G_{t-1} of rank 6; Δ of ranks 4 + 2; within the budget (12) and past it (5)
+    prev = factors([6], seed=8)[0]
+    parts = list(zip((0.25, 0.75), factors([4, 2], seed=9), strict=True))
+
+    # Execute
+    lazy, lazy_dropped = next_global(prev, wire_stack(parts), budget, torch.float16)
+    dense, dense_dropped = next_global(prev, stack_scaled(parts), budget, torch.float16)
+
+    # Assert: bitwise the same global and the same dropped error
+    assert lazy_dropped == dense_dropped
+    for m in MODULES:
+        assert torch.equal(lazy[m][0], dense[m][0]) and torch.equal(lazy[m][1], dense[m][1])
 
 
 def test_the_signs_of_the_held_factors_do_not_change_the_next_global():

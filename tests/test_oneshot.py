@@ -7,14 +7,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
+from strategies.late_math import fold_in, fold_in_average
 from strategies.lora_math import (
     LORA_A,
     LORA_B,
     LoraUpdate,
     exact_delta,
     fedavg_factors,
-    fold_in,
-    fold_in_average,
     split_factors,
     stack_factors,
 )

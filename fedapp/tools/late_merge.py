@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from strategies.late_math import fold_in, fold_in_average
 from strategies.lora_math import (
     LoraUpdate,
-    fold_in,
-    fold_in_average,
     join_factors,
     rank_of,
     split_factors,
