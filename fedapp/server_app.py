@@ -27,6 +27,7 @@ from fedapp.llm.model import cached_base, cached_tokenizer, default_device, reso
 from fedapp.pruning.structure import check_prunable
 from fedapp.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedapp.server.deployed import DeployedEvaluator, export_deployments
+from fedapp.server.emulator import prepare_emulator
 from fedapp.server.evaluate import (
     evaluate_adapter,
     export_adapter,
@@ -138,6 +139,9 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = No
     targets = list(cfg.lora.target_modules)
     examples, choice_items, ranking_items = evaluation_sets(cfg, tokenizer)
     strategy = build_strategy(cfg, target_module_shapes(base, targets))
+    if strategy.emulates:  # FedBiOT: its emulator's layers and alignment, before round 1
+        prepare_emulator(strategy, base, tokenizer, int(cfg.train.max_length),
+                         int(cfg.train.batch_size), targets)
     if strategy.prunes:  # a family the pruning does not know fails here, not mid-round
         check_prunable(base)
     recorder = RunRecorder(run_dir, strategy.name)

@@ -15,6 +15,7 @@ _CLASSES = {
     "Centralized": "centralized",
     "FFALoRA": "ffa",
     "FLoRA": "flora",
+    "FedBiOT": "fedbiot",
     "FedIT": "fedit",
     "FedKSeed": "fedkseed",
     "FedPipe": "fedpipe",
@@ -25,7 +26,7 @@ _CLASSES = {
     "ZeroPad": "zeropad",
 }
 
-__all__ = ["Centralized", "FFALoRA", "FLoRA", "FedIT", "FedKSeed", "FedPipe", "FedSpine",
+__all__ = ["Centralized", "FFALoRA", "FLoRA", "FedBiOT", "FedIT", "FedKSeed", "FedPipe", "FedSpine",
            "FlexLoRA", "LoraStrategy", "OneShot", "ZeroPad"]
 
 

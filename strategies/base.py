@@ -82,15 +82,15 @@ class LoraStrategy(FedAvg):
         alpha_ratio: lora_alpha = alpha_for(r, alpha_ratio) for each client.
         seed: seeds client sampling and each round's client seeds.
         wait_seconds: how long to wait for `min_available_nodes` before giving up.
-        devices: device profile per partition id (cycled): each accepted client's
-            completion time (`completion-seconds` in the round log) follows its profile;
-            None: measured compute plus transfer at 20 / 100 Mbit/s.
+        devices: device profile per partition id (cycled): an accepted client's completion
+            time (`completion-seconds`) follows it; None: compute + transfer at 20/100 Mbit/s.
     """
 
     name = "lora"
     global_mode = "none"  # how clients use the global arrays: see protocol.GLOBAL_MODES
     picks_ranks = False  # True: the strategy picks each client's rank (FedSpine): no `ranks`
     supports_dp = False  # True: accepts a `dp` config (client-level DP, strategies.dp)
+    emulates = False  # True: clients run an emulator the ServerApp prepares (FedBiOT)
     prunes = False  # True: clients prune the base structurally (FedSpine): the model must allow it
 
     def __init__(self, setup: RunSetup, module_shapes: Mapping[str, tuple[int, int]], *,

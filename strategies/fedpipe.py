@@ -86,6 +86,7 @@ class FedPipe(FLoRA):
     supports_dp = False
     picks_ranks = True  # each device's structure follows its budget and importance
     increments = True  # a returning client gets the round's other slots (per module)
+    grid_key = "strategy.rank_grid"  # the config key of the ranks, in errors
 
     def __init__(self, *args, rank_grid: Sequence[int] = (4, 8, 16),
                  step_seconds: float | None = None, min_share: float = 0.25,
@@ -99,7 +100,7 @@ class FedPipe(FLoRA):
                                for r in grid):
             raise ValueError(f"strategy.rank_grid={grid}; allowed: a non-empty list of "
                              "positive integers")
-        self.check_ranks(grid, "strategy.rank_grid")
+        self.check_ranks(grid, self.grid_key)
         if self.rank_budget < max(grid):
             raise ValueError(f"strategy.rank_budget={self.rank_budget} is below the largest "
                              f"grid rank {max(grid)}; allowed: >= {max(grid)}")

@@ -201,9 +201,14 @@ class ZoOrder(Record):
 class PipeOrder(Record):
     """FedPipe: the device's adapter structure, one LoRA rank per target module of the
     model in sorted peft-key order (`strategies.pipe_math.module_order`); 0: no LoRA on that
-    module. Every module's lora_alpha is alpha_ratio · its rank, so all share one scaling."""
+    module. Every module's lora_alpha is alpha_ratio · its rank, so all share one scaling.
+    FedBiOT: `layers` names the decoder layers the device runs (its emulator and adapter;
+    the others are skipped and never loaded) and `ranks` covers those layers' modules only;
+    empty: every layer."""
 
     ranks: tuple[int, ...] = field(metadata={"config": "pipe-ranks", "tuple": True})
+    layers: tuple[int, ...] = field(default=(), metadata={"config": "pipe-layers",
+                                                          "tuple": True})
 
     def __post_init__(self) -> None:
         try:
@@ -214,6 +219,13 @@ class PipeOrder(Record):
                  config_key(self, "ranks"), self.ranks, "one rank >= 0 per target module, at "
                  "least one of them > 0")
         object.__setattr__(self, "ranks", ranks)
+        try:
+            layers = tuple(int(i) for i in self.layers if i != "")
+        except (TypeError, ValueError):
+            layers = (-1,)
+        require(all(i >= 0 for i in layers) and list(layers) == sorted(set(layers)),
+                 config_key(self, "layers"), self.layers, "ascending layer indices >= 0")
+        object.__setattr__(self, "layers", layers)
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,10 @@ def test_default_config_composes_to_the_documented_run():
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("strategy=nope", ("allowed: ['centralized', 'fedit', 'fedkseed', 'fedpipe', 'fedspine', "
-                       "'ffa', 'flexlora', 'flora', 'oneshot', 'zeropad']")),
+    ("strategy=nope", ("allowed: ['centralized', 'fedbiot', 'fedit', 'fedkseed', 'fedpipe', "
+                       "'fedspine', 'ffa', 'flexlora', 'flora', 'oneshot', 'zeropad']")),
+    ("strategy=fedbiot strategy.emulator_layers=0", "an emulator with zero layers kept"),
+    ("strategy=fedbiot strategy.adapter_layers=0", "strategy.adapter_layers=0; allowed: "),
     ("eval.ranking_examples=-1", "eval.ranking_examples=-1; allowed: an integer >= 0"),
     ("eval.ranking_k=0", "eval.ranking_k=0; allowed: an integer >= 1"),
     ("eval.generate_examples=2.5", "eval.generate_examples=2.5; allowed: a number (int)"),
@@ -74,8 +76,8 @@ def test_fedit_refuses_heterogeneous_ranks():
 
 
 def test_strategy_conf_files_are_the_known_strategies():
-    assert STRATEGY_NAMES == ["centralized", "fedit", "fedkseed", "fedpipe", "fedspine", "ffa",
-                              "flexlora", "flora", "oneshot", "zeropad"]
+    assert STRATEGY_NAMES == ["centralized", "fedbiot", "fedit", "fedkseed", "fedpipe",
+                              "fedspine", "ffa", "flexlora", "flora", "oneshot", "zeropad"]
 
 
 @pytest.mark.parametrize("name", STRATEGY_NAMES)

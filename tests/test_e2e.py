@@ -129,7 +129,8 @@ def test_flwr_run_fedspine_on_unequal_devices(tiny_model_dir, tmp_path, flwr_env
 
 
 @pytest.mark.parametrize("strategy", ["flora", "fedit", "zeropad", "flexlora", "ffa", "oneshot",
-                                      "fedspine", "centralized", "fedkseed", "fedpipe"])
+                                      "fedspine", "centralized", "fedkseed", "fedpipe",
+                                      "fedbiot"])
 def test_every_strategy_completes_under_partial_participation(strategy, tiny_model_dir,
                                                              tmp_path, flwr_env):
     """scenario=partial: 2 of 4 clients a round, so a round can miss the highest rank (the
@@ -139,6 +140,11 @@ def test_every_strategy_completes_under_partial_participation(strategy, tiny_mod
                  "eval.max_examples=8 partitioner=iid")
     if strategy in ("flora", "zeropad", "flexlora"):
         overrides += " strategy.ranks=[2,4,8,4]"
+    if strategy == "fedbiot":  # 4 layers: the emulator keeps 1 of the 3 below the adapter
+        deep = build_tiny_model(tmp_path / "deep", layers=4)
+        overrides = overrides.replace(f"model.path={tiny_model_dir}", f"model.path={deep}") + (
+            " strategy.adapter_layers=1 strategy.emulator_layers=1 strategy.rank=4 "
+            "strategy.align_steps=2 strategy.public_examples=4")
 
     proc = submit(flwr_env, overrides, tmp_path / "run", clients=4)
 
@@ -149,6 +155,9 @@ def test_every_strategy_completes_under_partial_participation(strategy, tiny_mod
     for row in rows[1:]:
         assert row["clients"] and {c["status"] for c in row["clients"].values()} == {"ok"}
         assert row["accepted"] == len(row["clients"]) and math.isfinite(row["eval-loss"])
+        if strategy == "fedbiot":  # rank 4 on the adapter layer's q, o (64 x 64), k, v (32 x 64)
+            assert {c["lora-params"] for c in row["clients"].values()} == {
+                2 * 4 * (64 + 64) + 2 * 4 * (32 + 64)}
         if strategy == "fedkseed":  # a pair per step up, K = 1024 float64 scalars down
             assert all(c["bytes-up"] < 1024 and c["bytes-down"] < 16 * 1024
                        for c in row["clients"].values())

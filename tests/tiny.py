@@ -49,27 +49,28 @@ def _tokenizer(family: str):
     return tokenizer
 
 
-def _config(family: str, tokenizer):
+def _config(family: str, tokenizer, layers: int = 2):
     from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
     ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
            "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None
            else tokenizer.eos_token_id}
     shape = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
              "max_position_embeddings": 256, "tie_word_embeddings": True, **ids}
     if family == "gemma3":
         return Gemma3TextConfig(**shape, head_dim=16, query_pre_attn_scalar=16,
-                                sliding_window=32, layer_types=["sliding_attention",
-                                                                "full_attention"])
+                                sliding_window=32, layer_types=(
+                                    ["sliding_attention", "full_attention"] * layers)[:layers])
     if family == "qwen2":
         return Qwen2Config(**shape)
     return LlamaConfig(**shape)
 
 
-def build_tiny_model(out_dir: Path, seed: int = 0, family: str = "llama") -> Path:
-    """Write a ≈200k-parameter model of `family` (2 layers, 4 heads, 2 KV heads) and its
-    tokenizer into `out_dir`; `from_pretrained(out_dir)` loads both."""
+def build_tiny_model(out_dir: Path, seed: int = 0, family: str = "llama",
+                     layers: int = 2) -> Path:
+    """Write a ≈200k-parameter model of `family` (`layers` layers, 4 heads, 2 KV heads) and
+    its tokenizer into `out_dir`; `from_pretrained(out_dir)` loads both."""
     from transformers import AutoModelForCausalLM
 
     if family not in FAMILIES:
@@ -78,7 +79,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0, family: str = "llama") -> Pat
     tokenizer = _tokenizer(family)
     tokenizer.save_pretrained(out_dir)
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(_config(family, tokenizer)).save_pretrained(out_dir)
+    AutoModelForCausalLM.from_config(_config(family, tokenizer, layers)).save_pretrained(out_dir)
     return out_dir
 
 

@@ -2,7 +2,8 @@
 
     setup + order + global arrays -> trained LoRA (+ kept indices when pruned) and metrics
 
-1. The base: the process's cached 4-bit base when nothing is pruned; for a pruning order,
+1. The base: the process's cached 4-bit base when nothing is pruned (a FedBiOT order: its
+   emulator, `fedapp.llm.emulator`, only the ordered layers loaded); for a pruning order,
    this device's copy at the structure the server says it reached (`units`,
    `fedapp.pruning.units`): the process's copy if it holds one, else rebuilt by slicing a
    fresh copy of the base (`fedapp.client.pruned`).
@@ -48,6 +49,7 @@ from fedapp.client.pruned import (
 )
 from fedapp.llm.adapters import PEFT_PREFIX, lora_state, target_module_shapes, with_lora
 from fedapp.llm.data import collate, train_batches
+from fedapp.llm.emulator import cached_emulator
 from fedapp.llm.loss import lm_loss
 from fedapp.llm.memory import peak_rss_mb, return_freed_memory
 from fedapp.llm.model import cached_base, default_device, load_base
@@ -138,6 +140,9 @@ def round_base(setup: RunSetup, order: TrainOrder, partition_id: int, num_partit
     # A copy is reused only by the same run setup (model, targets, data), partition, device
     # and structure.
     key = (setup, num_partitions, partition_id, device, units_key(units))
+    if order.pipe is not None and order.pipe.layers:  # FedBiOT: the emulator, never the base
+        return key, cached_emulator(setup.model_path, setup.quantization, device,
+                                    order.pipe.layers), None, False
     if prune is None or (prune.ratio == 0 and not units):
         return key, cached_base(setup.model_path, setup.quantization, device), None, False
     if (copy := take_copy(key)) is not None:

@@ -1,0 +1,86 @@
+"""Pure math of FedBiOT (`strategies.fedbiot`): which layers the emulator keeps, the
+frozen adapter a client receives, and the emulator's alignment loss.
+
+The model's N decoder layers split into the bottom N − a and the top a (the adapter, which
+clients fine-tune with LoRA). The emulator replaces the bottom part by `keep` of its layers:
+the ones that change the residual stream most, by LLM-Drop's score 1 − cos(x, x + f(x))
+summed over a layer's attention and MLP blocks (a layer whose output is closest to its
+input is dropped first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from strategies.lora_math import Factors
+
+
+def layer_scores(block_scores: Mapping[tuple[int, str], float], num_layers: int) -> list[float]:
+    """Per decoder layer, the sum of its blocks' scores ((layer, kind) -> score)."""
+    scores = [0.0] * num_layers
+    for (layer, _kind), value in block_scores.items():
+        scores[layer] += float(value)
+    return scores
+
+
+def emulator_layers(scores: Sequence[float], adapter_layers: int, keep: int) -> tuple[int, ...]:
+    """The layers the emulator runs, ascending: the `keep` highest-scoring of the bottom
+    N − `adapter_layers` (ties: the lower layer) and all `adapter_layers` top ones.
+
+    ValueError for an adapter of no layer or of every layer, and for an emulator that keeps
+    no layer or more than the bottom part has."""
+    n = len(scores)
+    if not 0 < adapter_layers < n:
+        raise ValueError(f"strategy.adapter_layers={adapter_layers}; allowed: 1..{n - 1} "
+                         f"(the model has {n} decoder layers; the rest form the emulator)")
+    bottom = n - adapter_layers
+    if not 0 < keep <= bottom:
+        raise ValueError(f"strategy.emulator_layers={keep}: an emulator must keep at least one "
+                         f"of the {bottom} layers below the adapter; allowed: 1..{bottom}")
+    ranked = sorted(range(bottom), key=lambda i: (-scores[i], i))[:keep]
+    return tuple(sorted(ranked)) + tuple(range(bottom, n))
+
+
+def pad_rank(factors: Factors, rank: int) -> Factors:
+    """Every module zero-padded to `rank` (A gains zero rows, B zero columns): B @ A is
+    unchanged. ValueError when a module's rank is above `rank`."""
+    out: Factors = {}
+    for module, (a, b) in factors.items():
+        extra = rank - a.shape[0]
+        if extra < 0:
+            raise ValueError(f"'{module}' has rank {a.shape[0]} > {rank}")
+        out[module] = (torch.cat([a, a.new_zeros(extra, a.shape[1])]),
+                       torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1))
+    return out
+
+
+def frozen_adapter(emulator: Factors, adapter: Factors) -> Factors:
+    """What a FedBiOT client keeps frozen, as one scaling-1 LoRA: the emulator's alignment
+    update E on its bottom layers and the global adapter G on the top ones, zero-padded to
+    one rank (the modules are disjoint: ValueError otherwise)."""
+    if shared := sorted(set(emulator) & set(adapter)):
+        raise ValueError(f"the emulator's and the adapter's modules overlap: {shared[:3]}")
+    both = {**emulator, **adapter}
+    if not both:
+        return {}
+    return pad_rank(both, max(a.shape[0] for a, _ in both.values()))
+
+
+def fold_scaling(factors: Factors, scaling: float) -> Factors:
+    """Scaling-1 factors of a LoRA with peft scaling s: (s·A, B)."""
+    return {m: (scaling * a, b) for m, (a, b) in factors.items()}
+
+
+def boundary_loss(student: torch.Tensor, teacher: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The emulator's alignment loss: the mean squared error between the hidden states that
+    enter the adapter (batch, seq, hidden) through the emulator (`student`) and through the
+    full bottom layers (`teacher`), over the unmasked tokens, relative to the teacher's
+    mean square there (0: identical, 1: as far as predicting zeros)."""
+    weight = torch.ones(student.shape[:-1], dtype=student.dtype, device=student.device) \
+        if mask is None else mask.to(student.dtype)
+    err = ((student - teacher) ** 2).sum(-1)  # (batch, seq)
+    ref = (teacher ** 2).sum(-1)
+    return (err * weight).sum() / (ref * weight).sum().clamp_min(1e-12)
