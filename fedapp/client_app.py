@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedapp.client.round import run_round
+from fedapp.client.selection import selection_metrics
 from fedapp.client.zeroth import zo_round
 from strategies.flora import receive_global
 from strategies.protocol import (
@@ -111,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
                            units=units)
     if GLOBAL in msg.content.config_records:  # the server may build on it next round
         context.state[LAST_UPLOAD] = ArrayRecord(result.state)
-    metrics = result.metrics
+    metrics = result.metrics | selection_metrics()  # its seconds in the round it selected
     # Overhead before training starts: model/data loading within the handler; and how old
     # the process was when its first message came (a deployed SuperNode starts a ClientApp
     # process per message, ahead of it, so this includes idle waiting; a simulation actor

@@ -23,7 +23,7 @@ import fedapp
 from fedapp.server.ranking import SCORES
 from strategies.base import LoraStrategy
 from strategies.devices import DeviceProfile, device_profiles
-from strategies.protocol import DataSpec, RunSetup, require
+from strategies.protocol import DataSpec, RunSetup, SelectionSpec, require
 
 GROUPS = ("model", "dataset", "partitioner", "strategy", "scenario")
 
@@ -96,6 +96,10 @@ def validate(cfg: DictConfig) -> None:
         require(bool(cfg.dataset.label_column), "eval.accuracy_examples",
                  cfg.eval.accuracy_examples, "0 unless dataset.label_column is set")
     strategy = build_strategy(cfg, module_shapes={})
+    if strategy.setup.selection.method == "shed":  # SHED embeds with the full base model
+        require(not getattr(strategy, "emulates", False), "train.selection", "shed",
+                f"'all' or 'random' with strategy={strategy.name} (its clients hold only "
+                "the emulator, never the full model SHED embeds the examples with)")
     sampled = strategy.sample_size(cfg.scenario.num_clients)
     require(cfg.scenario.min_replies <= sampled, "scenario.min_replies",
             cfg.scenario.min_replies, f"at most the {sampled} clients a round of strategy="
@@ -112,6 +116,16 @@ def data_spec(cfg: DictConfig) -> DataSpec:
                     seed=number(cfg, "seed", int))
 
 
+def selection_spec(cfg: DictConfig) -> SelectionSpec:
+    """`train.selection*`: which examples each client keeps (defaults: all of them)."""
+    t = cfg.train
+    return SelectionSpec(method=t.get("selection", "all"),
+                         budget=t.get("selection_budget", 1.0),
+                         clusters=t.get("selection_clusters", 8),
+                         proxy_examples=t.get("selection_proxy_examples", 8),
+                         permutations=t.get("selection_permutations", 64))
+
+
 def run_setup(cfg: DictConfig) -> RunSetup:
     """What every client needs for the whole run (sent once per client)."""
     return RunSetup(
@@ -124,7 +138,7 @@ def run_setup(cfg: DictConfig) -> RunSetup:
         loss=cfg.train.get("loss", "chunked"),
         gradient_checkpointing=cfg.train.get("gradient_checkpointing", False),
         release_memory=cfg.train.get("release_memory", False),
-        data=data_spec(cfg))
+        data=data_spec(cfg), selection=selection_spec(cfg))
 
 
 def scenario_devices(cfg: DictConfig) -> list[DeviceProfile]:

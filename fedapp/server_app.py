@@ -40,6 +40,7 @@ from fedapp.server.loop import run_rounds
 from fedapp.server.ranking import RankingSet
 from fedapp.server.report import RunRecorder, plot_eval_loss
 from strategies.base import LoraStrategy
+from strategies.shed_math import check_clusters_fit
 
 app = ServerApp()
 
@@ -58,9 +59,13 @@ def make_run_dir(cfg: DictConfig, requested: str) -> Path:
 
 def check_federation_fits_data(cfg: DictConfig) -> None:
     """Partition the data as the clients will, before training: a split it cannot give
-    (more clients than examples or label groups, an empty partition) stops the run here."""
-    sizes = partition_sizes(run_setup(cfg), cfg.scenario.num_clients)
+    (more clients than examples or label groups, an empty partition, fewer examples than
+    SHED's clusters) stops the run here."""
+    setup = run_setup(cfg)
+    sizes = partition_sizes(setup, cfg.scenario.num_clients)
     log(INFO, "Partitions (%s): %s training examples per client", cfg.partitioner.name, sizes)
+    if setup.selection.method == "shed":  # every client clusters its own examples
+        check_clusters_fit(setup.selection.clusters, dict(enumerate(sizes)))
 
 
 def initial_arrays(strategy: LoraStrategy, base: torch.nn.Module, targets: list[str],

@@ -81,6 +81,35 @@ class DataSpec(Record):
         require(is_int(self.seed), config_key(self, "seed"), self.seed, "an integer")
 
 
+SELECTIONS = ("all", "shed", "random")  # which examples a client trains on (client.selection)
+
+
+@dataclass(frozen=True)
+class SelectionSpec(Record):
+    """Which of its examples a client trains on, chosen once on the device from its own
+    partition (`fedapp.client.selection`, math in `strategies.shed_math`): all of them, a
+    seeded random `budget` share, or SHED's quality-ordered clusters under that budget."""
+
+    method: str = field(default="all", metadata={
+        "config": "train.selection", "help": f"one of {SELECTIONS}"})
+    budget: float = field(default=1.0, metadata={
+        "config": "train.selection_budget", "help": "share of each partition kept, in (0, 1]"})
+    clusters: int = field(default=8, metadata={"config": "train.selection_clusters"})
+    proxy_examples: int = field(default=8, metadata={
+        "config": "train.selection_proxy_examples", "help": "the validation slice of v(S)"})
+    permutations: int = field(default=64, metadata={
+        "config": "train.selection_permutations", "help": "Monte Carlo Shapley, > 10 clusters"})
+
+    def __post_init__(self) -> None:
+        require(self.method in SELECTIONS, config_key(self, "method"), self.method,
+                str(list(SELECTIONS)))
+        require(is_number(self.budget) and 0 < self.budget <= 1, config_key(self, "budget"),
+                self.budget, "a fraction 0 < x <= 1 of each client's examples")
+        for name in ("clusters", "proxy_examples", "permutations"):
+            value = getattr(self, name)
+            require(is_int(value) and value >= 1, config_key(self, name), value, "an int >= 1")
+
+
 @dataclass(frozen=True)
 class RunSetup(Record):
     """Everything a client needs that stays the same for the whole run."""
@@ -107,6 +136,8 @@ class RunSetup(Record):
         "config": "train.release_memory",
         "help": "return freed activation memory to the OS at once: less memory, slower"})
     data: DataSpec = field(default_factory=DataSpec, metadata={"record": DataSpec})
+    selection: SelectionSpec = field(default_factory=SelectionSpec,
+                                     metadata={"record": SelectionSpec})
 
     def __post_init__(self) -> None:
         require(not isinstance(self.target_modules, str), config_key(self, "target_modules"),

@@ -38,7 +38,6 @@ from logging import INFO
 import torch
 from flwr.common.logger import log
 
-from fedapp.client.partition import partition_examples
 from fedapp.client.pruned import (
     PrunedCopy,
     keep_copy,
@@ -47,6 +46,7 @@ from fedapp.client.pruned import (
     take_copy,
     units_key,
 )
+from fedapp.client.selection import selected_examples
 from fedapp.llm.adapters import PEFT_PREFIX, lora_state, target_module_shapes, with_lora
 from fedapp.llm.data import collate, train_batches
 from fedapp.llm.emulator import cached_emulator
@@ -80,14 +80,15 @@ class RoundResult:
 
 def local_data(setup: RunSetup, order: TrainOrder, partition_id: int, num_partitions: int
                ) -> tuple[list[dict], Iterator[dict[str, torch.Tensor]], int]:
-    """Apply the thread count; (this client's examples, its endless batches, pad token id).
-    A pooled order (the centralized upper bound) trains on every client's partition."""
+    """Apply the thread count; (this client's examples, those its `train.selection` keeps,
+    its endless batches, pad token id). A pooled order (the centralized upper bound) trains
+    on every client's partition."""
     if setup.num_threads > 0:
         torch.set_num_threads(setup.num_threads)
-    examples, pad = partition_examples(setup, num_partitions, partition_id)
+    examples, pad = selected_examples(setup, num_partitions, partition_id)
     if order.pooled:
         examples = [e for i in range(num_partitions)
-                    for e in partition_examples(setup, num_partitions, i)[0]]
+                    for e in selected_examples(setup, num_partitions, i)[0]]
     return examples, train_batches(examples, setup.batch_size, pad,
                                    seed=order.seed + 1000 * partition_id), pad
 
