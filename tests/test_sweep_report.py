@@ -41,7 +41,7 @@ def test_a_difference_inside_its_interval_is_not_distinguishable():
 
 
 def write_job(sweep_dir, job: int, strategy: str, seed: int, losses: list[float],
-              accuracies: list[float]) -> None:
+              accuracies: list[float], overrides: str = "") -> None:
     folder = sweep_dir / str(job)
     (folder / "run").mkdir(parents=True)
     rows = [{"round": i, "eval-loss": loss, "eval-rank-accuracy": acc, "cum-mb": float(i)}
@@ -50,7 +50,8 @@ def write_job(sweep_dir, job: int, strategy: str, seed: int, losses: list[float]
     (folder / "result.json").write_text(json.dumps({
         "strategy": strategy, "seed": seed, "status": "ok", "rounds": len(rows) - 1,
         "final-loss": losses[-1], "best-loss": min(losses),
-        "start-rank-accuracy": accuracies[0], "final-rank-accuracy": accuracies[-1]}))
+        "start-rank-accuracy": accuracies[0], "final-rank-accuracy": accuracies[-1],
+        "overrides": overrides}))
 
 
 def test_the_comparison_shows_intervals_the_centralized_gap_and_bands(tmp_path):
@@ -74,6 +75,32 @@ def test_the_comparison_shows_intervals_the_centralized_gap_and_bands(tmp_path):
     assert f"| flora | 3/3 | 3.5 ± {half:.2g} |" in text
     for png in ("loss_vs_round.png", "loss_vs_mb.png", "rank_accuracy_vs_round.png"):
         assert (tmp_path / png).stat().st_size > 0
+
+
+def test_a_sweep_over_other_keys_compares_each_configuration(tmp_path):
+    # Prepare: one strategy, train.selection and its budget as axes, two seeds each
+    job = 0
+    for seed in (0, 1):
+        for selection, budget, final in (("all", "1.0", 3.5), ("shed", "0.5", 3.4),
+                                         ("random", "0.5", 3.6)):
+            write_job(tmp_path, job, "flora", seed, [4.0, final + 0.01 * seed], [0.2, 0.3],
+                      f"+preset=quick train.selection={selection} "
+                      f"train.selection_budget={budget} seed={seed}")
+            job += 1
+
+    # Execute
+    write_comparison(tmp_path)
+
+    # Assert: a row per configuration, named by the overrides that vary (not the constant
+    # preset, not the seed), each over its two seeds; every job's overrides in its row
+    text = (tmp_path / "comparison.md").read_text()
+    for selection, budget, final in (("all", "1.0", 3.505), ("shed", "0.5", 3.405),
+                                     ("random", "0.5", 3.605)):
+        label = f"flora train.selection={selection} train.selection_budget={budget}"
+        assert f"| {label} | 2/2 | {final:.4g} ± " in text
+    assert "| flora train.selection=shed train.selection_budget=0.5 | flora train.selection=" \
+           "random train.selection_budget=0.5 | -0.2000 ± 0.0000 |" in text
+    assert text.count("+preset=quick train.selection=") == 6
 
 
 def test_seeds_argument_becomes_a_seed_sweep():

@@ -48,6 +48,8 @@ def job_result(run_dir: Path, overrides: list[str], cfg: DictConfig, status: str
             "mb-up": sum(r["bytes-up"] for r in rows) / 2**20,
             "mb-down": sum(r["bytes-down"] for r in rows) / 2**20,
             "sim-seconds": rows[-1].get("sim-seconds"),
+            "selection-seconds": sum(c.get("selection-seconds", 0.0) for r in rows
+                                     for c in r.get("clients", {}).values()),
         })
     generations = run_dir / "generations.json"
     if generations.exists():

@@ -1,6 +1,9 @@
 """The comparison a sweep leaves behind: tables (CSV, Markdown) and plots of every job.
 
-Per strategy, each metric is the mean over the seeds that finished with its 95 % Student-t
+A configuration is a strategy with the overrides that vary across the sweep's jobs, the
+seed aside (`config_labels`): `-m strategy=fedit,flora` compares "fedit" and "flora",
+`-m train.selection=all,shed,random` compares "flora train.selection=all", ... Per
+configuration, each metric is the mean over the seeds that finished with its 95 % Student-t
 interval (`fedapp.tools.stats`). When a `centralized` job is in the sweep, every strategy's
 gap to it is shown; every pair of strategies is compared on the final held-out loss and
 answer-ranking accuracy, and a difference inside its interval reads "not distinguishable".
@@ -18,38 +21,55 @@ from fedapp.tools.stats import LEVEL, describe_diff, diff_ci, mean_ci
 
 COLUMNS = ["strategy", "seed", "status", "rounds", "start-loss", "final-loss", "best-loss",
            "start-rank-accuracy", "final-rank-accuracy", "rouge-l", "mb-up", "mb-down",
-           "sim-seconds", "wall-seconds", "overrides"]
+           "sim-seconds", "selection-seconds", "wall-seconds", "overrides"]
 SUMMED = ["final-loss", "best-loss", "final-rank-accuracy", "rouge-l", "mb-up", "mb-down",
-          "sim-seconds", "wall-seconds"]
+          "sim-seconds", "selection-seconds", "wall-seconds"]
 COMPARED = ["final-loss", "final-rank-accuracy"]  # gaps and pairwise differences
 REFERENCE = "centralized"
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """Every job's result.json under the sweep directory, in job order."""
+    """Every job's result.json under the sweep directory, in job order, with its
+    configuration's label (`config_labels`)."""
     paths = sorted(sweep_dir.glob("*/result.json"), key=lambda p: _job_number(p.parent.name))
-    return [{**json.loads(p.read_text()), "job": p.parent.name} for p in paths]
+    rows = [{**json.loads(p.read_text()), "job": p.parent.name} for p in paths]
+    for row, label in zip(rows, config_labels(rows), strict=True):
+        row["config"] = label
+    return rows
+
+
+def config_labels(rows: list[dict]) -> list[str]:
+    """Each job's strategy followed by its overrides of the keys whose values differ across
+    the jobs, the seed and the strategy aside (the seed is a replicate, the strategy named
+    first): what tells the sweep's configurations apart."""
+    parsed = [dict(item.partition("=")[::2] for item in str(r.get("overrides", "")).split())
+              for r in rows]
+    keys = sorted({k for p in parsed for k in p} - {"seed", "strategy"})
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    return [" ".join([r["strategy"], *(f"{k}={p[k]}" for k in varying if k in p)])
+            for r, p in zip(rows, parsed, strict=True)]
 
 
 def _job_number(name: str) -> tuple[int, str]:
     return (int(name), name) if name.isdigit() else (10**9, name)
 
 
-def by_seed(rows: list[dict], strategy: str, key: str) -> dict[int, float]:
-    """{seed: value} of `key` over `strategy`'s finished jobs (the last job of a seed wins)."""
+def by_seed(rows: list[dict], config: str, key: str) -> dict[int, float]:
+    """{seed: value} of `key` over `config`'s finished jobs (the last job of a seed wins)."""
     return {r["seed"]: r[key] for r in rows
-            if r["strategy"] == strategy and r["status"] == "ok" and r.get(key) is not None}
+            if r["config"] == config and r["status"] == "ok" and r.get(key) is not None}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per strategy: jobs, finished jobs, and (mean, CI half-width or None) of each metric."""
+    """Per configuration: jobs, finished jobs, and (mean, CI half-width or None) of each
+    metric."""
     out = []
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        mine = [r for r in rows if r["strategy"] == strategy]
-        summary: dict = {"strategy": strategy, "jobs": len(mine),
+    for config in dict.fromkeys(r["config"] for r in rows):
+        mine = [r for r in rows if r["config"] == config]
+        summary: dict = {"config": config, "jobs": len(mine),
                          "ok": sum(r["status"] == "ok" for r in mine)}
         for key in SUMMED:
-            if values := list(by_seed(rows, strategy, key).values()):
+            if values := list(by_seed(rows, config, key).values()):
                 summary[key] = mean_ci(values)
         out.append(summary)
     return out
@@ -104,14 +124,14 @@ def write_comparison(sweep_dir: Path) -> list[dict]:
         writer.writerows(rows)
     summary = summarize(rows)
     lines = ["# Sweep comparison", "",
-             f"## Per strategy (mean ± half-width of the {LEVEL:.0%} interval over seeds)", "",
-             "| strategy | ok/jobs | " + " | ".join(SUMMED) + " |",
+             f"## Per configuration (mean ± half-width of the {LEVEL:.0%} interval over seeds)",
+             "", "| configuration | ok/jobs | " + " | ".join(SUMMED) + " |",
              "|---|---|" + "---|" * len(SUMMED)]
     for s in summary:
-        lines.append(f"| {s['strategy']} | {s['ok']}/{s['jobs']} | "
+        lines.append(f"| {s['config']} | {s['ok']}/{s['jobs']} | "
                      + " | ".join(_fmt(s.get(k)) for k in SUMMED) + " |")
     lines.append("")
-    lines += difference_lines(rows, [s["strategy"] for s in summary])
+    lines += difference_lines(rows, [s["config"] for s in summary])
     lines += ["## Per job", "", "| job | " + " | ".join(COLUMNS) + " |",
               "|---|" + "---|" * len(COLUMNS)]
     for r in rows:
@@ -123,7 +143,7 @@ def write_comparison(sweep_dir: Path) -> list[dict]:
 
 def strategy_curves(sweep_dir: Path, rows: list[dict], x_key: str, y_key: str
                     ) -> dict[str, list[list[tuple[float, float]]]]:
-    """{strategy: one [(x, y) per round] per finished job that recorded `y_key`}."""
+    """{configuration: one [(x, y) per round] per finished job that recorded `y_key`}."""
     curves: dict[str, list[list[tuple[float, float]]]] = {}
     for row in rows:
         path = sweep_dir / row["job"] / "run" / "metrics.jsonl"
@@ -131,13 +151,13 @@ def strategy_curves(sweep_dir: Path, rows: list[dict], x_key: str, y_key: str
             continue
         points = [(m[x_key], m[y_key]) for m in read_metrics(path) if y_key in m]
         if points:
-            curves.setdefault(row["strategy"], []).append(points)
+            curves.setdefault(row["config"], []).append(points)
     return curves
 
 
 def plot_jobs(sweep_dir: Path, rows: list[dict]) -> None:
     """Held-out loss vs round and vs cumulative MB, and answer-ranking accuracy vs round:
-    per strategy the mean over seeds, its interval as a band (vs round), each seed faint."""
+    per configuration the mean over seeds, its interval as a band (vs round), each seed faint."""
     for x_key, y_key, name, x_label, y_label in (
             ("round", "eval-loss", "loss_vs_round.png", "round", "held-out loss"),
             ("cum-mb", "eval-loss", "loss_vs_mb.png", "cumulative MB (up + down)",
