@@ -73,14 +73,13 @@ def fold_scaling(factors: Factors, scaling: float) -> Factors:
     return {m: (scaling * a, b) for m, (a, b) in factors.items()}
 
 
-def boundary_loss(student: torch.Tensor, teacher: torch.Tensor,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The emulator's alignment loss: the mean squared error between the hidden states that
-    enter the adapter (batch, seq, hidden) through the emulator (`student`) and through the
-    full bottom layers (`teacher`), over the unmasked tokens, relative to the teacher's
-    mean square there (0: identical, 1: as far as predicting zeros)."""
-    weight = torch.ones(student.shape[:-1], dtype=student.dtype, device=student.device) \
-        if mask is None else mask.to(student.dtype)
-    err = ((student - teacher) ** 2).sum(-1)  # (batch, seq)
-    ref = (teacher ** 2).sum(-1)
-    return (err * weight).sum() / (ref * weight).sum().clamp_min(1e-12)
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The emulator's alignment loss: KL(p_teacher ‖ p_student) of the next-token
+    distributions (logits (batch, seq, vocab) of the full model and of the emulator, the
+    same adapter on both), in nats, averaged over the unmasked positions."""
+    log_t = torch.log_softmax(teacher.float(), dim=-1)
+    log_s = torch.log_softmax(student.float(), dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (batch, seq)
+    weight = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
+    return (kl * weight).sum() / weight.sum().clamp_min(1.0)

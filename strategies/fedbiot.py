@@ -43,7 +43,7 @@ class FedBiOT(FedPipe):
     emulates = True  # the ServerApp prepares the emulator before round 1
     grid_key = "strategy.rank"
 
-    def __init__(self, *args, adapter_layers: int = 2, emulator_layers: int = 14,
+    def __init__(self, *args, adapter_layers: int = 2, emulator_layers: int = 21,
                  rank: int = 8, emulator_rank: int = 8, align_steps: int = 40,
                  align_lr: float = 1e-3, public_examples: int = 32, **kwargs) -> None:
         if isinstance(emulator_layers, int) and not isinstance(emulator_layers, bool) \

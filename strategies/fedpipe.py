@@ -92,7 +92,7 @@ class FedPipe(FLoRA):
                  step_seconds: float | None = None, min_share: float = 0.25,
                  costs: Mapping | None = None, **kwargs) -> None:
         if kwargs.get("dp"):
-            raise ValueError("dp.enabled=true; allowed: false with strategy=fedpipe (its "
+            raise ValueError(f"dp.enabled=true; allowed: false with strategy={self.name} (its "
                              "per-module stacking is not what the clipping and noise cover)")
         super().__init__(*args, ranks=None, **kwargs)
         grid = list(rank_grid)

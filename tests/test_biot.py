@@ -6,6 +6,7 @@ alignment on public data, the strategy through Flower's message API (fake Grid) 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from strategies.base import ClientIdentity
 from strategies.biot_math import (
-    boundary_loss,
+    distill_loss,
     emulator_layers,
     fold_scaling,
     frozen_adapter,
@@ -86,16 +87,18 @@ def test_the_frozen_adapter_pads_e_and_g_to_one_rank_without_changing_their_prod
     assert torch.equal(a, 2.0 * e["e"][0]) and torch.equal(b, e["e"][1])
 
 
-def test_boundary_loss_hand_computed():
-    # Prepare: one sequence of two tokens, hidden size 2
-    teacher = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
-    student = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])
+def test_distill_loss_hand_computed():
+    # Prepare: two positions over a 2-token vocabulary; at the first the teacher is uniform
+    # and the student puts 3/4 on token 0, at the second both agree
+    teacher = torch.tensor([[[0.0, 0.0], [1.0, 2.0]]])
+    student = torch.tensor([[[math.log(3.0), 0.0], [1.0, 2.0]]])
 
-    # Execute / Assert: errors 1 and 1 over squares 1 and 4 -> 2 / 5; the first token
-    # alone -> 1 / 1; identical states -> 0
-    assert float(boundary_loss(student, teacher)) == pytest.approx(0.4)
-    assert float(boundary_loss(student, teacher, torch.tensor([[1, 0]]))) == pytest.approx(1.0)
-    assert float(boundary_loss(teacher, teacher)) == 0.0
+    # Execute / Assert: KL(t ‖ s) at the first = ½ ln(½ / ¾) + ½ ln(½ / ¼) = ½ ln(4/3);
+    # averaged with the second's 0; the first alone when the mask keeps it alone
+    first = 0.5 * math.log(4 / 3)
+    assert float(distill_loss(student, teacher)) == pytest.approx(first / 2)
+    assert float(distill_loss(student, teacher, torch.tensor([[1, 0]]))) == pytest.approx(first)
+    assert float(distill_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-7)
 
 
 def biot(**kwargs) -> FedBiOT:
@@ -110,7 +113,7 @@ def test_fedbiot_orders_the_emulator_sends_e_and_g_and_stacks_the_adapter():
     e = {"m.layers.0.attn.q": (torch.randn(2, 5, generator=gen), torch.randn(6, 2, generator=gen))}
     with pytest.raises(RuntimeError, match="never prepared"):
         strategy.order_for(1, ClientIdentity("partition-0", 0))
-    strategy.set_emulator((0, 2, 3), e, {"align-loss-after": 0.1})
+    strategy.set_emulator((0, 2, 3), e, {"align-kl-after": 0.1})
     grid = FakeGrid({11: 0, 12: 1})
 
     # Execute: round 1
@@ -158,7 +161,7 @@ def test_fedbiot_orders_the_emulator_sends_e_and_g_and_stacks_the_adapter():
     # a resumed strategy gets the same emulator back
     again = biot()
     again.load_state(strategy.state_dict(), arrays)
-    assert again.emulator == (0, 2, 3) and again.align_figures == {"align-loss-after": 0.1}
+    assert again.emulator == (0, 2, 3) and again.align_figures == {"align-kl-after": 0.1}
 
 
 def test_fedbiot_refuses_a_split_the_model_cannot_hold():
@@ -237,13 +240,13 @@ def test_the_server_aligns_the_emulator_on_public_data_and_a_client_trains_the_a
     prepare_emulator(strategy, base, cached_tokenizer(deep_tiny), 32, 2, ["q_proj", "v_proj"])
 
     # Assert: two of layers 0..3 kept plus layer 4; E on the kept bottom layers only, and
-    # the alignment lowered the held-out boundary loss
+    # the alignment lowered the held-out KL(full ‖ emulator)
     kept = strategy.emulator
     assert len(kept) == 3 and kept[-1] == 4 and all(i < 4 for i in kept[:2])
     assert {int(m.split(".layers.")[1].split(".")[0]) for m in strategy.emulator_factors} \
         == set(kept[:2])
     figures = strategy.align_figures
-    assert figures["align-loss-after"] < figures["align-loss-before"]
+    assert figures["align-kl-after"] < figures["align-kl-before"]
 
     # Execute: a device's round with the order and the arrays the strategy sends
     client = ClientIdentity("partition-0", 0)

@@ -11,11 +11,11 @@ next `public_examples // 4` (at least one batch) are held out to measure the ali
    set, summed per layer; the emulator keeps the `emulator_layers` highest below the
    adapter (`biot_math.emulator_layers`).
 2. Alignment: a LoRA E (`emulator_rank`) on the kept bottom layers' target modules is
-   trained, `align_steps` AdamW steps, to make the hidden states entering the adapter
-   through the emulator match those through the full bottom layers (`biot_math.
-   boundary_loss`: distillation of the representation, as Offsite-Tuning aligns its
-   emulator). That target does not depend on the adapter, so E is fitted once, before
-   round 1.
+   trained, `align_steps` AdamW steps, to distil the full model's next-token distribution
+   into the emulator's (`biot_math.distill_loss`: KL(full ‖ emulator), the full model
+   running on the fly as the teacher). It runs once, before round 1, when the adapter is
+   still the base's (FedBiOT re-aligns each round with the current adapter; not done here:
+   each re-alignment costs the server a full forward per step).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fedapp.llm.adapters import lora_state, target_module_shapes, with_lora
 from fedapp.llm.emulator import emulated
 from fedapp.pruning.importance import llm_drop_importance
 from fedapp.pruning.structure import decoder_layers
-from strategies.biot_math import boundary_loss, emulator_layers, fold_scaling, layer_scores
+from strategies.biot_math import distill_loss, emulator_layers, fold_scaling, layer_scores
 from strategies.lora_math import Factors, split_factors
 from strategies.pipe_math import module_layers
 
@@ -62,65 +62,49 @@ def as_batches(blocks: Sequence[list[int]], batch_size: int) -> list[dict[str, t
     return out
 
 
-class _Reached(Exception):
-    """Raised by the hook at the adapter boundary: the layers above need not run."""
+def logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def boundary_states(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
-                    boundary: int) -> torch.Tensor:
-    """The hidden states entering decoder layer `boundary` (batch, seq, hidden); the forward
-    stops there."""
-    _, layers = decoder_layers(model)
-    seen: list[torch.Tensor] = []
-
-    def stop(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        seen.append(args[0] if args else kwargs["hidden_states"])
-        raise _Reached
-
-    handle = layers[boundary].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
-    return seen[0]
-
-
-def mean_loss(model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
-              targets: Sequence[torch.Tensor], boundary: int) -> float:
+def mean_kl(model, base: torch.nn.Module, layers: Sequence[int],
+            batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
+    """The alignment loss over `batches`, without gradients."""
+    total = 0.0
     with torch.no_grad():
-        return sum(float(boundary_loss(boundary_states(model, b, boundary), t,
-                                       b["attention_mask"]))
-                   for b, t in zip(batches, targets, strict=True)) / len(batches)
+        for batch in batches:
+            with model.disable_adapter():  # the teacher: the full model, no E
+                teacher = logits(model, batch)
+            with emulated(base, layers):
+                total += float(distill_loss(logits(model, batch), teacher,
+                                            batch["attention_mask"]))
+    return total / len(batches)
 
 
 def align(base: torch.nn.Module, layers: Sequence[int], boundary: int,
           sets: tuple[list, list], target_modules: list[str], rank: int, steps: int,
           lr: float, seed: int) -> tuple[Factors, dict[str, float]]:
-    """E (scaling-1 factors on the kept bottom layers) and the alignment loss on the held-out
-    public blocks before and after (module docstring, step 2)."""
+    """E (scaling-1 factors on the kept layers below `boundary`) and the alignment loss on
+    the held-out public blocks before and after (module docstring, step 2)."""
     train, held = sets
-    with torch.no_grad():
-        teacher = [[boundary_states(base, b, boundary) for b in part] for part in (train, held)]
     shapes = target_module_shapes(base, target_modules)
     bottom = {m: rank for m, i in module_layers(shapes).items() if i < boundary and i in layers}
     figures: dict[str, float] = {}
-    with emulated(base, layers), with_lora(base, rank, 2.0 * rank, target_modules, seed,
-                                           ranks=bottom) as model:
-        figures["align-loss-before"] = mean_loss(model, held, teacher[1], boundary)
+    with with_lora(base, rank, 2.0 * rank, target_modules, seed, ranks=bottom) as model:
+        figures["align-kl-before"] = mean_kl(model, base, layers, held)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         start = time.perf_counter()
         for step in range(steps):
-            k = step % len(train)
-            loss = boundary_loss(boundary_states(model, train[k], boundary), teacher[0][k],
-                                 train[k]["attention_mask"])
+            batch = train[step % len(train)]
+            with torch.no_grad(), model.disable_adapter():
+                teacher = logits(model, batch)
+            with emulated(base, layers):
+                loss = distill_loss(logits(model, batch), teacher, batch["attention_mask"])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         figures["align-seconds"] = time.perf_counter() - start
-        figures["align-loss-after"] = mean_loss(model, held, teacher[1], boundary)
+        figures["align-kl-after"] = mean_kl(model, base, layers, held)
         state = lora_state(model)
     return fold_scaling(split_factors(state), 2.0), figures
 
@@ -143,7 +127,7 @@ def prepare_emulator(strategy, base: torch.nn.Module, tokenizer, max_length: int
     factors, figures = align(base, layers, boundary, (train, held), target_modules,
                              strategy.emulator_rank, strategy.align_steps, strategy.align_lr,
                              strategy.seed)
-    log(INFO, "FedBiOT emulator aligned in %.1f s: boundary loss on held-out public blocks "
-        "%.4f -> %.4f", figures["align-seconds"], figures["align-loss-before"],
-        figures["align-loss-after"])
+    log(INFO, "FedBiOT emulator aligned in %.1f s: KL(full ‖ emulator) on held-out public "
+        "blocks %.4f -> %.4f nats a token", figures["align-seconds"],
+        figures["align-kl-before"], figures["align-kl-after"])
     strategy.set_emulator(layers, factors, figures)
