@@ -25,8 +25,7 @@ from strategies.protocol import RunSetup, TrainOrder
 from strategies.shed_math import budget_count
 from tests.test_e2e import flwr_env, submit  # noqa: F401  (flwr_env is a fixture)
 
-SHED = ("train.selection=shed train.selection_budget=0.25 train.selection_clusters=4 "
-        "train.batch_size=16")  # a larger batch: fewer 4-bit forward calls to embed
+SHED = "train.selection=shed train.selection_budget=0.25 train.selection_clusters=4"
 
 
 @pytest.fixture

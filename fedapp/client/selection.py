@@ -6,7 +6,7 @@ from its own partition: nothing about the data leaves it.
 - `shed`: SHED (`strategies.shed_math`). The base model embeds every example (the mean of
   its last hidden state over the non-pad tokens, unit length, no gradient); k-means groups
   them into `clusters`; a seeded validation slice of `proxy_examples` examples and the
-  clusters' representatives give, from one forward pass each, the gradients of their loss
+  clusters' representatives give, from forward passes only, the gradients of their loss
   with respect to the output layer's weight (logit-layer gradients: nothing is
   back-propagated); the representatives' Shapley values under the first-order proxy v(S)
   value the clusters, and the best clusters fill the budget, the last one partly.
@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from functools import cache
 from logging import INFO
 from pathlib import Path
@@ -48,6 +49,7 @@ from strategies.shed_math import (
     shapley_values,
 )
 
+DECODE_BATCH = 16  # examples per no-grad forward pass while selecting
 _unreported_seconds = 0.0  # spent selecting since the last reply reported it
 
 
@@ -79,17 +81,11 @@ def _selection(setup: RunSetup, num_partitions: int, partition_id: int) -> tuple
     saved = selection_file(setup, num_partitions, partition_id)
     if saved.exists():
         kept = json.loads(saved.read_text())
-    elif spec.method == "random":
-        kept = random_subset(n, budget_count(n, spec.budget), _generator(setup, partition_id))
     else:
-        check_clusters_fit(spec.clusters, {partition_id: n})
-        base = cached_base(setup.model_path, setup.quantization, default_device())
-        kept = shed_indices(base, examples, pad, spec, setup.batch_size, setup.lr,
-                            _generator(setup, partition_id))
-    if not saved.exists():
+        kept = choose(setup, examples, pad, partition_id)
         tmp = saved.with_name(f"{saved.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(kept))
-        tmp.rename(saved)
+        tmp.rename(saved)  # atomic: a process racing to the same file writes the same
     seconds = time.perf_counter() - start
     _unreported_seconds += seconds
     log(INFO, "Client %d: %s selection kept %d of %d examples (budget %g%s) in %.1f s",
@@ -98,9 +94,16 @@ def _selection(setup: RunSetup, num_partitions: int, partition_id: int) -> tuple
     return tuple(kept)
 
 
-def _generator(setup: RunSetup, partition_id: int) -> torch.Generator:
-    """The selection's random numbers: the run's seed and the partition, nothing else."""
-    return torch.Generator().manual_seed(setup.data.seed + 1000 * partition_id)
+def choose(setup: RunSetup, examples: list[dict], pad: int, partition_id: int) -> list[int]:
+    """The sorted indices of `examples` that `setup.selection` keeps, drawing its random
+    numbers from the run's seed and the partition id only."""
+    spec, n = setup.selection, len(examples)
+    generator = torch.Generator().manual_seed(setup.data.seed + 1000 * partition_id)
+    if spec.method == "random":
+        return random_subset(n, budget_count(n, spec.budget), generator)
+    check_clusters_fit(spec.clusters, {partition_id: n})
+    base = cached_base(setup.model_path, setup.quantization, default_device())
+    return shed_indices(base, examples, pad, spec, setup.lr, generator)
 
 
 def selection_file(setup: RunSetup, num_partitions: int, partition_id: int) -> Path:
@@ -112,12 +115,12 @@ def selection_file(setup: RunSetup, num_partitions: int, partition_id: int) -> P
 
 
 def shed_indices(model: torch.nn.Module, examples: list[dict], pad: int, spec: SelectionSpec,
-                 batch_size: int, lr: float, generator: torch.Generator) -> list[int]:
+                 lr: float, generator: torch.Generator) -> list[int]:
     """SHED's choice of `budget_count(n, spec.budget)` of `examples` (sorted indices)."""
     n = len(examples)
     if spec.budget >= 1:  # every cluster is kept whole: no need to value them
         return list(range(n))
-    points = torch.nn.functional.normalize(embed(model, examples, pad, batch_size), dim=1)
+    points = torch.nn.functional.normalize(embed(model, examples, pad), dim=1)
     centroids, labels = kmeans(points, spec.clusters, generator)
     validation = torch.randperm(n, generator=generator)[:spec.proxy_examples]
     players = representatives(points, centroids, labels, avoid=validation)
@@ -129,44 +132,47 @@ def shed_indices(model: torch.nn.Module, examples: list[dict], pad: int, spec: S
 
 
 @torch.no_grad()
-def embed(model: torch.nn.Module, examples: list[dict], pad: int,
-          batch_size: int) -> torch.Tensor:
-    """(n, hidden) mean of each example's last hidden state over its non-pad tokens."""
+def last_hidden_states(model: torch.nn.Module, examples: list[dict],
+                       pad: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, last hidden states (len, hidden) over its own tokens) of every example, in
+    eval mode, no gradient. Decoded `DECODE_BATCH` at a time in order of length (little
+    padding); the 4-bit weights are dequantised once per call, so large batches pay off,
+    and the decoder alone holds little (no logits)."""
     decoder = causal_lm(model).get_decoder()
     device = next(model.parameters()).device
-    was_training, rows = model.training, []
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    was_training = model.training
     model.eval()
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad)
-        mask = batch["attention_mask"].to(device)
-        hidden = decoder(input_ids=batch["input_ids"].to(device),
-                         attention_mask=mask).last_hidden_state.float()  # (b, len, hidden)
-        weights = mask[..., None].float()  # (b, len, 1)
-        rows.append((hidden * weights).sum(dim=1) / weights.sum(dim=1))
-    model.train(was_training)
-    return torch.cat(rows).cpu()
+    try:
+        for start in range(0, len(order), DECODE_BATCH):
+            rows = order[start:start + DECODE_BATCH]
+            batch = collate([examples[i] for i in rows], pad)
+            hidden = decoder(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device)
+                             ).last_hidden_state.float()  # (b, len, hidden), right-padded
+            for row, i in enumerate(rows):
+                yield i, hidden[row, :len(examples[i]["input_ids"])]
+    finally:
+        model.train(was_training)
 
 
-@torch.no_grad()
-def logit_gradient_factors(model: torch.nn.Module, example: dict,
-                           pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E (T, vocab), H (T, hidden)) over the example's T labelled tokens, such that the
-    gradient of the summed token losses with respect to the output layer's weight is
-    Eᵀ H: E = dL/dlogits (softmax − one-hot, soft-capping's derivative applied), H the
-    last hidden states. One forward pass, no backward."""
-    head = chunkable_head(model)
-    if head is None:
-        raise ValueError("train.selection='shed' needs a frozen plain linear output head "
-                         f"(the logit-layer gradients); {type(causal_lm(model)).__name__} "
-                         "has another; allowed: train.selection=random or all")
-    device = head.weight.device
-    batch = collate([example], pad)
-    hidden = causal_lm(model).get_decoder()(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device)).last_hidden_state[0, :-1]
-    labels = batch["labels"][0, 1:].to(device)
+def embed(model: torch.nn.Module, examples: list[dict], pad: int) -> torch.Tensor:
+    """(n, hidden) mean of each example's last hidden state over its non-pad tokens."""
+    points = torch.empty(len(examples), causal_lm(model).config.hidden_size)
+    for i, hidden in last_hidden_states(model, examples, pad):
+        points[i] = hidden.mean(dim=0).cpu()
+    return points
+
+
+def logit_gradient_factors(model: torch.nn.Module, head: torch.nn.Linear, example: dict,
+                           hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E (T, vocab), H (T, hidden)) over the example's T labelled tokens, from its last
+    hidden states (len, hidden), such that the gradient of its summed token losses with
+    respect to the output layer's weight is Eᵀ H: E = dL/dlogits (softmax − one-hot,
+    soft-capping's derivative applied), H the hidden states that predict those tokens."""
+    labels = torch.tensor(example["labels"][1:], device=hidden.device)
     keep = labels != IGNORE_INDEX
-    h, y = hidden[keep].float(), labels[keep]  # (T, hidden), (T,)
+    h, y = hidden[:-1][keep], labels[keep]  # (T, hidden), (T,)
     logits = h @ head.weight.float().T  # (T, hidden) @ (hidden, vocab) -> (T, vocab)
     softcap = softcap_of(model)
     squash = None
@@ -174,30 +180,32 @@ def logit_gradient_factors(model: torch.nn.Module, example: dict,
         squash = torch.tanh(logits / softcap)
         logits = softcap * squash
     e = torch.softmax(logits, dim=-1)
-    e[torch.arange(len(y), device=device), y] -= 1.0
+    e[torch.arange(len(y), device=e.device), y] -= 1.0
     if squash is not None:
         e *= 1.0 - squash ** 2  # d(c·tanh(u/c))/du
     return e, h
 
 
+@torch.no_grad()
 def head_gradient_alignment(model: torch.nn.Module, validation: list[dict],
                             players: list[dict], pad: int) -> torch.Tensor:
     """(players,) <g_val, g_i>: g_val the output-layer gradient of the validation slice's
-    mean token loss, g_i that of player i's own mean token loss."""
-    was_training = model.training
-    model.eval()
-    g_val, tokens = None, 0
-    for example in validation:
-        e, h = logit_gradient_factors(model, example, pad)
-        g = e.T @ h  # (vocab, T) @ (T, hidden) -> (vocab, hidden)
-        g_val = g if g_val is None else g_val + g
+    mean token loss, g_i that of player i's own mean token loss. Forward passes only."""
+    head = chunkable_head(model)
+    if head is None:
+        raise ValueError("train.selection='shed' needs a frozen plain linear output head "
+                         f"(the logit-layer gradients); {type(causal_lm(model)).__name__} "
+                         "has another; allowed: train.selection=random or all")
+    g_val = torch.zeros_like(head.weight, dtype=torch.float32)  # (vocab, hidden)
+    tokens = 0
+    for i, hidden in last_hidden_states(model, validation, pad):
+        e, h = logit_gradient_factors(model, head, validation[i], hidden)
+        g_val += e.T @ h  # (vocab, T) @ (T, hidden) -> (vocab, hidden)
         tokens += len(h)
-    assert g_val is not None  # proxy_examples >= 1 and every example has a labelled token
     g_val /= tokens
-    out = []
-    for example in players:
-        e, h = logit_gradient_factors(model, example, pad)
+    out = torch.empty(len(players))
+    for i, hidden in last_hidden_states(model, players, pad):
+        e, h = logit_gradient_factors(model, head, players[i], hidden)
         # <g_val, Eᵀ H / T> = sum(E ⊙ (H g_valᵀ)) / T: (T, hidden) @ (hidden, vocab)
-        out.append(float((e * (h @ g_val.T)).sum()) / len(h))
-    model.train(was_training)
-    return torch.tensor(out)
+        out[i] = float((e * (h @ g_val.T)).sum()) / len(h)
+    return out
