@@ -153,14 +153,15 @@ def run_methods(args: argparse.Namespace, out: Path) -> None:
     for seed in args.seeds:
         run("flora", f"strategy=flora strategy.ranks=[8] train.local_steps={args.local_steps}",
             seed)
-        run("fedbiot", f"{biot} train.local_steps={args.local_steps}", seed)
-        if eq_steps is None:  # a client step of the first seed: FLoRA's over FedBiOT's
+        if eq_steps is None:
+            run("fedbiot", f"{biot} train.local_steps={args.local_steps}", seed)  # a client step of the first seed: FLoRA's over FedBiOT's
             ratio = step_seconds(out / f"flora-seed{seed}") / step_seconds(
                 out / f"fedbiot-seed{seed}")
             eq_steps = max(1, round(args.local_steps * ratio))
             print(f"[bench] fedbiot-eq: {eq_steps} local steps (median step-time ratio "
                   f"{ratio:.2f})", flush=True)
         run("fedbiot-eq", f"{biot} train.local_steps={eq_steps}", seed)
+        run("fedbiot", f"{biot} train.local_steps={args.local_steps}", seed)  # kept for seed 0
 
 
 def client_rows(run_dir: Path) -> list[dict]:
@@ -213,12 +214,13 @@ def report(out: Path) -> str:
     seeds = sorted(set.intersection(*(set(rs) for rs in runs.values())))
     figures = {m: {} for m in runs}
     for method, rs in runs.items():
-        for seed in seeds:
+        for seed in sorted(set(rs) & set(runs["flora"])):
             for k, v in figures_of(rs[seed]).items():
                 figures[method].setdefault(k, []).append(v)
     keys = list(figures["flora"])
     lines = [f"# FedBiOT vs FLoRA ({out.name})", "", (
-             f"Seeds {seeds}; mean over seeds (each seed's value in brackets). Held-out loss: "
+             f"Seeds per method: { {m: sorted(rs) for m, rs in runs.items()} }; mean over seeds "
+             "(each seed's value in brackets). Held-out loss: "
              "the full model with the global adapter plugged in, on the server. Client figures "
              "as the client processes reported them (peak RSS of a simulation process: an "
              "upper bound)."), "",
@@ -292,7 +294,7 @@ def main() -> None:
     if args.part == "client":
         client_part(args)
         return
-    out = args.report or args.into or args.out / time.strftime("%Y%m%d-%H%M%S")
+    out = (args.report or args.into or args.out / time.strftime("%Y%m%d-%H%M%S")).resolve()
     if args.report is None:
         out.mkdir(parents=True, exist_ok=True)
         run_methods(args, out)
