@@ -144,7 +144,8 @@ def run(grid: Grid, cfg: DictConfig, run_dir: Path, ckpt: Checkpoint | None = No
     targets = list(cfg.lora.target_modules)
     examples, choice_items, ranking_items = evaluation_sets(cfg, tokenizer)
     strategy = build_strategy(cfg, target_module_shapes(base, targets))
-    if strategy.emulates:  # FedBiOT: its emulator's layers and alignment, before round 1
+    if strategy.emulates and not (ckpt and ckpt.strategy_state.get("emulator")):
+        # FedBiOT: its emulator's layers and alignment, before round 1 (a resumed run has it)
         prepare_emulator(strategy, base, tokenizer, int(cfg.train.max_length),
                          int(cfg.train.batch_size), targets)
     if strategy.prunes:  # a family the pruning does not know fails here, not mid-round

@@ -24,7 +24,7 @@ adapter plugged in):
 
 Printed per method: final held-out loss (mean and per seed), client s/step and peak RSS as
 the runs reported them, total client train-seconds, MB up and down per client and round,
-and the emulator's alignment (boundary loss before/after, seconds). Writes `<out>/fedbiot.md`
+and the emulator's alignment (KL(full ‖ emulator) before/after, seconds). Writes `<out>/fedbiot.md`
 and `loss.png`.
 
     .venv/bin/python scripts/bench_fedbiot.py --part client
@@ -56,7 +56,8 @@ METHODS = ("flora", "fedbiot", "fedbiot-eq")
 
 def select(adapter_layers: int, keep: int) -> dict:
     """The emulator's layers as the server picks them (fedapp.server.emulator), and its
-    checkpoint cut once (as a device does on first use)."""
+    checkpoint cut once (as a device does on first use; its 4-bit copy is made by the first
+    worker that loads it)."""
     from fedapp.llm.emulator import emulator_folder
     from fedapp.llm.model import load_base, load_tokenizer
     from fedapp.pruning.importance import llm_drop_importance
@@ -68,7 +69,7 @@ def select(adapter_layers: int, keep: int) -> dict:
     n = base.config.num_hidden_layers
     layers = emulator_layers(layer_scores(llm_drop_importance(base, batches).blocks, n),
                              adapter_layers, keep)
-    emulator_folder(MODEL, "nf4", "cpu", layers)
+    emulator_folder(MODEL, layers)
     return {"layers": list(layers), "num_layers": n}
 
 
@@ -238,7 +239,7 @@ def report(out: Path) -> str:
         meta = rs[seeds[0]]["meta"]
         if "emulator-layers" in meta:
             lines.append(f"- {method} emulator (seed {seeds[0]}): layers {meta['emulator-layers']}, "
-                         f"adapter {meta['adapter-layers']} top layers; alignment boundary loss "
+                         f"adapter {meta['adapter-layers']} top layers; alignment KL "
                          f"{meta['align-kl-before']:.4f} -> {meta['align-kl-after']:.4f} in "
                          f"{meta['align-seconds']:.1f} s")
     text = "\n".join(lines) + "\n"

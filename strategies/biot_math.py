@@ -43,29 +43,13 @@ def emulator_layers(scores: Sequence[float], adapter_layers: int, keep: int) -> 
     return tuple(sorted(ranked)) + tuple(range(bottom, n))
 
 
-def pad_rank(factors: Factors, rank: int) -> Factors:
-    """Every module zero-padded to `rank` (A gains zero rows, B zero columns): B @ A is
-    unchanged. ValueError when a module's rank is above `rank`."""
-    out: Factors = {}
-    for module, (a, b) in factors.items():
-        extra = rank - a.shape[0]
-        if extra < 0:
-            raise ValueError(f"'{module}' has rank {a.shape[0]} > {rank}")
-        out[module] = (torch.cat([a, a.new_zeros(extra, a.shape[1])]),
-                       torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1))
-    return out
-
-
 def frozen_adapter(emulator: Factors, adapter: Factors) -> Factors:
-    """What a FedBiOT client keeps frozen, as one scaling-1 LoRA: the emulator's alignment
-    update E on its bottom layers and the global adapter G on the top ones, zero-padded to
-    one rank (the modules are disjoint: ValueError otherwise)."""
+    """What a FedBiOT client keeps frozen, as one scaling-1 LoRA of per-module ranks: the
+    emulator's alignment update E on its bottom layers and the global adapter G on the top
+    ones (the modules are disjoint: ValueError otherwise)."""
     if shared := sorted(set(emulator) & set(adapter)):
         raise ValueError(f"the emulator's and the adapter's modules overlap: {shared[:3]}")
-    both = {**emulator, **adapter}
-    if not both:
-        return {}
-    return pad_rank(both, max(a.shape[0] for a, _ in both.values()))
+    return {**emulator, **adapter}
 
 
 def fold_scaling(factors: Factors, scaling: float) -> Factors:

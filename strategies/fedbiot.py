@@ -13,7 +13,7 @@ G, on the adapter layers, plugs into the full model: the server evaluates the fu
 with G.
 
 Every train message carries E and all of G (no increments: a device holds E ∪ G as one
-frozen adapter).
+frozen adapter, each module at its own rank). G covers the adapter layers only.
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ from flwr.app import ArrayRecord
 from strategies import biot_math
 from strategies.base import ClientIdentity
 from strategies.fedpipe import FedPipe
-from strategies.lora_math import Factors, join_factors, split_factors
-from strategies.pipe_math import module_order
+from strategies.lora_math import Factors, LoraUpdate, join_factors, split_factors
+from strategies.pipe_math import module_order, stack_per_module
 from strategies.protocol import PipeOrder, TrainOrder
+from strategies.records import is_int, is_number, require
 
 
 def _positive_int(value: object, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"strategy.{key}={value!r}; allowed: an integer >= 1")
-    return value
+    require(is_int(value) and value >= 1, f"strategy.{key}", value, "an integer >= 1")
+    return value  # type: ignore[return-value]
 
 
 class FedBiOT(FedPipe):
@@ -46,19 +46,17 @@ class FedBiOT(FedPipe):
     def __init__(self, *args, adapter_layers: int = 2, emulator_layers: int = 21,
                  rank: int = 8, emulator_rank: int = 8, align_steps: int = 40,
                  align_lr: float = 1e-3, public_examples: int = 32, **kwargs) -> None:
-        if isinstance(emulator_layers, int) and not isinstance(emulator_layers, bool) \
-                and emulator_layers < 1:
-            raise ValueError(f"strategy.emulator_layers={emulator_layers}: an emulator with "
-                             "zero layers kept cannot stand in for the layers below the "
-                             "adapter; allowed: an integer >= 1")
+        if is_int(emulator_layers) and emulator_layers < 1:
+            raise ValueError(f"strategy.emulator_layers={emulator_layers}: an emulator must "
+                             "keep a layer (with zero layers kept nothing stands in for the "
+                             "layers below the adapter); allowed: an integer >= 1")
         self.emulator_keep = _positive_int(emulator_layers, "emulator_layers")
         self.adapter_layers = _positive_int(adapter_layers, "adapter_layers")
         self.emulator_rank = _positive_int(emulator_rank, "emulator_rank")
         self.align_steps = _positive_int(align_steps, "align_steps")
         self.public_examples = _positive_int(public_examples, "public_examples")
-        if isinstance(align_lr, bool) or not isinstance(align_lr, int | float) \
-                or not align_lr > 0:
-            raise ValueError(f"strategy.align_lr={align_lr!r}; allowed: a number > 0")
+        require(is_number(align_lr) and align_lr > 0, "strategy.align_lr", align_lr,
+                "a number > 0")
         self.align_lr = float(align_lr)
         super().__init__(*args, rank_grid=[_positive_int(rank, "rank")], min_share=0.0,
                          **kwargs)
@@ -85,8 +83,7 @@ class FedBiOT(FedPipe):
 
     def structure_for(self, client: ClientIdentity) -> dict[str, int]:
         """Every module of the adapter layers at `rank`."""
-        top = self.num_layers - self.adapter_layers
-        return {m: self.grid[-1] for m, i in sorted(self.layers.items()) if i >= top}
+        return dict.fromkeys(sorted(self.adapter_shapes()), self.grid[-1])
 
     def order_for(self, server_round: int, client: ClientIdentity) -> TrainOrder:
         if not self.emulator:
@@ -96,11 +93,21 @@ class FedBiOT(FedPipe):
         return self.make_order(server_round, self.grid[-1], pipe=PipeOrder(
             ranks=tuple(structure.get(m, 0) for m in self.order_keys), layers=self.emulator))
 
+    def adapter_shapes(self) -> dict[str, tuple[int, int]]:
+        top = self.num_layers - self.adapter_layers
+        return {m: s for m, s in self.module_shapes.items() if self.layers[m] >= top}
+
+    def round_update(self, server_round: int, updates: list[LoraUpdate]
+                     ) -> tuple[Factors, dict[str, float], list[tuple[float, Factors]]]:
+        """Δ over the adapter layers only: G never holds the emulator's or other modules."""
+        return stack_per_module(updates, self.adapter_shapes()), {}, [
+            (u.weight, u.factors) for u in updates]
+
     def client_state(self, client: ClientIdentity,
                      state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """E and G (its trained modules) as one scaling-1 frozen adapter."""
-        trained = {m: (a.float(), b.float()) for m, (a, b) in split_factors(state).items()
-                   if bool(b.any())}
+        """E and G (its trained modules) as one scaling-1 frozen adapter, each module at its
+        own rank."""
+        trained = split_factors(super().client_state(client, state)) if state else {}
         return join_factors(biot_math.frozen_adapter(self.emulator_factors, trained))
 
     def client_arrays(self, client: ClientIdentity,

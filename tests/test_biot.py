@@ -19,7 +19,6 @@ from strategies.biot_math import (
     fold_scaling,
     frozen_adapter,
     layer_scores,
-    pad_rank,
 )
 from strategies.fedbiot import FedBiOT
 from strategies.lora_math import LORA_A, LORA_B, join_factors, split_factors
@@ -64,7 +63,7 @@ def test_the_emulator_split_refuses_what_cannot_be_built(adapter, keep, message)
         emulator_layers([0.0] * 6, adapter, keep)
 
 
-def test_the_frozen_adapter_pads_e_and_g_to_one_rank_without_changing_their_products():
+def test_the_frozen_adapter_is_e_beside_g_each_module_at_its_rank():
     # Prepare: E of rank 2 on one module, G of rank 3 on another
     gen = torch.Generator().manual_seed(0)
     e = {"e": (torch.randn(2, 5, generator=gen), torch.randn(4, 2, generator=gen))}
@@ -73,16 +72,11 @@ def test_the_frozen_adapter_pads_e_and_g_to_one_rank_without_changing_their_prod
     # Execute
     both = frozen_adapter(e, g)
 
-    # Assert: one rank (3), each product exactly as before
-    assert {m: a.shape[0] for m, (a, _) in both.items()} == {"e": 3, "g": 3}
-    for name, f in (("e", e), ("g", g)):
-        a, b = both[name]
-        assert torch.equal(b @ a, f[name][1] @ f[name][0])
+    # Assert: both modules, untouched (no padding: E is sent at its own rank)
+    assert both == {**e, **g}
     assert frozen_adapter({}, {}) == {}
     with pytest.raises(ValueError, match="overlap"):
         frozen_adapter(e, e)
-    with pytest.raises(ValueError, match="has rank 3 > 2"):
-        pad_rank(g, 2)
     a, b = fold_scaling(e, 2.0)["e"]
     assert torch.equal(a, 2.0 * e["e"][0]) and torch.equal(b, e["e"][1])
 
@@ -149,14 +143,15 @@ def test_fedbiot_orders_the_emulator_sends_e_and_g_and_stacks_the_adapter():
     # round 2 sends E and G padded to one rank
     assert strategy.round_log[1].clients["partition-1"].status != "ok"
     g = split_factors(arrays.to_torch_state_dict())
+    assert set(g) == {"m.layers.3.attn.q", "m.layers.3.attn.v"}  # the adapter only
     want = 2.0 * good["m.layers.3.attn.q" + LORA_B] @ good["m.layers.3.attn.q" + LORA_A]
     torch.testing.assert_close(g["m.layers.3.attn.q"][1] @ g["m.layers.3.attn.q"][0], want,
                                rtol=1e-5, atol=1e-5)
     msgs = {m.metadata.dst_node_id: m for m in
             strategy.configure_train(2, arrays, ConfigRecord(), grid)}
     sent = split_factors(msgs[11].content["arrays"].to_torch_state_dict())
-    assert set(sent) == {"m.layers.0.attn.q", "m.layers.3.attn.q", "m.layers.3.attn.v"}
-    assert len({a.shape[0] for a, _ in sent.values()}) == 1
+    assert {m: a.shape[0] for m, (a, _) in sent.items()} == {
+        "m.layers.0.attn.q": 2, "m.layers.3.attn.q": 4, "m.layers.3.attn.v": 4}
 
     # a resumed strategy gets the same emulator back
     again = biot()
@@ -184,8 +179,9 @@ def deep_tiny(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-deep"), layers=5))
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_the_device_emulator_reads_only_its_layers_and_equals_the_skipped_full_model(
-        deep_tiny, tmp_path, monkeypatch):
+        family, tmp_path, monkeypatch):
     from safetensors import safe_open
 
     from fedapp.llm.emulator import emulated, emulator_folder, load_emulator
@@ -193,11 +189,12 @@ def test_the_device_emulator_reads_only_its_layers_and_equals_the_skipped_full_m
 
     # Prepare
     monkeypatch.setenv("FEDAPP_CACHE", str(tmp_path))
-    layers = (1, 3, 4)
-    x = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    deep_tiny = str(build_tiny_model(tmp_path / family, family=family, layers=5))
+    layers = (1, 3, 4)  # gemma3: sliding, sliding, full attention; 40 tokens > its window
+    x = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
 
     # Execute
-    folder = emulator_folder(deep_tiny, "nf4", "cpu", layers)
+    folder = emulator_folder(deep_tiny, layers)
     emulator = load_emulator(deep_tiny, "nf4", "cpu", layers)
     base = load_base(deep_tiny, "nf4", "cpu")
     with torch.no_grad():
@@ -212,8 +209,8 @@ def test_the_device_emulator_reads_only_its_layers_and_equals_the_skipped_full_m
         indices = {int(k.split(".")[2]) for k in handle.keys()  # noqa: SIM118
                    if k.startswith("model.layers.")}
     assert indices == {0, 1, 2}
-    assert json.loads((folder / "emulator.json").read_text()) == {"layers": [1, 3, 4],
-                                                                   "num_layers": 5}
+    meta = json.loads((folder / "emulator.json").read_text())
+    assert (meta["layers"], meta["num_layers"]) == ([1, 3, 4], 5)
     assert torch.equal(got, want) and not torch.allclose(full, want)
     names = [n for n, _ in emulator.named_modules() if n.endswith("q_proj")]
     assert names == [f"model.layers.{i}.self_attn.q_proj" for i in layers]
@@ -259,3 +256,35 @@ def test_the_server_aligns_the_emulator_on_public_data_and_a_client_trains_the_a
     assert got == {k: 4 for k in shapes if ".layers.4." in k}
     assert any(b.any() for _, b in split_factors(result.state).values())
     assert join_factors(split_factors(result.state)).keys() == result.state.keys()
+
+
+def test_a_frozen_adapter_of_mixed_ranks_keeps_each_module_at_its_rank_and_scaling_one(
+        tiny_model_dir):
+    from fedapp.llm.adapters import target_module_shapes, with_lora
+    from fedapp.llm.model import cached_base
+
+    # Prepare: E-like rank 2 on the first q_proj, G-like rank 3 on the last v_proj
+    base = cached_base(str(tiny_model_dir), "nf4", "cpu")
+    shapes = target_module_shapes(base, ["q_proj", "v_proj"])
+    first, last = min(shapes), max(shapes)
+    gen = torch.Generator().manual_seed(4)
+    frozen = {}
+    for module, r in ((first, 2), (last, 3)):
+        out_f, in_f = shapes[module]
+        frozen[module + LORA_A] = torch.randn(r, in_f, generator=gen)
+        frozen[module + LORA_B] = torch.randn(out_f, r, generator=gen)
+
+    # Execute
+    with with_lora(base, 4, 8.0, ["q_proj", "v_proj"], 0, frozen_global=frozen) as model:
+        wrapped = {n: (m.r["global"], m.scaling["global"]) for n, m in model.named_modules()
+                   if isinstance(getattr(m, "r", None), dict) and "global" in m.r}
+        loaded = {n: m.lora_B["global"].weight.detach().clone() for n, m in
+                  model.named_modules() if n in wrapped}
+
+    # Assert: exactly those two modules, each at its rank with scaling 1, B as sent
+    short = {n.split("base_model.model.")[-1]: v for n, v in wrapped.items()}
+    assert short == {first.split("base_model.model.")[-1]: (2, 1.0),
+                     last.split("base_model.model.")[-1]: (3, 1.0)}
+    for name, weight in loaded.items():
+        key = next(m for m in (first, last) if name.endswith(m.split("base_model.model.")[-1]))
+        assert torch.equal(weight, frozen[key + LORA_B].to(weight.dtype))

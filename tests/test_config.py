@@ -40,7 +40,7 @@ def test_default_config_composes_to_the_documented_run():
 @pytest.mark.parametrize(("override", "expected"), [
     ("strategy=nope", ("allowed: ['centralized', 'fedbiot', 'fedit', 'fedkseed', 'fedpipe', "
                        "'fedspine', 'ffa', 'flexlora', 'flora', 'oneshot', 'zeropad']")),
-    ("strategy=fedbiot strategy.emulator_layers=0", "an emulator with zero layers kept"),
+    ("strategy=fedbiot strategy.emulator_layers=0", "an emulator must keep a layer (with zero"),
     ("strategy=fedbiot strategy.adapter_layers=0", "strategy.adapter_layers=0; allowed: "),
     ("eval.ranking_examples=-1", "eval.ranking_examples=-1; allowed: an integer >= 0"),
     ("eval.ranking_k=0", "eval.ranking_k=0; allowed: an integer >= 1"),

@@ -25,7 +25,7 @@ from peft import (
     set_peft_model_state_dict,
 )
 
-from strategies.lora_math import LORA_A, rank_of, split_factors
+from strategies.lora_math import LORA_A, split_factors
 
 PEFT_PREFIX = "base_model.model."
 TRAINED, GLOBAL = "default", "global"  # adapter names: the client's own, the server's frozen G
@@ -61,7 +61,8 @@ def attach_lora(base: torch.nn.Module, r: int, lora_alpha: float, target_modules
     """Inject a trainable LoRA (peft's init under `seed`, or `init_state` when given).
 
     `frozen_global`: the server's update G as scaling-1 LoRA factors (peft keys), attached
-    as the frozen adapter "global" and applied before the trainable one. `train_lora_a`
+    as the frozen adapter "global" and applied before the trainable one (modules of
+    different ranks: each at its own, FedBiOT's E beside G). `train_lora_a`
     False keeps lora_A at its initial value (FFA-LoRA). `ranks`: per-module ranks of the
     trainable LoRA (`lora_config`)."""
     torch.manual_seed(seed)
@@ -69,9 +70,13 @@ def attach_lora(base: torch.nn.Module, r: int, lora_alpha: float, target_modules
     if init_state:
         load_adapter_state(model, init_state, TRAINED)
     if frozen_global:
-        rank = rank_of(split_factors(frozen_global))
+        global_ranks = {m: a.shape[0] for m, (a, _) in split_factors(frozen_global).items()}
+        rank = max(global_ranks.values())
+        config = lora_config(rank, rank, adapter_targets(frozen_global)) \
+            if len(set(global_ranks.values())) == 1 else \
+            lora_config(rank, rank, [], global_ranks)  # per module, each at scaling 1
         with torch.random.fork_rng(devices=[]):  # G's placeholder init draws no seeded numbers
-            model.add_adapter(GLOBAL, lora_config(rank, rank, adapter_targets(frozen_global)))
+            model.add_adapter(GLOBAL, config)
         load_adapter_state(model, frozen_global, GLOBAL)
         model.base_model.set_adapter([GLOBAL, TRAINED])  # forward: base + G, then + s·B·A
     for name, param in model.named_parameters():
