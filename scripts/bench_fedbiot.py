@@ -20,7 +20,8 @@ adapter plugged in):
     flora        every device LoRA r8 on every layer of the full model, `--local-steps`
     fedbiot      the emulator + adapter, the same local steps (less compute per step)
     fedbiot-eq   the same with local steps scaled so that its client compute matches
-                 FLoRA's (by the median measured seconds per client step, first seed)
+                 FLoRA's (by the median measured seconds per client step, first seed, or
+                 `--eq-steps` from the fresh-process ratio of `--part client`)
 
 Printed per method: final held-out loss (mean and per seed), client s/step and peak RSS as
 the runs reported them, total client train-seconds, MB up and down per client and round,
@@ -141,7 +142,7 @@ def run_methods(args: argparse.Namespace, out: Path) -> None:
               f"scenario.min_train_nodes={args.clients} {args.eval}")
     biot = (f"strategy=fedbiot strategy.adapter_layers={args.adapter_layers} "
             f"strategy.emulator_layers={args.keep}")
-    eq_steps = None
+    eq_steps = args.eq_steps
 
     def run(name: str, overrides: str, seed: int) -> None:
         run_dir = out / f"{name}-seed{seed}"
@@ -283,6 +284,9 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--eval", default="eval.max_examples=50 eval.ranking_examples=0 "
                                           "eval.generate_examples=0")
+    parser.add_argument("--eq-steps", type=int, default=None,
+                        help="fedbiot-eq's local steps (default: from the runs' median step "
+                             "times; on a busy machine give them from `--part client`)")
     parser.add_argument("--report", type=Path, default=None, help="only report this folder")
     parser.add_argument("--into", type=Path, default=None,
                         help="run into this folder, keeping the runs it already finished")
