@@ -105,17 +105,17 @@ def table(runs: dict[tuple[str, float], dict[int, list[dict]]]) -> tuple[list[st
         for seed, rows in by_seed.items():
             for name, value in figures(rows).items():
                 got.setdefault(key, {}).setdefault(name, {})[seed] = value
-    lines = [(f"| budget | method | held-out loss (seed {' / '.join(map(str, seeds))}) | mean | "
-             "examples kept | selection s per client (mean / max) | selection / train s |"),
-             "|---|---|---|---|---|---|---|"]
+    per_seed = f"(seed {' / '.join(map(str, seeds))})"
+    lines = [(f"| budget | method | held-out loss {per_seed} | mean | examples kept | "
+              f"selection s per client, mean {per_seed} | largest | selection / train s "
+              f"{per_seed} |"), "|---|---|---|---|---|---|---|---|"]
     for method, budget in sorted(got, key=lambda k: (-k[1], k[0] != FULL, k[0])):
         f = got[(method, budget)]
         lines.append(
             f"| {budget:.0%} | {method} | {fmt_seeds(f['final'])} | "
             f"{statistics.mean(f['final'].values()):.4f} | {fmt_seeds(f['kept'], 0)} | "
-            f"{statistics.mean(f['selection mean'].values()):.1f} / "
-            f"{max(f['selection max'].values()):.1f} | "
-            f"{statistics.mean(f['selection / train'].values()):.3f} |")
+            f"{fmt_seeds(f['selection mean'], 1)} | {max(f['selection max'].values()):.1f} | "
+            f"{fmt_seeds(f['selection / train'], 2)} |")
     return lines, got
 
 
@@ -147,7 +147,8 @@ def report(out: Path) -> str:
         f"# SHED vs random selection at equal budgets ({out.name})", "",
         (f"Base model held-out loss per seed: {fmt_seeds(base)}. Selection seconds are "
         "each client's `selection-seconds` summed over the run; the last column divides "
-        "all clients' selection seconds by their local training seconds."), "", *lines, "",
+        "all clients' selection seconds by their local training seconds. Seconds depend on "
+        "what else ran on the machine meanwhile."), "", *lines, "",
         "Measured ratios (means over seeds):", "", *ratios(got)]) + "\n"
     (out / "shed.md").write_text(text)
     plot(got, out / "final_loss.png")
