@@ -233,10 +233,10 @@ class LoraStrategy(FedAvg):
         dtype = getattr(torch, self.setup.wire_dtype)
         return ArrayRecord({k: v.to(dtype) for k, v in self.client_state(client, state).items()})
 
-    def downlink(self, server_round: int, client: ClientIdentity,
-                 state: dict[str, torch.Tensor]) -> tuple[ArrayRecord, ConfigRecord | None]:
-        """The train message's arrays for `client`, and the "global" record that says how to
-        read them (None: use them as sent; FLoRA sends versions and increments)."""
+    def downlink(self, server_round: int, client: ClientIdentity, state: dict[str, torch.Tensor],
+                 order: TrainOrder) -> tuple[ArrayRecord, ConfigRecord | None]:
+        """The train message's arrays for `client` (beside its `order`), and the record that
+        says how to read them (None: use them as sent; FLoRA sends versions, increments)."""
         return self.client_arrays(client, state), None
 
     def order_records(self, client: ClientIdentity) -> dict[str, ArrayRecord]:
@@ -252,7 +252,7 @@ class LoraStrategy(FedAvg):
         for node_id in node_ids:
             client = self.identities[node_id]
             order = self.order_for(server_round, client)
-            payload, version = self.downlink(server_round, client, state)
+            payload, version = self.downlink(server_round, client, state, order)
             content = RecordDict({ARRAYS: payload, CONFIG: order.to_config()})
             if version is not None:
                 content[GLOBAL] = version

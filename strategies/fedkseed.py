@@ -74,8 +74,8 @@ class FedKSeed(LoraStrategy):
         self.scalars = self.global_scalars(arrays)  # what this round's replies add to
         return list(super().configure_train(server_round, arrays, config, grid))
 
-    def downlink(self, server_round: int, client: ClientIdentity,
-                 state: dict[str, torch.Tensor]) -> tuple[ArrayRecord, ConfigRecord | None]:
+    def downlink(self, server_round: int, client: ClientIdentity, state: dict[str, torch.Tensor],
+                 order: TrainOrder) -> tuple[ArrayRecord, ConfigRecord | None]:
         return ArrayRecord({SCALARS: self.scalars}), None  # float64: replayed exactly
 
     def parse_update(self, content: RecordDict, order: TrainOrder) -> LoraUpdate:

@@ -17,17 +17,26 @@ else (newcomers, clients that missed round t or were not accepted in it, the fir
 a resumed run or of a retried attempt) gets all of G_t; so does everybody under DP, whose
 Δ_t is noised and has no own part. A client that
 cannot apply an increment fails with NO_GLOBAL; not accepted, it gets all of G next time.
+
+With `downlink_cap` = c, a returning client whose exact form (increment or all of G) would
+make its train message larger than c times its last upload gets a `Correction` instead: the
+best rank-m approximation of G_t − H, H being what it holds, with m as large as the cap
+allows (`strategies.downlink_math`). Both sides then hold H' = `next_global`(H, C, budget),
+bitwise alike; what was left out is part of the next correction (error feedback), and each
+reply reports its lag ‖G_t − H'‖ / ‖G_t‖. The server evaluates G_t; the clients train
+beside H'. The server keeps one H per client with an approximate copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from strategies.base import ClientIdentity, LoraStrategy
+from strategies.base import ClientIdentity, LoraStrategy, config_bytes
+from strategies.downlink_math import correction, correction_rank, lag, per_rank_bytes
 from strategies.dp import make_accountant, private_aggregate, spend
 from strategies.lora_math import (
     Factors,
@@ -44,8 +53,21 @@ from strategies.lora_math import (
     wire_stack,
 )
 from strategies.pipe_math import decode_slots, slots_delta
-from strategies.protocol import NO_GLOBAL, GlobalVersion, Increment
+from strategies.protocol import NO_GLOBAL, Correction, GlobalVersion, Increment, TrainOrder
 from strategies.summary import ClientOutcome
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a client holds, as the server knows it: the global factors it rebuilt (wire
+    dtype), their digest, the version they equal exactly (None: a corrected approximation)
+    and the bytes of the client's last accepted upload (what the cap scales)."""
+
+    factors: Factors
+    digest: str
+    exact_version: int | None
+    upload_bytes: int = 0
+    lag: float = 0.0  # ‖G − H‖ / ‖G‖ when it was sent
 
 
 @dataclass(frozen=True)
@@ -74,8 +96,14 @@ class FLoRA(LoraStrategy):
     increments = True  # returning clients get the round's increment (False: always all of G)
 
     def __init__(self, *args, rank_budget: int = 64, dp: Mapping | None = None,
-                 **kwargs) -> None:
+                 downlink_cap: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if downlink_cap is not None and (isinstance(downlink_cap, bool) or not isinstance(
+                downlink_cap, int | float) or not 0 < downlink_cap < float("inf")):
+            raise ValueError(f"strategy.downlink_cap={downlink_cap}; allowed: null (every "
+                             "client gets the exact global) or a number > 0 (a returning "
+                             "client's train message at most this many times its last upload)")
+        self.downlink_cap = None if downlink_cap is None else float(downlink_cap)
         if isinstance(rank_budget, bool) or not isinstance(rank_budget, int) or rank_budget <= 0:
             raise ValueError(f"strategy.rank_budget={rank_budget}; allowed: a positive integer")
         if self.ranks and rank_budget < max(self.ranks):
@@ -88,12 +116,16 @@ class FLoRA(LoraStrategy):
         self.accountant = make_accountant(self.dp, self.min_available_nodes) if self.dp else None
         self.slots: RoundSlots | None = None  # the last round's Δ, for returning clients
         self.owners: dict[int, str] = {}  # id(accepted update) -> client name, this round
+        self.held: dict[str, Held] = {}  # per client, what it holds (as of its last reply)
+        self.pending: dict[str, Held] = {}  # per client, what this round's message gives it
+        self._digest: tuple[int, str] | None = None  # (version, digest of all of G)
 
     def load_state(self, state: dict, arrays: ArrayRecord) -> None:
         dtype = self.held_dtype()  # a checkpoint of an older version may hold fp32
         self.global_factors = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in
                                split_factors(arrays.to_torch_state_dict()).items()}
         self.slots = None  # a resumed run or a retried attempt: everyone gets all of G
+        self.held, self.pending = {}, {}
         if self.accountant is not None and state.get("accountant"):
             self.accountant.load_state_dict(state["accountant"])
 
@@ -101,26 +133,75 @@ class FLoRA(LoraStrategy):
         return {"accountant": self.accountant.state_dict()} if self.accountant else {}
 
     # ------------------------------------------------------------------ downlink
-    def downlink(self, server_round: int, client: ClientIdentity,
-                 state: dict[str, torch.Tensor]) -> tuple[ArrayRecord, ConfigRecord | None]:
-        """The increment of round `server_round` − 1 for a client that uploaded one of its
-        slots, when smaller than G; all of G (version `server_round` − 1) otherwise."""
-        if not self.increments or self.dp is not None:
-            return super().downlink(server_round, client, state)
-        slots, version = self.slots, server_round - 1
-        full = self.client_arrays(client, state)
+    def downlink(self, server_round: int, client: ClientIdentity, state: dict[str, torch.Tensor],
+                 order: TrainOrder) -> tuple[ArrayRecord, ConfigRecord | None]:
+        """The cheapest exact form of version `server_round` − 1 for this client (all of G,
+        or the increment of the previous round for a client that uploaded one of its slots
+        and holds the version before); with `downlink_cap`, a correction of what a returning
+        client holds when the exact form would exceed the cap."""
+        if not self.increments or self.dp is not None:  # DP: Δ is noised, no own slots
+            return super().downlink(server_round, client, state, order)
+        version, held = server_round - 1, self.held.get(client.name)
+        exact = self.client_arrays(client, state), GlobalVersion(version)
+        slots = self.slots
         if (slots is not None and slots.server_round == version
-                and slots.names.count(client.name) == 1):
+                and slots.names.count(client.name) == 1
+                and (held is None or held.exact_version == version - 1)):
             arrays, increment = slots.increment_for(client.name, self.rank_budget)
-            if arrays.count_bytes() < full.count_bytes():  # else all of G is cheaper
-                return arrays, GlobalVersion(version, increment).to_config()
-        return full, GlobalVersion(version).to_config()
+            if arrays.count_bytes() < exact[0].count_bytes():  # else all of G is cheaper
+                exact = arrays, GlobalVersion(version, increment)
+        if held is not None and self.downlink_cap is not None:
+            limit = self.downlink_cap * held.upload_bytes - config_bytes(order.to_config())
+            exact_bytes = exact[0].count_bytes() + config_bytes(exact[1].to_config())
+            if exact_bytes > limit and (capped := self.corrected(
+                    version, held, limit, exact_bytes)) is not None:
+                arrays, record, self.pending[client.name] = capped
+                return arrays, record.to_config()
+        self.pending[client.name] = self.exact_held(version)
+        return exact[0], exact[1].to_config()
+
+    def exact_held(self, version: int) -> Held:
+        """What a client holds once it has all of G (version `version`)."""
+        if self._digest is None or self._digest[0] != version:
+            self._digest = version, digest(join_factors(self.global_factors))
+        return Held(self.global_factors, self._digest[1], version)
+
+    def corrected(self, version: int, held: Held, limit: float, exact_bytes: int
+                  ) -> tuple[ArrayRecord, GlobalVersion, Held] | None:
+        """A correction of `held` towards G (version `version`) whose arrays fit in `limit`
+        bytes and are smaller than the exact form's; None if no such correction exists."""
+        target, dtype = self.global_factors, self.held_dtype()
+        record = GlobalVersion(version, correction=Correction(self.rank_budget, held.digest))
+        limit = min(limit, exact_bytes - 1) - config_bytes(record.to_config())
+        if not target:
+            return None
+        rank = correction_rank(limit, per_rank_bytes(target, dtype))
+        while rank > 0:
+            factors = correction(target, held.factors, rank, dtype)
+            arrays = ArrayRecord(join_factors(factors))
+            if arrays.count_bytes() <= limit:
+                break
+            rank -= 1  # the keys' bytes did not fit beside the values
+        else:
+            return None
+        rebuilt, _ = next_global(held.factors, factors, self.rank_budget, dtype)
+        return arrays, record, Held(rebuilt, digest(join_factors(rebuilt)), None,
+                                    lag=lag(target, rebuilt))
 
     def check_reply(self, server_round: int, node_id: int, msg: Message
                     ) -> tuple[str, ClientOutcome, LoraUpdate | None]:
+        """As every strategy's; and what the client now holds, for the next downlink: what
+        this round's message gave it if its reply is accepted, unknown otherwise."""
         name, outcome, update = super().check_reply(server_round, node_id, msg)
+        pending = self.pending.pop(name, None)
         if update is not None:  # whose slot it becomes, for the next round's increments
             self.owners[id(update)] = name
+        if update is None or pending is None:  # unknown: all of G next time
+            self.held.pop(name, None)
+            return name, outcome, update
+        self.held[name] = replace(pending, upload_bytes=outcome.bytes_up or 0)
+        if self.downlink_cap is not None:
+            outcome.extra["downlink-lag"] = pending.lag
         return name, outcome, update
 
     # ------------------------------------------------------------------ aggregation
@@ -178,6 +259,8 @@ def receive_global(version: GlobalVersion, arrays: Mapping[str, torch.Tensor],
     `upload`. Raises RuntimeError with NO_GLOBAL when the increment does not follow what it
     holds; the server then sends all of G next time."""
     inc = version.increment
+    if version.correction is not None:
+        return corrected_global(version, arrays, held, dtype)
     if inc is None:
         return dict(arrays)
     if held is None or held_version != version.version - 1:
@@ -204,4 +287,25 @@ def receive_global(version: GlobalVersion, arrays: Mapping[str, torch.Tensor],
     slots.insert(inc.own_slot, own)
     delta = wire_stack(list(zip(inc.coefficients, slots, strict=True)))
     factors, _ = next_global(split_factors(held), delta, inc.rank_budget, dtype)
+    return join_factors(factors)
+
+
+def corrected_global(version: GlobalVersion, arrays: Mapping[str, torch.Tensor],
+                     held: Mapping[str, torch.Tensor] | None,
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The client's side of a `Correction`: `next_global`(held, C, budget), which the server
+    computes alike. Raises RuntimeError with NO_GLOBAL unless this node holds the global the
+    correction was made for (recognised by its digest)."""
+    fix = version.correction
+    assert fix is not None
+    if held is None or digest(held) != fix.held_digest:
+        raise RuntimeError(f"{NO_GLOBAL}: the correction towards global version "
+                           f"{version.version} is for a copy this node does not hold "
+                           f"({'none held' if held is None else 'another copy'}); the server "
+                           "sends the whole global next time")
+    base, delta = split_factors(held), split_factors(arrays)
+    if base and sorted(delta) != sorted(base):  # an empty copy: version 0, nothing yet
+        raise ValueError(f"the correction towards global version {version.version} covers "
+                         f"{len(delta)} modules; this node's copy has {len(base)}")
+    factors, _ = next_global(base, delta, fix.rank_budget, dtype)
     return join_factors(factors)

@@ -359,17 +359,36 @@ class Increment(Record):
 
 
 @dataclass(frozen=True)
+class Correction(Record):
+    """The arrays are a low-rank correction C of the global this client holds, which it
+    recognises by `held_digest`: it then holds `next_global`(held, C, `rank_budget`), an
+    approximation of version `version` (`strategies.downlink_math`)."""
+
+    rank_budget: int
+    held_digest: str
+
+    def __post_init__(self) -> None:
+        require(is_int(self.rank_budget) and self.rank_budget > 0, "correction-rank-budget",
+                 self.rank_budget, "a positive integer")
+
+
+@dataclass(frozen=True)
 class GlobalVersion(Record):
     """Which global update a train message's arrays give: version t is the global after
-    round t (0: none yet). Without `increment` the arrays are all of it; with one, they
-    take a client from version − 1 to `version`."""
+    round t (0: none yet). Without `increment` or `correction` the arrays are all of it;
+    an increment takes a client from version − 1 to `version` exactly; a correction takes
+    it from what it holds towards `version`."""
 
     version: int
     increment: Increment | None = field(default=None, metadata={"record": Increment,
                                                                 "optional": True})
+    correction: Correction | None = field(default=None, metadata={"record": Correction,
+                                                                  "optional": True})
 
     def __post_init__(self) -> None:
         require(is_int(self.version) and self.version >= 0, "global-version", self.version,
                  "an int >= 0")
         require(self.increment is None or self.version >= 1, "global-version", self.version,
                  "an int >= 1 with an increment (it follows version - 1)")
+        require(self.increment is None or self.correction is None, "global-correction",
+                self.correction, "none with an increment (the arrays are one or the other)")
