@@ -66,7 +66,8 @@ def stored_setup(msg: Message, context: Context) -> RunSetup:
 def held_global(msg: Message, context: Context, setup: RunSetup) -> dict[str, torch.Tensor]:
     """The global arrays to train with. When the message names a global version (FLoRA),
     they are that version, sent whole or rebuilt from this node's held copy and its last
-    upload (`strategies.flora.receive_global`), and kept in context.state for next time."""
+    upload, or its held copy corrected towards it (`strategies.flora.receive_global`), and
+    kept in context.state for next time, with the version and whether it is exact."""
     arrays = msg.content[ARRAYS].to_torch_state_dict()
     if GLOBAL not in msg.content.config_records:
         return arrays
@@ -74,14 +75,16 @@ def held_global(msg: Message, context: Context, setup: RunSetup) -> dict[str, to
     state = context.state
     held = state.array_records[HELD_GLOBAL].to_torch_state_dict() \
         if HELD_GLOBAL in state.array_records else None
-    held_version = int(state.config_records[HELD_VERSION]["version"]) \
-        if HELD_VERSION in state.config_records else None  # type: ignore[arg-type]
+    record = state.config_records.get(HELD_VERSION, ConfigRecord())
+    held_version = int(record["version"]) if "version" in record else None  # type: ignore[arg-type]
     upload = state.array_records[LAST_UPLOAD].to_torch_state_dict() \
         if LAST_UPLOAD in state.array_records else None
     global_state = receive_global(version, arrays, held, held_version, upload,
-                                  getattr(torch, setup.wire_dtype))
+                                  getattr(torch, setup.wire_dtype),
+                                  held_exact=bool(record.get("exact", True)))
     state[HELD_GLOBAL] = ArrayRecord(global_state)
-    state[HELD_VERSION] = ConfigRecord({"version": version.version})
+    state[HELD_VERSION] = ConfigRecord({"version": version.version,
+                                        "exact": version.correction is None})
     return global_state
 
 

@@ -54,11 +54,12 @@ def squared_norm(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def lag(target: Factors, held: Factors) -> float:
-    """‖G − H‖_F / ‖G‖_F over all modules (0 when G is zero and H equals it; 1 for H = 0)."""
+    """‖G − H‖_F / ‖G‖_F over all modules (1 for H = 0; for G = 0, 0 if H is zero too and
+    1 otherwise: all of H is off)."""
     total = sum(squared_norm(a, b) for a, b in target.values())
     gap = sum(squared_norm(a, b) for a, b in difference(target, held).values())
     if total == 0.0:
-        return 0.0 if gap == 0.0 else math.inf
+        return 0.0 if gap == 0.0 else 1.0
     return math.sqrt(gap / total)
 
 

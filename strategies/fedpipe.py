@@ -86,6 +86,7 @@ class FedPipe(FLoRA):
     supports_dp = False
     picks_ranks = True  # each device's structure follows its budget and importance
     increments = True  # a returning client gets the round's other slots (per module)
+    cappable = False  # clients hold only the modules they need
     grid_key = "strategy.rank_grid"  # the config key of the ranks, in errors
 
     def __init__(self, *args, rank_grid: Sequence[int] = (4, 8, 16),

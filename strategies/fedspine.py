@@ -102,6 +102,7 @@ class FedSpine(FLoRA):
     prunes = True
     picks_ranks = True  # each client's bandit picks its rank
     increments = False  # a client's slot is its upload scattered to full shape: send all of G
+    cappable = False
 
     def __init__(self, *args, arm_policy: str = "bandit", time_weight: float = 0.1,
                  bandit: Mapping | None = None, prune: Mapping | None = None,

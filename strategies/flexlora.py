@@ -26,6 +26,7 @@ from strategies.lora_math import (
 
 class FlexLoRA(FLoRA):
     name = "flexlora"
+    cappable = False  # clients hold a rank-r truncation of G
     global_mode = "init"
     supports_dp = False  # the dense sum replaces G: FLoRA's private stacking does not apply
 

@@ -18,13 +18,16 @@ a resumed run or of a retried attempt) gets all of G_t; so does everybody under 
 Δ_t is noised and has no own part. A client that
 cannot apply an increment fails with NO_GLOBAL; not accepted, it gets all of G next time.
 
-With `downlink_cap` = c, a returning client whose exact form (increment or all of G) would
-make its train message larger than c times its last upload gets a `Correction` instead: the
-best rank-m approximation of G_t − H, H being what it holds, with m as large as the cap
-allows (`strategies.downlink_math`). Both sides then hold H' = `next_global`(H, C, budget),
-bitwise alike; what was left out is part of the next correction (error feedback), and each
-reply reports its lag ‖G_t − H'‖ / ‖G_t‖. The server evaluates G_t; the clients train
-beside H'. The server keeps one H per client with an approximate copy.
+With `downlink_cap` = c, a client whose copy the server knows (its last message was
+answered and accepted) and whose exact form (increment or all of G) would make its train
+message larger than c times its last upload gets a `Correction` instead: the best rank-m
+approximation of G_t − H, H being its copy, with m as large as the cap allows
+(`strategies.downlink_math`); where none fits or none is smaller, the exact form goes.
+Both sides then hold H' = `next_global`(H, C, budget) (bitwise alike on one platform; on
+another, alike to rounding, which the next correction absorbs); what was left out is part
+of the next correction (error feedback). The server records each client's lag
+‖G_t − H'‖ / ‖G_t‖ in its metrics, evaluates G_t and keeps each client's copy (one rank-R
+set of factors per client); the clients train beside H'.
 """
 
 from __future__ import annotations
@@ -58,14 +61,15 @@ from strategies.summary import ClientOutcome
 
 
 @dataclass(frozen=True)
-class Held:
-    """What a client holds, as the server knows it: the global factors it rebuilt (wire
-    dtype), their digest, the version they equal exactly (None: a corrected approximation)
-    and the bytes of the client's last accepted upload (what the cap scales)."""
+class Copy:
+    """The copy of the global a client holds, as the server knows it: made by its train
+    message of global version `version`, equal to G_version when `exact` (else a corrected
+    approximation); its factors (kept only with a downlink cap, for the next correction),
+    the bytes of the client's last accepted upload (what the cap scales) and its lag."""
 
-    factors: Factors
-    digest: str
-    exact_version: int | None
+    version: int
+    exact: bool
+    factors: Factors | None = None
     upload_bytes: int = 0
     lag: float = 0.0  # ‖G − H‖ / ‖G‖ when it was sent
 
@@ -94,6 +98,7 @@ class FLoRA(LoraStrategy):
     global_mode = "frozen"  # clients keep G = B @ A (scaling 1) frozen beside the base
     supports_dp = True
     increments = True  # returning clients get the round's increment (False: always all of G)
+    cappable = True  # whether `downlink_cap` applies (the client holds all of G as factors)
 
     def __init__(self, *args, rank_budget: int = 64, dp: Mapping | None = None,
                  downlink_cap: float | None = None, **kwargs) -> None:
@@ -103,6 +108,9 @@ class FLoRA(LoraStrategy):
             raise ValueError(f"strategy.downlink_cap={downlink_cap}; allowed: null (every "
                              "client gets the exact global) or a number > 0 (a returning "
                              "client's train message at most this many times its last upload)")
+        if downlink_cap is not None and not self.cappable:
+            raise ValueError(f"strategy.downlink_cap={downlink_cap} with strategy {self.name}, "
+                             "whose clients do not hold the global as FLoRA's do; allowed: null")
         self.downlink_cap = None if downlink_cap is None else float(downlink_cap)
         if isinstance(rank_budget, bool) or not isinstance(rank_budget, int) or rank_budget <= 0:
             raise ValueError(f"strategy.rank_budget={rank_budget}; allowed: a positive integer")
@@ -116,16 +124,15 @@ class FLoRA(LoraStrategy):
         self.accountant = make_accountant(self.dp, self.min_available_nodes) if self.dp else None
         self.slots: RoundSlots | None = None  # the last round's Δ, for returning clients
         self.owners: dict[int, str] = {}  # id(accepted update) -> client name, this round
-        self.held: dict[str, Held] = {}  # per client, what it holds (as of its last reply)
-        self.pending: dict[str, Held] = {}  # per client, what this round's message gives it
-        self._digest: tuple[int, str] | None = None  # (version, digest of all of G)
+        self.copies: dict[str, Copy] = {}  # per client, what it holds (as of its last reply)
+        self.sending: dict[str, Copy] = {}  # per client, what its message of this round gives
 
     def load_state(self, state: dict, arrays: ArrayRecord) -> None:
         dtype = self.held_dtype()  # a checkpoint of an older version may hold fp32
         self.global_factors = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in
                                split_factors(arrays.to_torch_state_dict()).items()}
         self.slots = None  # a resumed run or a retried attempt: everyone gets all of G
-        self.held, self.pending = {}, {}
+        self.copies, self.sending = {}, {}
         if self.accountant is not None and state.get("accountant"):
             self.accountant.load_state_dict(state["accountant"])
 
@@ -137,71 +144,73 @@ class FLoRA(LoraStrategy):
                  order: TrainOrder) -> tuple[ArrayRecord, ConfigRecord | None]:
         """The cheapest exact form of version `server_round` − 1 for this client (all of G,
         or the increment of the previous round for a client that uploaded one of its slots
-        and holds the version before); with `downlink_cap`, a correction of what a returning
-        client holds when the exact form would exceed the cap."""
+        and holds the version before exactly); with `downlink_cap`, a correction of the copy
+        a client holds when the exact form would make the message exceed the cap."""
         if not self.increments or self.dp is not None:  # DP: Δ is noised, no own slots
             return super().downlink(server_round, client, state, order)
-        version, held = server_round - 1, self.held.get(client.name)
+        version, copy = server_round - 1, self.known_copy(client)
         exact = self.client_arrays(client, state), GlobalVersion(version)
         slots = self.slots
-        if (slots is not None and slots.server_round == version
-                and slots.names.count(client.name) == 1
-                and (held is None or held.exact_version == version - 1)):
+        if (slots is not None and slots.server_round == version and copy is not None
+                and copy.exact and copy.version == version - 1
+                and slots.names.count(client.name) == 1):
             arrays, increment = slots.increment_for(client.name, self.rank_budget)
             if arrays.count_bytes() < exact[0].count_bytes():  # else all of G is cheaper
                 exact = arrays, GlobalVersion(version, increment)
-        if held is not None and self.downlink_cap is not None:
-            limit = self.downlink_cap * held.upload_bytes - config_bytes(order.to_config())
+        if copy is not None and copy.factors is not None:  # a cap, and a copy it knows
+            limit = self.downlink_cap * copy.upload_bytes - config_bytes(order.to_config())
             exact_bytes = exact[0].count_bytes() + config_bytes(exact[1].to_config())
             if exact_bytes > limit and (capped := self.corrected(
-                    version, held, limit, exact_bytes)) is not None:
-                arrays, record, self.pending[client.name] = capped
+                    version, copy, limit, exact_bytes)) is not None:
+                arrays, record, self.sending[client.name] = capped
                 return arrays, record.to_config()
-        self.pending[client.name] = self.exact_held(version)
+        self.sending[client.name] = Copy(version, True, self.global_factors
+                                         if self.downlink_cap is not None else None)
         return exact[0], exact[1].to_config()
 
-    def exact_held(self, version: int) -> Held:
-        """What a client holds once it has all of G (version `version`)."""
-        if self._digest is None or self._digest[0] != version:
-            self._digest = version, digest(join_factors(self.global_factors))
-        return Held(self.global_factors, self._digest[1], version)
+    def known_copy(self, client: ClientIdentity) -> Copy | None:
+        """The copy `client` holds, unless that is unknown: its last message got no reply
+        (it may or may not have taken it) or its node is new or restarted (empty state)."""
+        if client.name in self.sending or any(self.identities.get(n) == client
+                                              for n in self.setup_owed):
+            self.copies.pop(client.name, None)
+        return self.copies.get(client.name)
 
-    def corrected(self, version: int, held: Held, limit: float, exact_bytes: int
-                  ) -> tuple[ArrayRecord, GlobalVersion, Held] | None:
-        """A correction of `held` towards G (version `version`) whose arrays fit in `limit`
-        bytes and are smaller than the exact form's; None if no such correction exists."""
-        target, dtype = self.global_factors, self.held_dtype()
-        record = GlobalVersion(version, correction=Correction(self.rank_budget, held.digest))
+    def corrected(self, version: int, copy: Copy, limit: float, exact_bytes: int
+                  ) -> tuple[ArrayRecord, GlobalVersion, Copy] | None:
+        """A correction of `copy` towards G (version `version`) whose arrays fit in `limit`
+        bytes and are smaller than the exact form's; None if there is none."""
+        target, dtype, held = self.global_factors, self.held_dtype(), copy.factors or {}
+        record = GlobalVersion(version, correction=Correction(self.rank_budget, copy.version))
         limit = min(limit, exact_bytes - 1) - config_bytes(record.to_config())
         if not target:
             return None
         rank = correction_rank(limit, per_rank_bytes(target, dtype))
         while rank > 0:
-            factors = correction(target, held.factors, rank, dtype)
+            factors = correction(target, held, rank, dtype)
             arrays = ArrayRecord(join_factors(factors))
             if arrays.count_bytes() <= limit:
                 break
             rank -= 1  # the keys' bytes did not fit beside the values
         else:
             return None
-        rebuilt, _ = next_global(held.factors, factors, self.rank_budget, dtype)
-        return arrays, record, Held(rebuilt, digest(join_factors(rebuilt)), None,
-                                    lag=lag(target, rebuilt))
+        rebuilt, _ = next_global(held, factors, self.rank_budget, dtype)
+        return arrays, record, Copy(version, False, rebuilt, lag=lag(target, rebuilt))
 
     def check_reply(self, server_round: int, node_id: int, msg: Message
                     ) -> tuple[str, ClientOutcome, LoraUpdate | None]:
         """As every strategy's; and what the client now holds, for the next downlink: what
         this round's message gave it if its reply is accepted, unknown otherwise."""
         name, outcome, update = super().check_reply(server_round, node_id, msg)
-        pending = self.pending.pop(name, None)
+        sent = self.sending.pop(name, None)
         if update is not None:  # whose slot it becomes, for the next round's increments
             self.owners[id(update)] = name
-        if update is None or pending is None:  # unknown: all of G next time
-            self.held.pop(name, None)
+        if update is None or sent is None:  # unknown: all of G next time
+            self.copies.pop(name, None)
             return name, outcome, update
-        self.held[name] = replace(pending, upload_bytes=outcome.bytes_up or 0)
+        self.copies[name] = replace(sent, upload_bytes=outcome.bytes_up or 0)
         if self.downlink_cap is not None:
-            outcome.extra["downlink-lag"] = pending.lag
+            outcome.extra["downlink-lag"] = sent.lag
         return name, outcome, update
 
     # ------------------------------------------------------------------ aggregation
@@ -252,17 +261,22 @@ class FLoRA(LoraStrategy):
 def receive_global(version: GlobalVersion, arrays: Mapping[str, torch.Tensor],
                    held: Mapping[str, torch.Tensor] | None, held_version: int | None,
                    upload: Mapping[str, torch.Tensor] | None,
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The client's side of the downlink: global version `version.version` as peft-keyed
-    factors, from the message's `arrays` (all of it, or an increment) and, for an
-    increment, the client's held global (`held`, version `held_version`) and its last
-    `upload`. Raises RuntimeError with NO_GLOBAL when the increment does not follow what it
-    holds; the server then sends all of G next time."""
+                   dtype: torch.dtype, held_exact: bool = True) -> dict[str, torch.Tensor]:
+    """The client's side of the downlink: global version `version.version` (or, for a
+    correction, an approximation of it) as peft-keyed factors, from the message's `arrays`
+    (all of it, an increment or a correction) and, for an increment, the client's held
+    global (`held`, version `held_version`, exact unless `held_exact` is false) and its last
+    `upload`; for a correction, the held copy. Raises RuntimeError with NO_GLOBAL when the
+    arrays do not follow what it holds; the server then sends all of G next time."""
     inc = version.increment
     if version.correction is not None:
-        return corrected_global(version, arrays, held, dtype)
+        return corrected_global(version, arrays, held, held_version, dtype)
     if inc is None:
         return dict(arrays)
+    if not held_exact:
+        raise RuntimeError(f"{NO_GLOBAL}: the increment to global version {version.version} "
+                           "needs an exact copy of the version before; this node holds a "
+                           "corrected one; the server sends the whole global next time")
     if held is None or held_version != version.version - 1:
         raise RuntimeError(f"{NO_GLOBAL}: the increment to global version {version.version} "
                            f"needs version {version.version - 1}; this node holds "
@@ -291,21 +305,23 @@ def receive_global(version: GlobalVersion, arrays: Mapping[str, torch.Tensor],
 
 
 def corrected_global(version: GlobalVersion, arrays: Mapping[str, torch.Tensor],
-                     held: Mapping[str, torch.Tensor] | None,
+                     held: Mapping[str, torch.Tensor] | None, held_version: int | None,
                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The client's side of a `Correction`: `next_global`(held, C, budget), which the server
-    computes alike. Raises RuntimeError with NO_GLOBAL unless this node holds the global the
-    correction was made for (recognised by its digest)."""
+    computes alike. Raises RuntimeError with NO_GLOBAL unless this node holds the copy the
+    correction was made for: the one its message of version `held_version` gave it."""
     fix = version.correction
     assert fix is not None
-    if held is None or digest(held) != fix.held_digest:
+    if held is None or held_version != fix.held_version:
         raise RuntimeError(f"{NO_GLOBAL}: the correction towards global version "
-                           f"{version.version} is for a copy this node does not hold "
-                           f"({'none held' if held is None else 'another copy'}); the server "
-                           "sends the whole global next time")
+                           f"{version.version} is for the copy of version {fix.held_version}; "
+                           f"this node holds {'none' if held is None else held_version} (a "
+                           "lost reply or a restarted SuperNode?); the server sends the whole "
+                           "global next time")
     base, delta = split_factors(held), split_factors(arrays)
     if base and sorted(delta) != sorted(base):  # an empty copy: version 0, nothing yet
-        raise ValueError(f"the correction towards global version {version.version} covers "
-                         f"{len(delta)} modules; this node's copy has {len(base)}")
+        raise RuntimeError(f"{NO_GLOBAL}: the correction towards global version "
+                           f"{version.version} covers {len(delta)} modules; this node's copy "
+                           f"has {len(base)}; the server sends the whole global next time")
     factors, _ = next_global(base, delta, fix.rank_budget, dtype)
     return join_factors(factors)

@@ -360,16 +360,18 @@ class Increment(Record):
 
 @dataclass(frozen=True)
 class Correction(Record):
-    """The arrays are a low-rank correction C of the global this client holds, which it
-    recognises by `held_digest`: it then holds `next_global`(held, C, `rank_budget`), an
-    approximation of version `version` (`strategies.downlink_math`)."""
+    """The arrays are a low-rank correction C of the copy of the global that this client's
+    train message of version `held_version` gave it: it then holds `next_global`(copy, C,
+    `rank_budget`), an approximation of version `version` (`strategies.downlink_math`)."""
 
     rank_budget: int
-    held_digest: str
+    held_version: int
 
     def __post_init__(self) -> None:
         require(is_int(self.rank_budget) and self.rank_budget > 0, "correction-rank-budget",
                  self.rank_budget, "a positive integer")
+        require(is_int(self.held_version) and self.held_version >= 0,
+                "correction-held-version", self.held_version, "an int >= 0")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
 from fedapp import client_app
 from strategies.downlink_math import (
@@ -24,6 +25,8 @@ from strategies.downlink_math import (
     per_rank_bytes,
     squared_norm,
 )
+from strategies.fedpipe import FedPipe
+from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA, receive_global
 from strategies.lora_math import digest, join_factors, next_global, split_factors
 from strategies.protocol import GLOBAL, NO_GLOBAL, Correction, GlobalVersion, Increment
@@ -99,30 +102,43 @@ def test_correction_rank_is_the_most_directions_that_fit():
 
 
 def test_the_correction_record_round_trips_and_excludes_an_increment():
-    version = GlobalVersion(4, correction=Correction(34, "00ff"))
+    version = GlobalVersion(4, correction=Correction(34, 2))
 
     assert GlobalVersion.from_dict(version.to_dict()) == version
     with pytest.raises(ValueError, match=r"correction-rank-budget=0; allowed: a positive"):
-        Correction(0, "00ff")
+        Correction(0, 2)
+    with pytest.raises(ValueError, match=r"correction-held-version=-1; allowed: an int >= 0"):
+        Correction(34, -1)
     with pytest.raises(ValueError, match=r"global-correction=.*allowed: none with an incr"):
-        GlobalVersion(4, Increment(34, (4,), (1.0,), 0, "ab"), Correction(34, "00ff"))
+        GlobalVersion(4, Increment(34, (4,), (1.0,), 0, "ab"), Correction(34, 2))
 
 
 def test_receive_global_applies_a_correction_to_the_copy_it_was_made_for():
     held = join_factors(factors([6], seed=8)[0])
     fix = join_factors(factors([3], seed=9)[0])
-    version = GlobalVersion(5, correction=Correction(7, digest(held)))
+    version = GlobalVersion(5, correction=Correction(7, 3))  # for the copy of version 3
 
-    got = receive_global(version, fix, held, 4, None, torch.float16)
+    got = receive_global(version, fix, held, 3, None, torch.float16, held_exact=False)
 
     want, _ = next_global(split_factors(held), split_factors(fix), 7, torch.float16)
+    assert got.keys() == join_factors(want).keys()
     for key, value in join_factors(want).items():
         assert torch.equal(got[key], value)
-    other = join_factors(factors([6], seed=10)[0])
-    with pytest.raises(RuntimeError, match=f"{NO_GLOBAL}: .*a copy this node does not hold"):
-        receive_global(version, fix, other, 4, None, torch.float16)
-    with pytest.raises(RuntimeError, match=f"{NO_GLOBAL}: .*none held"):
+    with pytest.raises(RuntimeError, match=f"{NO_GLOBAL}: .*copy of version 3; this node "
+                                           "holds 4"):
+        receive_global(version, fix, held, 4, None, torch.float16)
+    with pytest.raises(RuntimeError, match=f"{NO_GLOBAL}: .*this node holds none"):
         receive_global(version, fix, None, None, None, torch.float16)
+
+
+def test_an_increment_is_refused_on_a_corrected_copy():
+    held = join_factors(factors([4], seed=8)[0])
+    upload = join_factors(factors([8], seed=9)[0])
+    inc = Increment(34, (8,), (0.5,), 0, digest(upload))
+
+    with pytest.raises(RuntimeError, match=f"{NO_GLOBAL}: .*holds a corrected one"):
+        receive_global(GlobalVersion(5, inc), {}, held, 4, upload, torch.float16,
+                       held_exact=False)
 
 
 @pytest.mark.parametrize("cap", [0, -1.0, True, "2", float("inf")])
@@ -130,6 +146,15 @@ def test_a_bad_cap_is_refused_before_training(cap):
     with pytest.raises(ValueError, match=r"strategy.downlink_cap=.*allowed: null .* a number > 0"):
         FLoRA(SETUP, MODULES, local_steps=1, ranks=RANKS, alpha_ratio=2.0, rank_budget=34,
               min_available_nodes=1, min_train_nodes=1, downlink_cap=cap)
+
+
+@pytest.mark.parametrize("strategy", [FedPipe, FlexLoRA])
+def test_a_cap_is_refused_where_clients_hold_another_global(strategy):
+    ranks = {} if strategy is FedPipe else {"ranks": RANKS}
+    with pytest.raises(ValueError, match=rf"downlink_cap=2.0 with strategy {strategy.name}, "
+                                         r"whose clients .*; allowed: null"):
+        strategy(SETUP, MODULES, local_steps=1, alpha_ratio=2.0, rank_budget=34,
+                 min_available_nodes=1, min_train_nodes=1, downlink_cap=2.0, **ranks)
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,11 +173,10 @@ def test_capped_messages_stay_under_the_cap_and_both_sides_hold_the_same_copy(mo
     fed.play(1)
 
     # Execute
-    strategy, rounds = fed.strategy, {}
-    strategy.history = {}
+    strategy, rounds, copies = fed.strategy, {}, {}
     for t in (2, 3, 4):
         rounds[t] = fed.play(t), fed.trained_with
-        strategy.history[t] = dict(strategy.held)  # what the server believes each holds
+        copies[t] = dict(strategy.copies)  # what the server believes each holds
 
     # Assert
     for t, (sent, trained) in rounds.items():
@@ -161,9 +185,9 @@ def test_capped_messages_stay_under_the_cap_and_both_sides_hold_the_same_copy(mo
         for node in sent:
             name = f"partition-{fed.grid.partitions[node]}"
             up = strategy.round_log[t - 1].clients[name].bytes_up
-            assert strategy.assignments[node].bytes_down <= 2.0 * up  # the whole message
+            assert strategy.round_log[t].clients[name].bytes_down <= 2.0 * up  # all of it
             # what the client trained with is what the server believes it holds, bitwise
-            held = join_factors(strategy.history[t][name].factors)
+            held = join_factors(copies[t][name].factors)
             assert trained[fed.grid.partitions[node]].keys() == held.keys()
             assert all(torch.equal(trained[fed.grid.partitions[node]][k], v)
                        for k, v in held.items())
@@ -217,3 +241,35 @@ def test_a_client_that_lost_its_copy_gets_all_of_the_global_after_a_correction(m
     assert kind(sent4[11]) == "all"
     assert fed.trained_with[0].keys() == g3.keys()
     assert all(torch.equal(fed.trained_with[0][k], v) for k, v in g3.items())
+
+
+def test_a_client_whose_reply_was_lost_gets_all_of_the_global_without_a_failed_round(
+        monkeypatch):
+    # Prepare: round 3's reply of node 11 never arrives, though it took its correction
+    fed = Federation(monkeypatch, {11: 0, 12: 1, 13: 2}, downlink_cap=2.0)
+    fed.play(1)
+    fed.play(2)
+    strategy = fed.strategy
+    sent3 = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+        3, fed.arrays, ConfigRecord(), fed.grid)}
+    replies = {node: client_app.train(msg, fed.contexts[node]) for node, msg in sent3.items()}
+    fed.arrays, _ = strategy.aggregate_train(3, [r for n, r in replies.items() if n != 11])
+
+    # Execute
+    sent4 = fed.play(4)
+
+    # Assert: round 3 sent a correction that got no reply; round 4 sends all of G, which
+    # node 11 trains with: no round lost to a correction it could not apply
+    assert kind(sent3[11]) == "correction"
+    assert strategy.round_log[3].clients["partition-0"].status == "no reply"
+    assert kind(sent4[11]) == "all"
+    assert strategy.round_log[4].clients["partition-0"].status == "ok"
+
+
+def test_without_a_cap_the_server_keeps_no_copies_of_the_global(monkeypatch):
+    fed = Federation(monkeypatch, {11: 0, 12: 1})
+    fed.play(1)
+    fed.play(2)
+
+    assert sorted(fed.strategy.copies) == ["partition-0", "partition-1"]
+    assert all(c.exact and c.factors is None for c in fed.strategy.copies.values())
