@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import run_worker
+from bench_common import load_runs, plot_loss, run_worker
 from bench_fedspine import federated
 
 MODEL = "smollm2-135m-instruct"
@@ -182,21 +182,6 @@ def step_seconds(run_dir: Path) -> float:
     return statistics.median(c["train-seconds"] / steps for c in client_rows(run_dir))
 
 
-def load(out: Path) -> dict[str, dict[int, dict]]:
-    from omegaconf import OmegaConf
-
-    from fedapp.server.report import read_metrics
-
-    runs: dict[str, dict[int, dict]] = {}
-    for run_dir in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists()):
-        method, seed = run_dir.name.rsplit("-seed", 1)
-        runs.setdefault(method, {})[int(seed)] = {
-            "rows": read_metrics(run_dir / "metrics.jsonl"), "clients": client_rows(run_dir),
-            "cfg": OmegaConf.load(run_dir / "config.yaml"),
-            "meta": json.loads((run_dir / "aggregate.json").read_text())}
-    return runs
-
-
 def figures_of(run: dict) -> dict[str, float]:
     steps = int(run["cfg"].train.local_steps)
     clients = run["clients"]
@@ -210,7 +195,10 @@ def figures_of(run: dict) -> dict[str, float]:
 
 
 def report(out: Path) -> str:
-    runs = load(out)
+    runs = load_runs(out)
+    for rs in runs.values():  # the clients' rows, for the per-client figures
+        for run in rs.values():
+            run["clients"] = client_rows(run["dir"])
     if not set(runs) <= set(METHODS) or "flora" not in runs:
         sys.exit(f"{out} holds runs of {sorted(runs)}; allowed: a folder this bench wrote")
     seeds = sorted(set.intersection(*(set(rs) for rs in runs.values())))
@@ -245,29 +233,9 @@ def report(out: Path) -> str:
                          f"{meta['align-seconds']:.1f} s")
     text = "\n".join(lines) + "\n"
     (out / "fedbiot.md").write_text(text)
-    plot(runs, out / "loss.png")
+    plot_loss(runs, out / "loss.png", "round", (
+        "round", "held-out loss (full model + global adapter)", "FedBiOT vs FLoRA"))
     return text
-
-
-def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for method, rs in runs.items():
-        for seed, run in rs.items():
-            rows = run["rows"]
-            ax.plot([r["round"] for r in rows], [r["eval-loss"] for r in rows], marker=".",
-                    label=f"{method} seed {seed}")
-    ax.set(xlabel="round", ylabel="held-out loss (full model + global adapter)",
-           title="FedBiOT vs FLoRA")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import run_worker
+from bench_common import load_runs, plot_loss, run_worker
 from bench_fedspine import federated
 
 DEPTHS = (30, 20, 10, 4, 1)
@@ -122,21 +122,6 @@ def run_methods(args: argparse.Namespace, out: Path) -> None:
                       out / f"{method}-seed{seed}")
 
 
-def load(out: Path) -> dict[str, dict[int, dict]]:
-    from omegaconf import OmegaConf
-
-    from fedapp.server.report import read_metrics
-
-    runs: dict[str, dict[int, dict]] = {}
-    for run_dir in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists()):
-        method, seed = run_dir.name.rsplit("-seed", 1)
-        runs.setdefault(method, {})[int(seed)] = {
-            "rows": read_metrics(run_dir / "metrics.jsonl"),
-            "cfg": OmegaConf.load(run_dir / "config.yaml"),
-            "meta": json.loads((run_dir / "aggregate.json").read_text())}
-    return runs
-
-
 def time_to(rows: list[dict], target: float) -> float:
     return next((r["sim-seconds"] for r in rows[1:] if r["eval-loss"] <= target + 1e-9),
                 math.inf)
@@ -170,7 +155,7 @@ def device_costs(run: dict, costs: dict) -> dict[str, tuple[float, float, float,
 def report(out: Path) -> str:
     from omegaconf import OmegaConf
 
-    runs = load(out)
+    runs = load_runs(out)
     if set(runs) != set(METHODS):
         sys.exit(f"{out} holds runs of {sorted(runs)}; allowed: a folder this bench wrote "
                  f"with {list(METHODS)}")
@@ -232,29 +217,9 @@ def report(out: Path) -> str:
                          f"process peak {peak:.0f} MiB")
     text = "\n".join(lines) + "\n"
     (out / "fedpipe.md").write_text(text)
-    plot(runs, out / "loss.png")
+    plot_loss(runs, out / "loss.png", "sim-seconds", (
+        "simulated seconds", "held-out loss", "FedPipe vs uniform FLoRA (phones_laptops_edge)"))
     return text
-
-
-def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for method, rs in runs.items():
-        for seed, run in rs.items():
-            rows = run["rows"]
-            ax.plot([r["sim-seconds"] for r in rows], [r["eval-loss"] for r in rows],
-                    marker=".", label=f"{method} seed {seed}")
-    ax.set(xlabel="simulated seconds", ylabel="held-out loss",
-           title="FedPipe vs uniform FLoRA (phones_laptops_edge)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def main() -> None:
