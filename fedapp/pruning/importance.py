@@ -164,6 +164,21 @@ def taylor_importance(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
         model.zero_grad(set_to_none=True)
 
 
+def residual_points(layer: nn.Module, kind: str, block: nn.Module
+                    ) -> tuple[nn.Module, nn.Module]:
+    """(the module whose input is the residual stream x entering `block`, the module whose
+    output f(x) is what the block adds to it). Llama / Qwen2: the block's pre-norm and the
+    block; Gemma-2/3, whose blocks sit between a pre- and a post-norm ("sandwich"): the
+    pre-norm and the post-norm (`post_attention_layernorm` is the attention's post-norm
+    there, not the MLP's pre-norm)."""
+    if hasattr(layer, "pre_feedforward_layernorm"):  # sandwich norms
+        if kind == "self_attn":
+            return layer.input_layernorm, layer.post_attention_layernorm
+        return layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm
+    return (layer.input_layernorm if kind == "self_attn" else layer.post_attention_layernorm,
+            block)
+
+
 def llm_drop_importance(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
                         ) -> Importance:
     """LLM-Drop: per live block, 1 - cos(x, x + f(x)) averaged over unpadded tokens, x being
@@ -184,11 +199,10 @@ def llm_drop_importance(model: nn.Module, batches: Iterable[Mapping[str, torch.T
 
     handles = []
     for (i, kind), block in live_blocks(model).items():
-        norm = getattr(layers[i], "input_layernorm" if kind == "self_attn" else
-                       "post_attention_layernorm")
-        handles += [norm.register_forward_pre_hook(
+        enters, adds = residual_points(layers[i], kind, block)
+        handles += [enters.register_forward_pre_hook(
             lambda _m, args, key=(i, kind): residual.__setitem__(key, args[0])),
-            block.register_forward_hook(partial(accumulate, (i, kind)))]
+            adds.register_forward_hook(partial(accumulate, (i, kind)))]
     tokens = 0.0
     try:
         with torch.no_grad():
