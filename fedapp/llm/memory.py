@@ -61,3 +61,34 @@ def reset_peak() -> bool:
     except OSError:
         return False
     return True
+
+
+def import_bitsandbytes() -> None:
+    """Import bitsandbytes with `torch.compile` declined, once per process.
+
+    bitsandbytes (0.50) wraps some of its default-backend kernels in `torch.compile` at
+    import; that call imports the compiler (dynamo, inductor and their dependencies), and
+    each wrapper falls back to the plain function when compiling fails. Those kernels are
+    not the ones that run here: 4-bit layers on CPU use bnb's native CPU kernels (even
+    feature sizes), on CUDA its CUDA kernels, and optimizers are torch's. Declining the
+    compile keeps the plain functions and the compiler's memory out of every client process
+    (measured by scripts/bench_client.py, "imports"). Where bitsandbytes is missing this
+    does nothing: loading a 4-bit model says what to install.
+    """
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return
+    import torch
+
+    def decline(*args, **kwargs):
+        raise RuntimeError("torch.compile declined while bitsandbytes is imported")
+
+    compile_ = torch.compile
+    torch.compile = decline
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        torch.compile = compile_
