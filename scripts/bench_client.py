@@ -6,7 +6,8 @@
    activations kept for the backward pass, the rest of the step (logits/loss, temporaries)
    and what stays resident besides (allocator, caches); with seconds per step.
    Variants: 4-bit NF4 and full precision (`model.quantization=none`), each with and
-   without gradient checkpointing; 4-bit with the plain loss (what the chunked loss saves)
+   without gradient checkpointing; 4-bit with the token embedding / output head in NF4 too
+   (`nf4-embeddings`, "nf4-emb"), with and without; 4-bit with the plain loss (what the chunked loss saves)
    and without the allocator pin (what `fedapp.llm.memory` saves); 4-bit pruned to FedSpine's
    ratio 0.5 (what pruning buys); a first run (nothing prepared: the partition and the 4-bit
    copy are made by helper processes) and the client quantising in its own process; a
@@ -43,6 +44,8 @@ VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release
     "none": ("none", ""),
     "nf4 lean": ("nf4", "ckpt pin"),
     "none lean": ("none", "ckpt pin"),
+    "nf4-emb lean": ("nf4-embeddings", "ckpt pin"),
+    "nf4-emb": ("nf4-embeddings", ""),
     "nf4+ckpt": ("nf4", "ckpt"),
     "nf4+release": ("nf4", "pin"),
     "nf4 plain loss": ("nf4", "plain"),
@@ -176,7 +179,7 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
     parts["resident rest"] = resident - sum(v for k, v in parts.items() if k != "activations")
     parts["step rest"] = peak - resident - activations
     return {"quantization": quantization, "options": options, "parts": parts,
-            "peak-rss-mb": peak, "seconds-per-step": timed.seconds / steps,
+            "peak-rss-mb": peak, "seconds-per-step": timed.seconds / steps, "loss": timed.loss,
             "load-seconds": load["seconds"], "load-peak-mb": load["peak"],
             "params-ratio": params}
 
@@ -199,13 +202,18 @@ def print_ratios(rows: dict[str, dict]) -> None:
     """Every ratio whose two variants ran (`--variants` may pick a few)."""
     peak, step = "peak-rss-mb", "seconds-per-step"
     print("\nratios measured above")
-    for a, b in (("nf4", "none"), ("nf4 lean", "none lean"), ("nf4 lean", "none"),
-                 ("nf4+ckpt", "nf4"), ("nf4+release", "nf4"), ("nf4 lean", "nf4"),
-                 ("none lean", "none"), ("nf4 plain loss", "nf4"),
+    print("  (peak: the larger of the load and training peaks; loss: the mean training loss "
+          "of the timed steps, same batches, a's minus b's)")
+    for a, b in (("nf4", "none"), ("nf4 lean", "none lean"), ("nf4-emb lean", "none lean"),
+                 ("nf4-emb", "none"), ("nf4-emb", "nf4"), ("nf4-emb lean", "nf4 lean"),
+                 ("nf4 lean", "none"), ("nf4+ckpt", "nf4"), ("nf4+release", "nf4"),
+                 ("nf4 lean", "nf4"), ("none lean", "none"), ("nf4 plain loss", "nf4"),
                  ("262k vocab plain", "262k vocab")):
         if a in rows and b in rows:
-            print(f"  {a} / {b}: peak RSS {rows[a][peak] / rows[b][peak]:.2f}x, "
-                  f"s/step {rows[a][step] / rows[b][step]:.2f}x")
+            top = {k: max(rows[k][peak], rows[k]["load-peak-mb"]) for k in (a, b)}
+            print(f"  {a} / {b}: peak RSS {top[a] / top[b]:.3f}x ({top[a]:.0f} / "
+                  f"{top[b]:.0f} MiB), s/step {rows[a][step] / rows[b][step]:.2f}x, "
+                  f"loss {rows[a]['loss'] - rows[b]['loss']:+.4f}")
     print_pruning_and_loading(rows)
 
 

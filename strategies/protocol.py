@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 from strategies.records import Record, config_key, is_int, is_number, require
 
-QUANTIZATIONS = ("nf4", "none")
+# nf4-embeddings: nf4, and the token embedding / output head in NF4 too (fedapp.llm.embedding)
+QUANTIZATIONS = ("nf4", "nf4-embeddings", "none")
 PARTITIONERS = ("iid", "dirichlet", "natural")
 WIRE_DTYPES = ("float16", "float32")
 LOSSES = ("chunked", "plain")  # fedapp.llm.loss: the same value, chunked without full logits

@@ -54,7 +54,7 @@ def test_default_config_composes_to_the_documented_run():
     ("train.lr=0", "train.lr=0.0; allowed: a number > 0"),
     ("train.lr=-1e-3", "train.lr=-0.001"),
     ("train.local_steps=0", "train.local_steps=0"),
-    ("model.quantization=int3", "model.quantization='int3'; allowed: ['nf4', 'none']"),
+    ("model.quantization=int3", "model.quantization='int3'; allowed: ['nf4', 'nf4-embeddings', 'none']"),
     ("partitioner.name=random", "partitioner.name='random'"),
     ("partitioner=dirichlet partitioner.alpha=0", "partitioner.alpha=0.0; allowed: > 0"),
     ("dataset.label_column=''", "dataset.label_column=''; allowed: a column name"),

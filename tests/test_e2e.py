@@ -41,11 +41,13 @@ def submit(env: dict, overrides: str, run_dir: Path, clients: int = 2):
     return run_submit(ROOT, clients, overrides, run_dir, env, timeout=900)
 
 
-@pytest.mark.parametrize("strategy", ["flora", "fedit"])
-def test_flwr_run_fine_tunes_the_tiny_model(strategy, tiny_model_dir, tmp_path, flwr_env):
+@pytest.mark.parametrize("strategy, quantization", [
+    ("flora", "nf4"), ("fedit", "nf4"), ("flora", "nf4-embeddings")])
+def test_flwr_run_fine_tunes_the_tiny_model(strategy, quantization, tiny_model_dir, tmp_path,
+                                            flwr_env):
     overrides = (f"strategy={strategy} model.path={tiny_model_dir} scenario=two_clients "
                  "num_rounds=2 train.local_steps=8 train.lr=0.01 train.max_length=64 "
-                 "eval.max_examples=16 partitioner=iid")
+                 f"eval.max_examples=16 partitioner=iid model.quantization={quantization}")
     if strategy == "flora":
         overrides += " strategy.ranks=[2,4]"
 
@@ -68,7 +70,7 @@ def test_flwr_run_fine_tunes_the_tiny_model(strategy, tiny_model_dir, tmp_path, 
     cfg = compose_config(overrides)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = heldout_examples(data_spec(cfg), tokenizer, 64, 16)
-    model = PeftModel.from_pretrained(load_base(str(tiny_model_dir), "nf4", "cpu"),
+    model = PeftModel.from_pretrained(load_base(str(tiny_model_dir), quantization, "cpu"),
                                       tmp_path / "run" / "adapter")
     loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
     assert abs(loss - rows[-1]["eval-loss"]) <= 0.01 * rows[-1]["eval-loss"]

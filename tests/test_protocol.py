@@ -170,7 +170,7 @@ BAD = [
     (data, {"test_fraction": float("nan")}, "dataset.test_fraction=nan; allowed: 0 < x < 1"),
     (data, {"seed": 1.5}, "seed=1.5; allowed: an integer"),
     (make_setup, {"quantization": "int3"},
-     "model.quantization='int3'; allowed: ['nf4', 'none']"),
+     "model.quantization='int3'; allowed: ['nf4', 'nf4-embeddings', 'none']"),
     (make_setup, {"target_modules": ()},
      "lora.target_modules=[]; allowed: a non-empty list of module names"),
     (make_setup, {"target_modules": ("q_proj,v_proj",)},

@@ -13,8 +13,11 @@ what makes the gradient of W unnecessary.
 
 Same value as the model's own loss (mean over labelled tokens, logits upcast to fp32,
 Gemma's final soft-capping applied) up to summation order; `tests/test_loss.py` pins it.
-Models whose head does something else (a trainable or quantised head, a bias, a logit
-scale) fall back to the plain forward.
+An NF4 head (`model.quantization=nf4-embeddings`, `fedapp.llm.embedding`) is decoded
+`BLOCK_ROWS` vocabulary rows at a time inside each chunk: a running log-sum-exp over the
+blocks, then a second pass for the gradient, so its fp32 matrix never exists whole either.
+Models whose head does something else (a trainable or bitsandbytes-quantised head, a bias,
+a logit scale) fall back to the plain forward.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Mapping
 import torch
 
 from fedapp.llm.data import IGNORE_INDEX
+from fedapp.llm.embedding import BLOCK_ROWS, Nf4Head, Nf4Table
 from strategies.protocol import LOSSES
 
 CHUNK_BYTES = 16 * 2**20  # fp32 logits held at once: 16 MiB = 85 tokens of a 49k vocabulary
@@ -49,12 +53,15 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return inner
 
 
-def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The frozen plain `nn.Linear` output head the chunked loss can use, else None."""
+def chunkable_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The frozen plain `nn.Linear` output head (or NF4 head, `fedapp.llm.embedding`) the
+    chunked loss can use, else None."""
     lm = causal_lm(model)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     config = getattr(lm, "config", None)
-    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
+    if type(head) is Nf4Head:
+        pass
+    elif type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
         return None
     if any(getattr(config, a, None) not in (None, 1, 1.0) for a in _SCALE_ATTRS):
         return None
@@ -70,30 +77,89 @@ def _chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab))
 
 
+def _capped(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fp32 logits of `hidden @ weight.T`, soft-capped; the tanh, for the derivative)."""
+    logits = (hidden @ weight.to(hidden.dtype).T).float()
+    if softcap is None:
+        return logits, None
+    squashed = torch.tanh(logits / softcap)
+    return squashed * softcap, squashed
+
+
+def _at(y: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows whose target lies in vocabulary rows [start, start + width), its column there)."""
+    inside = ((y >= start) & (y < start + width)).nonzero().squeeze(1)
+    return inside, y[inside] - start
+
+
+def _blocked_lse(h: torch.Tensor, y: torch.Tensor, table: Nf4Table, softcap: float | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp over the vocabulary, the target's logit) per row of `h`, the logits
+    computed one decoded vocabulary block at a time (a running max keeps exp in range)."""
+    top = torch.full((len(h),), -torch.inf, device=h.device)
+    total, picked = torch.zeros(len(h), device=h.device), torch.zeros(len(h), device=h.device)
+    for start, w in table.blocks():
+        logits, _ = _capped(h, w, softcap)
+        inside, column = _at(y, start, len(w))
+        picked[inside] = logits[inside, column]
+        new_top = torch.maximum(top, logits.amax(1))
+        total = total * torch.exp(top - new_top) + torch.exp(logits - new_top[:, None]).sum(1)
+        top = new_top
+    return top + torch.log(total), picked
+
+
+def _dense_chunk(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                 softcap: float | None, want_grad: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed cross-entropy of the rows, their dL/dh unscaled or None) with `weight` whole."""
+    logits, squashed = _capped(h, weight, softcap)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+    if not want_grad:
+        return loss, None
+    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    probs[torch.arange(len(y), device=y.device), y] -= 1.0
+    if squashed is not None:
+        probs.mul_(1.0 - squashed.square_())  # d(c·tanh(z/c))/dz
+    return loss, probs.to(weight.dtype) @ weight
+
+
+def _blocked_chunk(h: torch.Tensor, y: torch.Tensor, table: Nf4Table, softcap: float | None,
+                   want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_dense_chunk` for an NF4 head: the vocabulary taken block by block, twice (the
+    log-sum-exp first, then the softmax's gradient)."""
+    lse, picked = _blocked_lse(h, y, table, softcap)
+    if not want_grad:
+        return (lse - picked).sum(), None
+    grad = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    for first, w in table.blocks():
+        logits, squashed = _capped(h, w, softcap)
+        probs = logits.sub_(lse[:, None]).exp_()
+        inside, column = _at(y, first, len(w))
+        probs[inside, column] -= 1.0
+        if squashed is not None:
+            probs.mul_(1.0 - squashed.square_())
+        grad += probs @ w
+    return (lse - picked).sum(), grad
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """mean_i CE(softcap(h_i Wᵀ), y_i) over rows, in chunks; dL/dh computed on the way."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                softcap: float | None, rows: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor | Nf4Table,
+                targets: torch.Tensor, softcap: float | None, rows: int) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        chunk = _blocked_chunk if isinstance(weight, Nf4Table) else _dense_chunk
         n = hidden.shape[0]
         for start in range(0, n, rows):
-            h, y = hidden[start:start + rows], targets[start:start + rows]
-            logits = (h @ weight.to(h.dtype).T).float()
-            if softcap is not None:
-                squashed = torch.tanh(logits / softcap)
-                logits = squashed * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if grad is None:
-                continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[torch.arange(len(y), device=y.device), y] -= 1.0
-            if softcap is not None:
-                probs.mul_(1.0 - squashed.square_())  # d(c·tanh(z/c))/dz
-            grad[start:start + rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            loss, part = chunk(hidden[start:start + rows], targets[start:start + rows], weight,
+                               softcap, grad is not None)
+            total += loss
+            if part is not None:
+                grad[start:start + rows] = part.to(hidden.dtype)
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         ctx.n = n
         return total / n
@@ -104,13 +170,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad * (grad_out / ctx.n).to(grad.dtype), None, None, None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          softcap: float | None = None, rows: int | None = None) -> torch.Tensor:
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | Nf4Table,
+                          targets: torch.Tensor, softcap: float | None = None,
+                          rows: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` (optionally soft-capped) against `targets`,
-    rows (tokens) at a time; `weight` is frozen. hidden (N, H), weight (V, H), targets (N,)."""
+    rows (tokens) at a time; `weight` is frozen (a tensor, or an NF4 table decoded block by
+    block). hidden (N, H), weight (V, H), targets (N,)."""
     if hidden.shape[0] == 0:
         raise ValueError("no labelled tokens in the batch")
-    rows = rows or _chunk_rows(weight.shape[0])
+    if rows is None:
+        blocked = isinstance(weight, Nf4Table)
+        rows = _chunk_rows(min(BLOCK_ROWS, weight.shape[0]) if blocked else weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, rows)
 
 
@@ -142,6 +212,13 @@ def labelled_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
                        attention_mask=batch.get("attention_mask")).logits[:, :-1][keep].float()
         return torch.log_softmax(logits, -1).gather(1, labels[keep][:, None]).squeeze(1), keep
     hidden, targets = _hidden_states(model, head, batch)[:, :-1][keep], labels[keep]
+    if type(head) is Nf4Head:
+        rows, out = CHUNK_BYTES // (4 * BLOCK_ROWS), []
+        for start in range(0, hidden.shape[0], rows):
+            lse, picked = _blocked_lse(hidden[start:start + rows], targets[start:start + rows],
+                                       head.table, softcap_of(model))
+            out.append(picked - lse)
+        return (torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)), keep
     softcap, rows, out = softcap_of(model), _chunk_rows(head.weight.shape[0]), []
     for start in range(0, hidden.shape[0], rows):
         logits = (hidden[start:start + rows] @ head.weight.to(hidden.dtype).T).float()
@@ -163,4 +240,5 @@ def lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
         return model(**batch).loss
     hidden, labels = _hidden_states(model, head, batch)[:, :-1], batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
-    return chunked_cross_entropy(hidden[keep], head.weight, labels[keep], softcap_of(model))
+    weight = head.table if type(head) is Nf4Head else head.weight
+    return chunked_cross_entropy(hidden[keep], weight, labels[keep], softcap_of(model))

@@ -66,7 +66,10 @@ def export_device(model_path: str, quantization: str, units: Mapping[str, list[i
     parameters, bytes on disk and `evaluate(pruned base, adapter cut to it, r,
     lora_alpha)`'s figures, and those of `compare` cut to it, prefixed "global-"."""
     state, r, alpha = adapter
-    base = load_base(model_path, quantization, "cpu")
+    # the exported model keeps the stock layout (plain transformers loads it): an
+    # embedding quantised for training only (nf4-embeddings) is exported as it was loaded
+    base = load_base(model_path, "nf4" if quantization == "nf4-embeddings" else quantization,
+                     "cpu")
     full = parameter_count(base)
     kept = {k: torch.tensor(v, dtype=torch.long) for k, v in units.items()}
     result = apply_units(base, kept) if kept else None
