@@ -138,6 +138,7 @@ def run_setup(cfg: DictConfig) -> RunSetup:
         loss=cfg.train.get("loss", "chunked"),
         gradient_checkpointing=cfg.train.get("gradient_checkpointing", False),
         release_memory=cfg.train.get("release_memory", False),
+        fp32_compute=cfg.train.get("fp32_compute", False),
         data=data_spec(cfg), selection=selection_spec(cfg))
 
 

@@ -6,9 +6,10 @@
    activations kept for the backward pass, the rest of the step (logits/loss, temporaries)
    and what stays resident besides (allocator, caches); with seconds per step.
    Variants: 4-bit NF4 and full precision (`model.quantization=none`), each with and
-   without gradient checkpointing; 4-bit with the token embedding / output head in NF4 too
-   (`nf4-embeddings`, "nf4-emb"), with and without; 4-bit with the plain loss (what the chunked loss saves)
-   and without the allocator pin (what `fedapp.llm.memory` saves); 4-bit pruned to FedSpine's
+   without the memory-over-speed options ("lean": gradient checkpointing, release_memory,
+   fp32_compute), and each of those alone; 4-bit with the token embedding / output head in
+   NF4 too (`nf4-embeddings`, "nf4-emb"), with and without; 4-bit with the plain loss (what
+   the chunked loss saves); 4-bit pruned to FedSpine's
    ratio 0.5 (what pruning buys); a first run (nothing prepared: the partition and the 4-bit
    copy are made by helper processes) and the client quantising in its own process; a
    Gemma-3-270M-shaped model (262k-token vocabulary, random weights) with the chunked and the
@@ -39,18 +40,20 @@ sys.path.insert(0, str(ROOT))
 from bench_common import run_worker
 
 MiB = 2**20
-VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release_memory
+VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release_memory +
+    # fp32_compute (train.*: every memory-over-speed option; fp32 compute is a no-op for none)
     "nf4": ("nf4", ""),
     "none": ("none", ""),
-    "nf4 lean": ("nf4", "ckpt pin"),
-    "none lean": ("none", "ckpt pin"),
-    "nf4-emb lean": ("nf4-embeddings", "ckpt pin"),
+    "nf4 lean": ("nf4", "ckpt pin fp32"),
+    "none lean": ("none", "ckpt pin fp32"),
+    "nf4-emb lean": ("nf4-embeddings", "ckpt pin fp32"),
     "nf4-emb": ("nf4-embeddings", ""),
     "nf4+ckpt": ("nf4", "ckpt"),
     "nf4+release": ("nf4", "pin"),
+    "nf4+fp32": ("nf4", "fp32"),
     "nf4 plain loss": ("nf4", "plain"),
     "nf4 pruned 0.5": ("nf4", "prune"),
-    "nf4 pruned lean": ("nf4", "prune ckpt pin"),
+    "nf4 pruned lean": ("nf4", "prune ckpt pin fp32"),
     "nf4 1st run": ("nf4", "fresh"),
     "nf4 quantised here": ("nf4", "inproc"),
     "262k vocab": ("nf4", "bigvocab"),
@@ -136,7 +139,7 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
     from fedapp.config import build_strategy, compose_config
     from fedapp.llm.adapters import attach_lora
     from fedapp.llm.data import collate
-    from fedapp.llm.model import load_base
+    from fedapp.llm.model import compute_in_fp32, load_base
     from fedapp.llm.train import set_gradient_checkpointing, train_steps
     from fedapp.pruning.surgery import iterative_prune
 
@@ -163,6 +166,8 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
                                batches=[collate(examples[:setup.batch_size], pad)])
         params = done.params_after / done.params_before
     set_gradient_checkpointing(model.get_base_model(), "ckpt" in options)
+    if "fp32" in options:  # train.fp32_compute
+        compute_in_fp32(model)
     train_steps(model, batches, 2, setup.lr, log_every=0, loss=loss)  # warm-up
     model.train()
     activations = saved_activation_bytes(model, next(batches), loss) / MiB
@@ -207,6 +212,7 @@ def print_ratios(rows: dict[str, dict]) -> None:
     for a, b in (("nf4", "none"), ("nf4 lean", "none lean"), ("nf4-emb lean", "none lean"),
                  ("nf4-emb", "none"), ("nf4-emb", "nf4"), ("nf4-emb lean", "nf4 lean"),
                  ("nf4 lean", "none"), ("nf4+ckpt", "nf4"), ("nf4+release", "nf4"),
+                 ("nf4+fp32", "nf4"),
                  ("nf4 lean", "nf4"), ("none lean", "none"), ("nf4 plain loss", "nf4"),
                  ("262k vocab plain", "262k vocab")):
         if a in rows and b in rows:

@@ -136,6 +136,9 @@ class RunSetup(Record):
     release_memory: bool = field(default=False, metadata={
         "config": "train.release_memory",
         "help": "return freed activation memory to the OS at once: less memory, slower"})
+    fp32_compute: bool = field(default=False, metadata={
+        "config": "train.fp32_compute",
+        "help": "4-bit layers compute in fp32, not bf16: no bf16 copies, slower on CPU"})
     data: DataSpec = field(default_factory=DataSpec, metadata={"record": DataSpec})
     selection: SelectionSpec = field(default_factory=SelectionSpec,
                                      metadata={"record": SelectionSpec})
@@ -167,7 +170,7 @@ class RunSetup(Record):
         require(is_int(self.num_threads) and self.num_threads >= 0, config_key(self, "num_threads"),
                  self.num_threads, "an integer >= 0")
         require(self.loss in LOSSES, config_key(self, "loss"), self.loss, str(list(LOSSES)))
-        for name in ("gradient_checkpointing", "release_memory"):
+        for name in ("gradient_checkpointing", "release_memory", "fp32_compute"):
             require(isinstance(getattr(self, name), bool), config_key(self, name),
                      getattr(self, name), "true or false")
         if self.partitioner != "iid":

@@ -168,3 +168,19 @@ def test_impossible_setups_are_refused(setup, key, value, message):
 
     with pytest.raises(ValueError, match=message):
         RunSetup.from_dict(record)
+
+
+def test_fp32_compute_reaches_the_layers_a_round_trains_through(setup, order):
+    import bitsandbytes as bnb
+
+    base = cached_base(setup.model_path, setup.quantization, "cpu")
+    layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    before = [layer.compute_dtype for layer in layers]
+    try:
+        result = run_round(dataclasses.replace(setup, fp32_compute=True), order, 0, 2, {},
+                           device="cpu")
+        assert layers and {layer.compute_dtype for layer in layers} == {torch.float32}
+        assert all(torch.isfinite(t).all() for t in result.state.values())
+    finally:  # the cached base is shared with the other tests
+        for layer, dtype in zip(layers, before, strict=True):
+            layer.compute_dtype = dtype

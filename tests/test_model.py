@@ -73,3 +73,20 @@ def test_a_failing_helper_names_the_model_and_the_reason(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(RuntimeError, match=f"quantising {tmp_path} failed: .+"):
         model_module.prepare_elsewhere(str(tmp_path), "cpu")
+
+
+def test_fp32_compute_switches_every_4bit_layer_and_keeps_the_loss(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    from fedapp.llm.loss import lm_loss
+    from tests.test_loss import _batch
+
+    base = load_base(str(tiny_model_dir), "nf4", "cpu")
+    layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    batch = _batch(base.config.vocab_size)
+    with torch.no_grad():
+        before = float(lm_loss(base, batch))
+        assert model_module.compute_in_fp32(base) == len(layers) > 0
+        after = float(lm_loss(base, batch))
+    assert {layer.compute_dtype for layer in layers} == {torch.float32}
+    assert after == pytest.approx(before, abs=1e-3)

@@ -194,6 +194,7 @@ BAD = [
     (make_setup, {"gradient_checkpointing": 1},
      "train.gradient_checkpointing=1; allowed: true or false"),
     (make_setup, {"release_memory": "yes"}, "train.release_memory='yes'; allowed: true or false"),
+    (make_setup, {"fp32_compute": "on"}, "train.fp32_compute='on'; allowed: true or false"),
     (make_setup, {"partitioner": "natural", "data": DataSpec(label_column="")},
      "dataset.label_column=''; allowed: a column name (partitioner.name='natural'"),
     (prune, {"ratio": 1.0}, "scenario.devices.<class>.sparsity=1.0; allowed: 0 <= ratio < 1"),

@@ -52,7 +52,7 @@ from fedapp.llm.data import collate, train_batches
 from fedapp.llm.emulator import cached_emulator
 from fedapp.llm.loss import lm_loss
 from fedapp.llm.memory import peak_rss_mb, return_freed_memory
-from fedapp.llm.model import cached_base, default_device, load_base
+from fedapp.llm.model import cached_base, compute_in_fp32, default_device, load_base
 from fedapp.llm.train import TrainResult, set_gradient_checkpointing, train_steps
 from fedapp.pruning.surgery import (
     PruneResult,
@@ -181,6 +181,13 @@ def tune_with_probes(model: torch.nn.Module, prune: PruneOrder, slices: int | No
     return done
 
 
+def memory_options(setup: RunSetup, base: torch.nn.Module) -> None:
+    """train.gradient_checkpointing (on or off) and train.fp32_compute on the round's base."""
+    set_gradient_checkpointing(base, setup.gradient_checkpointing)
+    if setup.fp32_compute:
+        compute_in_fp32(base)
+
+
 def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partitions: int,
               global_state: Mapping[str, torch.Tensor], device: str | None = None,
               units: Mapping[str, torch.Tensor] | None = None) -> RoundResult:
@@ -192,7 +199,7 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
     examples, batches, pad = local_data(setup, order, partition_id, num_partitions)
     key, base, copy, reused = round_base(setup, order, partition_id, num_partitions, device,
                                          units or {})
-    set_gradient_checkpointing(base, setup.gradient_checkpointing)
+    memory_options(setup, base)
     prune, frozen = order.prune, dict(global_state) if order.global_mode == "frozen" else {}
     probe = collate(examples[:setup.batch_size], pad)
     probes: dict[str, float] = {}
