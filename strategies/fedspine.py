@@ -34,7 +34,9 @@ stays unpruned. Each device's deployed model is its structure + G cut to it
 
 with L the client's loss on its own probe batch: L_before of the model it started from (its
 structure + G), L_after of its pruned, tuned model, so this round's pruning damage is
-charged; T its completion time (`completion-seconds`: compute × its device's slow-down +
+charged (`reward_from: pruned`: L_before just after the round's last pruning slice, so an
+arm is rewarded for what its training repaired and learned, the damage of reaching the
+same target being the same sooner or later); T its completion time (`completion-seconds`: compute × its device's slow-down +
 bytes over its links), λ = `time_weight`. A selected client that sends no valid reply earns
 −1 − λ, as bad as the worst loss change at twice the median time.
 
@@ -89,12 +91,17 @@ from strategies.protocol import (
 )
 from strategies.replies import RejectedReply, parse_reply
 from strategies.scatter import pruned_shapes, read_kept, scatter_factors
-from strategies.spine_config import bandit_config, memory_model, prune_template
+from strategies.spine_config import (
+    REWARD_FROM,
+    bandit_config,
+    check_options,
+    memory_model,
+    prune_template,
+)
 from strategies.spine_prior import Seen, arm_prior, arm_seconds
 from strategies.summary import ClientOutcome
 from strategies.units import UnitLists, read_units, units_record
 
-POLICIES = ("bandit", "random")
 TOLERANCE = 1e-9  # ratios are sums of floats
 class FedSpine(FLoRA):
     name = "fedspine"
@@ -107,20 +114,11 @@ class FedSpine(FLoRA):
     def __init__(self, *args, arm_policy: str = "bandit", time_weight: float = 0.1,
                  bandit: Mapping | None = None, prune: Mapping | None = None,
                  memory: Mapping | None = None, num_rounds: int = 1,
-                 prune_at_end: bool = False, personal: bool = False, **kwargs) -> None:
+                 prune_at_end: bool = False, personal: bool = False,
+                 reward_from: str = "start", **kwargs) -> None:
         super().__init__(*args, ranks=None, **kwargs)  # the bandits pick every client's rank
-        if arm_policy not in POLICIES:
-            raise ValueError(f"strategy.arm_policy={arm_policy!r}; allowed: {list(POLICIES)}")
-        if isinstance(time_weight, bool) or not (isinstance(time_weight, int | float)
-                                                 and math.isfinite(time_weight)
-                                                 and time_weight >= 0):
-            raise ValueError(f"strategy.time_weight={time_weight!r}; allowed: a number >= 0")
-        if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
-            raise ValueError(f"num_rounds={num_rounds!r}; allowed: an int >= 1")
-        for key, value in (("prune_at_end", prune_at_end), ("personal", personal)):
-            if not isinstance(value, bool):
-                raise ValueError(  # noqa: TRY004 - config errors are ValueErrors here
-                    f"strategy.{key}={value!r}; allowed: true, false")
+        check_options(arm_policy, time_weight, num_rounds, prune_at_end, personal, reward_from)
+        self.before_key = REWARD_FROM[reward_from]  # the reward's L_before metric
         self.personal = personal  # each device keeps its own residual P_k beside G
         self.arm_policy, self.time_weight = arm_policy, float(time_weight)
         self.prune_at_end = prune_at_end  # federate, then prune in the last round
@@ -277,7 +275,7 @@ class FedSpine(FLoRA):
         metrics = content.metric_records[METRICS]  # parse_reply checked train-seconds
         if "train-seconds" not in metrics:
             raise RejectedReply("metric 'train-seconds' is missing; the reward needs it")
-        for key in ("loss-before", "loss-after"):
+        for key in (self.before_key, "loss-after"):
             value = metrics.get(key)
             if not (isinstance(value, int | float) and math.isfinite(value)):
                 raise RejectedReply(f"metric '{key}' is {value!r}; expected a finite loss")
@@ -325,7 +323,7 @@ class FedSpine(FLoRA):
                     outcome.bytes_up or 0, arm.rank, outcome.bytes_down,
                     statistics.median(times))
                 self.device_class[name] = self.device_for(client).name
-                value = reward(outcome.metrics["loss-before"], outcome.metrics["loss-after"],
+                value = reward(outcome.metrics[self.before_key], outcome.metrics["loss-after"],
                                outcome.completion_seconds or 0.0, times, self.time_weight)
             lost_setup = NO_SETUP in outcome.status
             outcome.extra.update({"arm-prune-ratio": arm.prune_ratio, "arm-rank": arm.rank,

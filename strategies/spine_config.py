@@ -4,11 +4,15 @@ read and checked before training, each unknown key or bad value refused by name.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 from strategies.bandit import BanditConfig
 from strategies.protocol import PruneOrder
 
+POLICIES = ("bandit", "random")
+# strategy.reward_from -> the client metric the reward's L_before is read from
+REWARD_FROM = {"start": "loss-before", "pruned": "loss-pruned"}
 PRUNE_KEYS = ("criterion", "slices", "tune_steps", "calibration")
 MEMORY_KEYS = ("fixed_mb", "base_mb", "lora_mb_per_rank")
 
@@ -48,3 +52,23 @@ def memory_model(memory: Mapping | None) -> dict[str, float]:
         raise ValueError(f"strategy.memory={memory}; allowed: numbers >= 0 for exactly "
                          f"{list(MEMORY_KEYS)}")
     return {k: float(v) for k, v in memory.items()}
+
+
+def check_options(arm_policy: str, time_weight: float, num_rounds: int, prune_at_end: bool,
+                  personal: bool, reward_from: str) -> None:
+    """FedSpine's scalar options, each refused by name with what is allowed."""
+    if arm_policy not in POLICIES:
+        raise ValueError(f"strategy.arm_policy={arm_policy!r}; allowed: {list(POLICIES)}")
+    if isinstance(time_weight, bool) or not (isinstance(time_weight, int | float)
+                                             and math.isfinite(time_weight)
+                                             and time_weight >= 0):
+        raise ValueError(f"strategy.time_weight={time_weight!r}; allowed: a number >= 0")
+    if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
+        raise ValueError(f"num_rounds={num_rounds!r}; allowed: an int >= 1")
+    for key, value in (("prune_at_end", prune_at_end), ("personal", personal)):
+        if not isinstance(value, bool):
+            raise ValueError(  # noqa: TRY004 - config errors are ValueErrors here
+                f"strategy.{key}={value!r}; allowed: true, false")
+    if reward_from not in REWARD_FROM:
+        raise ValueError(f"strategy.reward_from={reward_from!r}; allowed: "
+                         f"{list(REWARD_FROM)}")

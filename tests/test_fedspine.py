@@ -327,3 +327,33 @@ def test_arms_that_train_alike_are_one_arm_and_unplayed_arms_get_a_prior():
         up * (4 // played.rank - 1)) / median
     assert strategy.prior_for(2, edge)(Arm(0.0, 4)) == pytest.approx(expected)
     assert spine().prior_for(1, edge) is None  # nothing measured yet
+
+
+def test_reward_from_pruned_measures_from_the_model_after_this_rounds_pruning():
+    strategy = spine(time_weight=0.0, reward_from="pruned")
+    messages, ranks = first_round(strategy)
+    # pruning took the probe loss from 2.0 to 3.0; training brought it to 2.7
+    replies = [kept_reply(messages[n], [0, 1, 2], ranks[n], n,
+                          **{"loss-pruned": 3.0, "loss-after": 2.7})[0] for n in (11, 12)]
+
+    strategy.aggregate_train(1, replies)
+
+    log = strategy.round_log[1].clients
+    assert log["partition-0"].extra["reward"] == pytest.approx((3.0 - 2.7) / 3.0)
+    assert spine(time_weight=0.0).before_key == "loss-before"  # the default: (2.0 - 2.7) / 2
+
+
+def test_a_reply_without_the_loss_the_reward_needs_is_rejected():
+    strategy = spine(reward_from="pruned")
+    messages, ranks = first_round(strategy)
+    bad, _ = kept_reply(messages[11], [0, 1, 2], ranks[11], 1)  # no loss-pruned
+    good, _ = kept_reply(messages[12], [0, 1, 2], ranks[12], 2, **{"loss-pruned": 2.5})
+
+    strategy.aggregate_train(1, [bad, good])
+
+    log = strategy.round_log[1].clients
+    assert "metric 'loss-pruned' is None" in log["partition-0"].status
+    assert log["partition-1"].status == "ok"
+    with pytest.raises(ValueError, match=r"strategy.reward_from='end'; allowed: \['start', "
+                                         r"'pruned'\]"):
+        spine(reward_from="end")

@@ -123,6 +123,8 @@ def test_pruned_round_replies_factors_that_match_its_kept_indices(tiny_model_dir
     assert pruned_modules > 0 and metrics["params-ratio"] < 0.85
     assert (metrics["prune-ratio"], metrics["pruned-before"]) == (0.5, 0.0)
     assert math.isfinite(metrics["loss-before"]) and math.isfinite(metrics["loss-after"])
+    # just after the last slice: damaged by pruning, not yet repaired by its tuning
+    assert metrics["loss-pruned"] != metrics["loss-before"]
     assert metrics["train-seconds"] >= metrics["tune-seconds"] > 0
     # the process's cached base, which unpruned rounds use, is untouched
     assert parameter_count(cached_base(setup.model_path, "nf4", "cpu")) == before
@@ -135,6 +137,7 @@ def test_ratio_zero_round_prunes_nothing_and_learns(tiny_model_dir):
 
     assert result.kept == {} and result.metrics["params-ratio"] == 1.0
     assert result.metrics["loss-after"] < result.metrics["loss-before"]
+    assert result.metrics["loss-pruned"] == result.metrics["loss-before"]  # nothing pruned
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [

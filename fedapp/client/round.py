@@ -167,12 +167,18 @@ def tune_with_probes(model: torch.nn.Module, prune: PruneOrder, slices: int | No
                      ) -> PruneResult | None:
     """A pruning order's training: L_before of the model the device starts from (its
     structure + G, the fresh LoRA still zero), then prune `prune_step` in `slices` slices
-    with `tune` after each (None: no pruning this round, tune once), then L_after. Returns
-    how the model was pruned this round, if it was."""
-    probes["loss-before"] = probe_loss(model, probe)
+    with `tune` after each (None: no pruning this round, tune once), then L_after; between
+    them L_pruned, the loss just after the last slice (L_before when nothing is pruned).
+    Returns how the model was pruned this round, if it was."""
+    probes["loss-before"] = probes["loss-pruned"] = probe_loss(model, probe)
+
+    def probed_tune(pruned: torch.nn.Module) -> None:  # after each slice: the last one counts
+        probes["loss-pruned"] = probe_loss(pruned, probe)
+        tune(pruned)
+
     done = None
     if slices is not None:
-        done = iterative_prune(model, prune_step(prune), slices, tune, prune.criterion,
+        done = iterative_prune(model, prune_step(prune), slices, probed_tune, prune.criterion,
                                batches=calibration if prune.criterion != "magnitude"
                                else None)
     else:
@@ -267,6 +273,7 @@ def round_metrics(num_examples: int, results: list[TrainResult], seconds: float,
     if order.prune is not None:
         metrics.update({
             "loss-before": probes["loss-before"], "loss-after": probes["loss-after"],
+            "loss-pruned": probes["loss-pruned"],
             "tune-seconds": sum(r.seconds for r in results),
             "prune-ratio": float(order.prune.ratio),
             "params-ratio": 1.0, "sparsity": 0.0, "pruned-before": 0.0,
