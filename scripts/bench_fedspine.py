@@ -6,6 +6,8 @@ steps, rounds and seeds, and the same final sparsity per device class (`--sparsi
 `scenario.devices.<class>.sparsity`, reached by construction in the last round):
 
     fedspine             the bandit picks each device's path (how early it prunes, its rank)
+    fedspine-repair      the same, its reward measured from the model after each round's
+                         pruning (`strategy.reward_from=pruned`): arms paid for repair
     random-arms          a random feasible arm of the grid each round
     fixed-arms           no choice: rank 8, pruned as far as memory needs, the rest at the end
     prune-once           pruned to the target in round 1 (same criterion), then FLoRA on the
@@ -61,6 +63,7 @@ from strategies.bandit import estimated_memory_mb
 
 METHODS = {
     "fedspine": "strategy=fedspine",
+    "fedspine-repair": "strategy=fedspine strategy.reward_from=pruned",
     "random-arms": "strategy=fedspine strategy.arm_policy=random",
     "fixed-arms": "strategy=fedspine strategy.bandit.prune_ratios=[0.0] "
                   "strategy.bandit.ranks=[8]",
