@@ -27,6 +27,7 @@ from math import floor
 import torch
 from torch import nn
 
+from fedapp.llm import memory
 from fedapp.llm.adapters import GLOBAL
 from fedapp.llm.model import disable_bnb_cpu_repack
 from fedapp.pruning.importance import Importance, ImportanceTracker, score
@@ -186,7 +187,7 @@ def _prune_block(block: nn.Module, kind: str, removed: list[int], name: str
 def prune_model(model: nn.Module, plan: PrunePlan) -> PruneResult:
     """Apply `plan` in place: slice KV groups and MLP channels, drop blocks whole. An empty
     plan touches nothing (no re-quantisation), so ratio 0 is the identity."""
-    before = parameter_count(model)
+    before, spans = parameter_count(model), memory.tensor_spans(model)
     prefix, layers = decoder_layers(model)
     live = live_blocks(model)
     kept: dict[str, KeptIndices] = {}
@@ -201,6 +202,7 @@ def prune_model(model: nn.Module, plan: PrunePlan) -> PruneResult:
         elif units:
             kept |= _prune_block(live[i, kind], kind, units, f"{prefix}.{i}.{kind}")
     dropped = [f"{prefix}.{i}.{kind}" for i, kind in plan.blocks]
+    memory.release_file_pages(spans, memory.tensor_spans(model))
     return PruneResult(_outside(kept, dropped), dropped, before, parameter_count(model))
 
 
