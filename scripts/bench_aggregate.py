@@ -52,6 +52,14 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS, MiB (VmHWM; ru_maxrss would carry the parent's peak
+    through fork and exec). Read here, not from fedapp.llm.memory: the server's aggregation
+    is measured without the client stack that importing fedapp.llm loads."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def uploads(clients: int, layers: int, width: int, seed: int, rank: int | None = None):
     """LoraUpdates of `clients` clients over 2·`layers` modules (out = in = width), fp16."""
     import torch
@@ -115,7 +123,7 @@ def worker(step: str, clients: int, layers: int, width: int, budget: int, seed: 
         result, dropped = truncate_factors(stack_factors(updates), budget)
         extra["dropped"] = dropped
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     del result
     return {"seconds": seconds, "above_held_mb": max(0.0, peak - held), "held_mb": held,
             "modules": 2 * layers, **extra}

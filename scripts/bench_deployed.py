@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -41,17 +40,18 @@ def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, p
 
     from fedapp.config import data_spec, load_run_config
     from fedapp.llm.data import encode_prompt, load_split
+    from fedapp.llm.memory import peak_rss_mb
     from fedapp.llm.model import disable_bnb_cpu_repack, load_tokenizer
     from fedapp.pruning.surgery import parameter_count
     from fedapp.server.generate import heldout_prompts
 
-    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    floor = peak_rss_mb()
     cfg = load_run_config(Path(run_dir))
     tokenizer = load_tokenizer(tokenizer_dir)
     spec = data_spec(cfg)
     _, test = load_split(spec)
     texts, _ = heldout_prompts(test, spec, tokenizer, prompts)
-    floor = max(floor, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    floor = max(floor, peak_rss_mb())
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     params = parameter_count(model)
@@ -80,8 +80,7 @@ def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, p
     disk = sum(p.stat().st_size for folder in (Path(model_dir), Path(adapter_dir))
                for p in folder.glob("*.safetensors"))
     return {"params": params, "disk_mb": disk / 2**20, "load_s": load_seconds,
-            "tok_s": generated / seconds, "peak_mb": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss / 1024, "floor_mb": floor,
+            "tok_s": generated / seconds, "peak_mb": peak_rss_mb(), "floor_mb": floor,
             "repacked": float(not odd)}
 
 

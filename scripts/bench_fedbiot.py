@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import sys
@@ -81,6 +80,7 @@ def worker(variant: str, layers: str, adapter_layers: int, steps: int, targets: 
     from fedapp.llm.adapters import target_module_shapes, with_lora
     from fedapp.llm.emulator import load_emulator
     from fedapp.llm.loss import lm_loss
+    from fedapp.llm.memory import peak_rss_mb
     from fedapp.llm.model import load_base
     from strategies.pipe_math import module_layers
 
@@ -108,7 +108,7 @@ def worker(variant: str, layers: str, adapter_layers: int, steps: int, targets: 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - tick)
-    return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"peak_mb": peak_rss_mb(),
             "load_s": load_seconds, "s_step": statistics.median(times[1:]),
             "weights_mb": weights, "lora_params": sum(p.numel() for p in params)}
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import sys
 import time
@@ -53,6 +52,7 @@ def worker(depth: int, steps: int, targets: str) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from fedapp.llm.loss import lm_loss
+    from fedapp.llm.memory import peak_rss_mb
     from fedapp.llm.model import load_base
 
     base = load_base("smollm2-135m-instruct", "nf4", "cpu")
@@ -73,7 +73,7 @@ def worker(depth: int, steps: int, targets: str) -> dict:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     return {"depth": depth, "layers": n, "params": sum(p.numel() for p in params),
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_mb": peak_rss_mb(),
             "s_step": statistics.median(times[1:])}
 
 

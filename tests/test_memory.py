@@ -111,3 +111,16 @@ def test_pruning_hands_back_the_file_pages_of_what_it_cut(tiny_model_dir, monkey
     assert torch.equal(released, kept_pages)  # nothing still in use was handed back
     assert resident_kept == before > 0
     assert after < 0.8 * before
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc needed")
+def test_a_child_process_reports_its_own_peak_not_its_parents():
+    held = torch.ones(256 * 2**20 // 4)  # this process: at least 256 MiB resident
+    assert memory.peak_rss_mb() > 256
+    # the child loads only the memory module (no torch): a peak of a few tens of MiB
+    child = _fresh(
+        "import importlib.util, json\n"
+        "spec = importlib.util.spec_from_file_location('m', 'fedapp/llm/memory.py')\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(json.dumps({'peak': m.peak_rss_mb()}))\n")
+    assert child["peak"] < 100 < held.nbytes / 2**20
