@@ -26,7 +26,7 @@ from fedapp.llm.embedding import (
 from fedapp.llm.loss import chunked_cross_entropy, labelled_logprobs
 from fedapp.llm.model import checkpoint_readers, load_base
 from fedapp.llm.train import train_steps
-from tests.test_loss import TARGETS, _batch, _lora_grads
+from tests.test_loss import TARGETS, _batch, _lora_grads, plain_loss_and_grad
 
 CODE = torch.tensor(NF4_LEVELS)
 
@@ -98,11 +98,7 @@ def test_the_blocked_loss_matches_the_plain_one_on_the_decoded_matrix(monkeypatc
     targets[:4] = torch.tensor([0, 15, 16, 49])  # block edges
     blocked = chunked_cross_entropy(hidden, table, targets, softcap, rows)
     (grad_blocked,) = torch.autograd.grad(blocked * 3.0, hidden)
-    logits = hidden @ _decoded(table).T
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    plain = F.cross_entropy(logits, targets)
-    (grad_plain,) = torch.autograd.grad(plain * 3.0, hidden)
+    plain, grad_plain = plain_loss_and_grad(hidden, _decoded(table), targets, softcap)
     assert float(blocked) == pytest.approx(float(plain), rel=1e-6)
     torch.testing.assert_close(grad_blocked, grad_plain, rtol=1e-5, atol=1e-6)
 

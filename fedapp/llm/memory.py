@@ -26,12 +26,16 @@ MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, kept fixed
 
 
 @cache
+def _libc() -> ctypes.CDLL:
+    """The C library this process runs on (OSError where it cannot be loaded)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+@cache
 def return_freed_memory() -> bool:
     """Pin glibc's mmap threshold for this process (once); False where libc is not glibc."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        return bool(_libc().mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     except (OSError, AttributeError):  # musl, macOS: no mallopt; nothing to pin
         return False
 
@@ -86,8 +90,6 @@ def import_bitsandbytes() -> None:
     (measured by scripts/bench_client.py, "imports"). Where bitsandbytes is missing this
     does nothing: loading a 4-bit model says what to install.
     """
-    import sys
-
     if "bitsandbytes" in sys.modules:
         return
     import torch
@@ -175,10 +177,10 @@ def release_file_pages(gone: set[tuple[int, int]], kept: set[tuple[int, int]]) -
                          if p not in kept_pages)
     if not pages:
         return 0
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise = _libc().madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for first, count in _runs(sorted(pages)):
-        libc.madvise(first * PAGE, count * PAGE, MADV_DONTNEED)
+        madvise(first * PAGE, count * PAGE, MADV_DONTNEED)
     return len(pages) * PAGE
 
 
