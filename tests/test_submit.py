@@ -54,3 +54,19 @@ def test_a_dropped_log_stream_waits_for_the_run_and_gives_up_only_when_unreachab
     monkeypatch.setattr(submit, "run_status", lambda run_id, superlink: "unknown")
     monkeypatch.setattr(submit.time, "monotonic", lambda: next(clock))
     assert submit.wait_until_finished("7", "x", unreachable_for=60) == "unknown"
+
+
+def test_a_relative_run_dir_is_the_folder_the_caller_named(monkeypatch, tmp_path):
+    # the subprocess starts in run_dir's parent: bench_fedspine --out runs/x once wrote its
+    # runs to runs/x/runs/x/... and then found no metrics where it looked
+    seen = {}
+
+    def fake_run(args, cwd, **_kwargs):
+        seen["run-dir"] = Path(cwd) / args[args.index("--run-dir") + 1]
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(submit.subprocess, "run", fake_run)
+    submit.run_submit(ROOT, 2, "", Path("runs") / "bench" / "one", env={})
+
+    assert seen["run-dir"] == tmp_path / "runs" / "bench" / "one"

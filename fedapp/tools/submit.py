@@ -56,7 +56,11 @@ def free_port() -> int:
 def run_submit(app: str | Path, num_supernodes: int, overrides: str, run_dir: str | Path,
                env: dict[str, str], superlink: str = "local",
                timeout: float | None = None) -> subprocess.CompletedProcess:
-    """This module's CLI in a subprocess (its own environment): submit, stream, wait."""
+    """This module's CLI in a subprocess (its own environment): submit, stream, wait.
+
+    The subprocess runs in `run_dir`'s parent, so a relative `run_dir` is made absolute
+    first (it once landed at parent/run_dir, where the caller did not look)."""
+    run_dir = Path(run_dir).resolve()
     return subprocess.run(
         [sys.executable, "-m", "fedapp.tools.submit", "--app", str(app), "--superlink", superlink,
          "--num-supernodes", str(num_supernodes), "--overrides", overrides,
