@@ -174,8 +174,10 @@ def memory_by_class(run: dict) -> dict[str, tuple[float, float, float, float]]:
 
 def report(out_dir: Path) -> str:
     runs = load(out_dir)
-    if "fedspine" not in runs:
-        sys.exit(f"{out_dir} holds no fedspine run; allowed: a folder this bench wrote")
+    ref = next((m for m in ("fedspine", "fedspine-repair") if m in runs), None)
+    if ref is None:  # the ratios are to a FedSpine run
+        sys.exit(f"{out_dir} holds no fedspine or fedspine-repair run; allowed: a folder this "
+                 "bench wrote with one of them")
     finals = [statistics.mean(d["eval-loss"] for d in r["devices"].values())
               for m in runs.values() for r in m.values()]
     start = next(iter(next(iter(runs.values())).values()))["rows"][0]["eval-loss"]
@@ -197,12 +199,12 @@ def report(out_dir: Path) -> str:
              "|---" * (1 + len(next(iter(figures.values())))) + "|"]
     for method, figs in figures.items():
         lines.append(f"| {method} | " + " | ".join(spread(v) for v in figs.values()) + " |")
-    lines += ["", ("Ratios to fedspine (a method's mean / fedspine's mean; for seconds to a "
-              "target > 1 means fedspine got there sooner):"), ""]
+    lines += ["", (f"Ratios to {ref} (a method's mean / {ref}'s mean; for seconds to a "
+              f"target > 1 means {ref} got there sooner):"), ""]
     base = {k: statistics.mean(v) if all(map(math.isfinite, v)) else math.inf
-            for k, v in figures["fedspine"].items()}
+            for k, v in figures[ref].items()}
     for method, figs in figures.items():
-        if method == "fedspine":
+        if method == ref:
             continue
         ratios = []
         for key in ("to worst final", "to 95% of best", "final mean loss", "final worst loss"):
@@ -247,7 +249,14 @@ def plot(runs: dict[str, dict[int, dict]], out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "deployed_loss.png", dpi=100)
     plt.close(fig)
-    spine = next(iter(runs["fedspine"].values()))["rows"][1:]
+    for method in ("fedspine", "fedspine-repair"):  # each bandit's choices, first seed
+        if method in runs:
+            plot_arms(next(iter(runs[method].values()))["rows"][1:],
+                      out_dir / ("arms.png" if method == "fedspine" else f"arms-{method}.png"))
+
+
+def plot_arms(spine: list[dict], path: Path) -> None:
+    """Per client and round: the bandit's reward, the ratio trained at, the rank."""
     names = sorted({n for r in spine for n in r.get("clients", {})})
     fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.2 * len(names)), squeeze=False)
     for ax, name in zip(axes[:, 0], names, strict=True):
@@ -264,7 +273,7 @@ def plot(runs: dict[str, dict[int, dict]], out_dir: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "arms.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -303,8 +312,8 @@ def main() -> None:
     text = report(out_dir)
     (out_dir / "fedspine.md").write_text(text)
     print(text)
-    print(f"[bench] {out_dir}/fedspine.md, deployed_loss.png, arms.png; inference cost: "
-          f"scripts/bench_deployed.py {out_dir}/fedspine-seed{args.seeds.split(',')[0]}")
+    print(f"[bench] {out_dir}/fedspine.md, deployed_loss.png, arms*.png; inference cost: "
+          f"scripts/bench_deployed.py {out_dir}/<method>-seed{args.seeds.split(',')[0]}")
 
 
 if __name__ == "__main__":
