@@ -209,8 +209,11 @@ def report(out_dir: Path) -> str:
         ratios = []
         for key in ("to worst final", "to 95% of best", "final mean loss", "final worst loss"):
             mine = statistics.mean(figs[key]) if all(map(math.isfinite, figs[key])) else math.inf
-            ratios.append(f"{key} {mine / base[key]:.2f}x" if math.isfinite(mine / base[key])
-                          else f"{key} n/a (a run never reached it)")
+            if math.isfinite(mine) and math.isfinite(base[key]):
+                ratios.append(f"{key} {mine / base[key]:.2f}x")
+            else:  # a ratio to (or of) a target never reached would read 0.00x or inf
+                ratios.append(f"{key} n/a ({ref if math.isfinite(mine) else method} never "
+                              "reached it)")
         lines.append(f"- {method}: " + ", ".join(ratios))
     lines += ["", ("Training memory per device class (first seed): the largest estimate "
               "(strategy.memory at the arm's rank) while loading and pruning (the structure "
