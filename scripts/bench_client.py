@@ -281,20 +281,22 @@ def worker_bare(overrides: str) -> dict:
                                 cfg.eval.batch_size, tokenizer.pad_token_id,
                                 ranking_items=ranking)["eval-loss"]
 
-    losses, rounds = [evaluate()], []
+    losses, rounds, training = [evaluate()], [], []
     for server_round in range(1, cfg.num_rounds + 1):
-        round_start, updates = time.perf_counter(), []
+        round_start, updates, trained = time.perf_counter(), [], 0.0
         for client in clients:
             order = strategy.order_for(server_round, client)
             result = run_round(strategy.setup, order, client.partition_id, len(clients),
                                arrays.to_torch_state_dict(), device="cpu")
             updates.append(LoraUpdate(split_factors(result.state), order.scaling,
                                       result.metrics["num-examples"]))
+            trained += result.metrics["train-seconds"]
         arrays, _ = strategy.aggregate_updates(server_round, updates)
         losses.append(evaluate())
         rounds.append(time.perf_counter() - round_start)
+        training.append(trained)
     return {"wall-seconds": time.perf_counter() - start, "round-seconds": rounds,
-            "eval-losses": losses}
+            "train-seconds": training, "eval-losses": losses}
 
 
 def flwr_run(overrides: str, clients: int) -> dict:
@@ -310,8 +312,11 @@ def flwr_run(overrides: str, clients: int) -> dict:
         wall = time.perf_counter() - start
         if out.returncode != 0:
             sys.exit(f"flwr run failed:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}")
-        marks = [r["wall-seconds"] for r in read_metrics(Path(tmp) / "run" / "metrics.jsonl")]
-    return {"wall-seconds": wall, "round-seconds": [b - a for a, b in itertools.pairwise(marks)]}
+        rows = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
+    marks = [r["wall-seconds"] for r in rows]
+    return {"wall-seconds": wall, "round-seconds": [b - a for a, b in itertools.pairwise(marks)],
+            "train-seconds": [sum(c.get("train-seconds", 0.0) for c in r.get("clients", {}).values())
+                              for r in rows[1:]]}
 
 
 def print_overhead(bare: dict, flwr: dict, args: argparse.Namespace) -> None:
@@ -332,6 +337,12 @@ def print_overhead(bare: dict, flwr: dict, args: argparse.Namespace) -> None:
     print(f"ratio flwr/bare: per round (rounds 2..) {flwr_round / bare_round:.2f}x, start-up "
           f"{flwr_start / bare_start:.2f}x, whole wall "
           f"{flwr['wall-seconds'] / bare['wall-seconds']:.2f}x")
+    steady = {name: sum(run["train-seconds"][1:]) / max(len(run["train-seconds"]) - 1, 1)
+              for name, run in (("bare", bare), ("flwr", flwr))}
+    print(f"of a steady round, the clients' own training (sum of train-seconds): bare "
+          f"{steady['bare']:.1f} s, flwr {steady['flwr']:.1f} s ({steady['flwr'] / steady['bare']:.2f}x);"
+          f" the rest (messages, set-up, aggregation, evaluation): bare "
+          f"{bare_round - steady['bare']:.1f} s, flwr {flwr_round - steady['flwr']:.1f} s")
 
 
 def main() -> None:
