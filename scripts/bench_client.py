@@ -320,11 +320,15 @@ def flwr_run(overrides: str, clients: int) -> dict:
 
 
 def print_overhead(bare: dict, flwr: dict, args: argparse.Namespace) -> None:
+    def steady(per_round: list[float]) -> float:
+        """The mean of rounds 2.. (round 1 alone when there is no other)."""
+        later = per_round[1:] or per_round
+        return sum(later) / len(later)
+
     def split(run: dict) -> tuple[float, float]:
-        """(steady seconds per round: rounds 2.., start-up: the rest of the wall time)."""
-        later = run["round-seconds"][1:] or run["round-seconds"]
-        steady = sum(later) / len(later)
-        return steady, run["wall-seconds"] - steady * len(run["round-seconds"])
+        """(steady seconds per round, start-up: the rest of the wall time)."""
+        per = steady(run["round-seconds"])
+        return per, run["wall-seconds"] - per * len(run["round-seconds"])
 
     (bare_round, bare_start), (flwr_round, flwr_start) = split(bare), split(flwr)
     print(f"\nfederation overhead ({args.clients} clients x {args.rounds} rounds x "
@@ -337,12 +341,11 @@ def print_overhead(bare: dict, flwr: dict, args: argparse.Namespace) -> None:
     print(f"ratio flwr/bare: per round (rounds 2..) {flwr_round / bare_round:.2f}x, start-up "
           f"{flwr_start / bare_start:.2f}x, whole wall "
           f"{flwr['wall-seconds'] / bare['wall-seconds']:.2f}x")
-    steady = {name: sum(run["train-seconds"][1:]) / max(len(run["train-seconds"]) - 1, 1)
-              for name, run in (("bare", bare), ("flwr", flwr))}
+    bare_train, flwr_train = steady(bare["train-seconds"]), steady(flwr["train-seconds"])
     print(f"of a steady round, the clients' own training (sum of train-seconds): bare "
-          f"{steady['bare']:.1f} s, flwr {steady['flwr']:.1f} s ({steady['flwr'] / steady['bare']:.2f}x);"
+          f"{bare_train:.1f} s, flwr {flwr_train:.1f} s ({flwr_train / bare_train:.2f}x);"
           f" the rest (messages, set-up, aggregation, evaluation): bare "
-          f"{bare_round - steady['bare']:.1f} s, flwr {flwr_round - steady['flwr']:.1f} s")
+          f"{bare_round - bare_train:.1f} s, flwr {flwr_round - flwr_train:.1f} s")
 
 
 def main() -> None:

@@ -73,6 +73,7 @@ METHODS = {
                            "strategy.bandit.ranks=[8]",
 }
 LOSS = "deployed-eval-loss-mean"
+SPINES = ("fedspine", "fedspine-repair")  # the FedSpine variants; the first present is the reference
 
 
 def federated(name: str, overrides: str, run_dir: Path) -> None:
@@ -174,7 +175,7 @@ def memory_by_class(run: dict) -> dict[str, tuple[float, float, float, float]]:
 
 def report(out_dir: Path) -> str:
     runs = load(out_dir)
-    ref = next((m for m in ("fedspine", "fedspine-repair") if m in runs), None)
+    ref = next((m for m in SPINES if m in runs), None)
     if ref is None:  # the ratios are to a FedSpine run
         sys.exit(f"{out_dir} holds no fedspine or fedspine-repair run; allowed: a folder this "
                  "bench wrote with one of them")
@@ -252,7 +253,7 @@ def plot(runs: dict[str, dict[int, dict]], out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "deployed_loss.png", dpi=100)
     plt.close(fig)
-    for method in ("fedspine", "fedspine-repair"):  # each bandit's choices, first seed
+    for method in SPINES:  # each bandit's choices, first seed
         if method in runs:
             plot_arms(next(iter(runs[method].values()))["rows"][1:],
                       out_dir / ("arms.png" if method == "fedspine" else f"arms-{method}.png"))
