@@ -30,7 +30,7 @@ def test_prepared_copy_is_written_once_and_gives_the_same_model(tiny_model_dir, 
 
     assert target.parent == tmp_path / "prepared"
     assert (target / "config.json").stat().st_mtime_ns == written
-    assert type(second.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert type(second.model.layers[0].mlp.up_proj).__name__ == "ScratchLinear4bit"  # 4-bit
     assert not second.model.layers[0].mlp.up_proj.support_avx512bf16_for_cpu  # bnb fix on
     torch.testing.assert_close(logits(second), logits(first))
     torch.testing.assert_close(logits(unprepared), logits(first))

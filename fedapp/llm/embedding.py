@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from fedapp.llm.scratch import scratch
+
 BLOCKSIZE = 64  # values per absmax, as bitsandbytes' 4-bit layers
 BLOCK_ROWS = 1024  # vocabulary rows the head decodes at once: 2.25 MiB fp32 at hidden 576
 QUANTISE_ROWS = 1024  # rows quantised at once while loading
@@ -53,12 +55,22 @@ def byte_levels(code: torch.Tensor) -> torch.Tensor:
     return torch.stack((code.repeat_interleave(len(code)), code.repeat(len(code))), 1)
 
 
-def dequantise_rows(packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor
-                    ) -> torch.Tensor:
-    """fp32 (..., cols) from `quantise_rows`' packed rows, their absmax and `byte_levels`."""
-    values = pairs.index_select(0, packed.flatten().int())
-    blocks = values.reshape(*packed.shape[:-1], -1, BLOCKSIZE)
-    return (blocks * absmax[..., None]).flatten(-2)
+def dequantise_rows(packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor,
+                    reuse: bool = False) -> torch.Tensor:
+    """fp32 (..., cols) from `quantise_rows`' packed rows, their absmax and `byte_levels`;
+    `reuse`: written into this thread's scratch buffers (`fedapp.llm.scratch`, slot
+    "nf4-table"), valid until the next such call, never a fresh allocation."""
+    if not reuse:
+        values = pairs.index_select(0, packed.flatten().int())
+        blocks = values.reshape(*packed.shape[:-1], -1, BLOCKSIZE)
+        return (blocks * absmax[..., None]).flatten(-2)
+    count = packed.numel()
+    index = scratch(count, torch.int32, "nf4-table")
+    index.copy_(packed.flatten())
+    values = scratch(2 * count, torch.float32, "nf4-table").view(count, 2)
+    torch.index_select(pairs, 0, index, out=values)
+    blocks = values.view(*packed.shape[:-1], -1, BLOCKSIZE)
+    return blocks.mul_(absmax[..., None]).flatten(-2)
 
 
 RowReader = Callable[[int, int], torch.Tensor]  # (start, end) -> those rows of a matrix
@@ -86,13 +98,15 @@ class Nf4Table(nn.Module):
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         return dequantise_rows(self.packed[index], self.absmax[index], self.pairs)
 
-    def blocks(self, size: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def blocks(self, size: int | None = None, reuse: bool = False
+               ) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, its fp32 block) over the whole matrix, `size` (BLOCK_ROWS) rows at a
-        time."""
+        time; `reuse`: every block decoded into the same scratch buffer, so a block is valid
+        only until the next is taken (never for autograd, which would keep it)."""
         size = size or BLOCK_ROWS
         for start in range(0, self.shape[0], size):
             yield start, dequantise_rows(self.packed[start:start + size],
-                                         self.absmax[start:start + size], self.pairs)
+                                         self.absmax[start:start + size], self.pairs, reuse)
 
 
 class Nf4Embedding(nn.Module):

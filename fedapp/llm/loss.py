@@ -99,7 +99,7 @@ def _blocked_lse(h: torch.Tensor, y: torch.Tensor, table: Nf4Table, softcap: flo
     computed one decoded vocabulary block at a time (a running max keeps exp in range)."""
     top = torch.full((len(h),), -torch.inf, device=h.device)
     total, picked = torch.zeros(len(h), device=h.device), torch.zeros(len(h), device=h.device)
-    for start, w in table.blocks():
+    for start, w in table.blocks(reuse=True):
         logits, _ = _capped(h, w, softcap)
         inside, column = _at(y, start, len(w))
         picked[inside] = logits[inside, column]
@@ -133,7 +133,7 @@ def _blocked_chunk(h: torch.Tensor, y: torch.Tensor, table: Nf4Table, softcap: f
     if not want_grad:
         return (lse - picked).sum(), None
     grad = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-    for first, w in table.blocks():
+    for first, w in table.blocks(reuse=True):
         logits, squashed = _capped(h, w, softcap)
         probs = logits.sub_(lse[:, None]).exp_()
         inside, column = _at(y, first, len(w))

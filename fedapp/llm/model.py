@@ -22,6 +22,7 @@ import torch
 from flwr.common.logger import log
 
 from fedapp.llm.embedding import quantise_embeddings
+from fedapp.llm.scratch import use_scratch
 from strategies.protocol import QUANTIZATIONS
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -218,6 +219,7 @@ def load_base(path: str, quantization: str, device: str | None = None) -> torch.
             _save_prepared(model, prepared)
     if quantization == "nf4":
         disable_bnb_cpu_repack(model)
+        use_scratch(model)  # CPU 4-bit layers decode into one reused buffer
     if small_embeddings:
         loaded = prepared if prepared is not None and (prepared / "config.json").exists() \
             else Path(source)

@@ -30,6 +30,7 @@ from torch import nn
 from fedapp.llm import memory
 from fedapp.llm.adapters import GLOBAL
 from fedapp.llm.model import disable_bnb_cpu_repack
+from fedapp.llm.scratch import use_scratch
 from fedapp.pruning.importance import Importance, ImportanceTracker, score
 from fedapp.pruning.structure import (
     UNIT_LINEARS,
@@ -131,6 +132,7 @@ def _requantize(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None)
         new.bias = nn.Parameter(bias.clone(), requires_grad=old.bias.requires_grad)
     new.compute_type_is_set = old.compute_type_is_set
     disable_bnb_cpu_repack(new)
+    use_scratch(new)
     return new
 
 
