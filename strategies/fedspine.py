@@ -18,7 +18,8 @@ target are never played.
 **Rounds.** For each selected device its bandit (`strategies.bandit`, keyed by the client's
 stable name) picks an arm (prune ratio, rank) among the feasible ones (one of each set that
 trains alike, `feasible_for`), unplayed arms scored by a predicted reward
-(`strategies.spine_prior`) once the device has a measured round; the order says the
+(`strategies.spine_prior`: a cost model, and the pruning round an arm owes when it stops
+short of the target); the order says the
 ratio to reach and the ratio reached, and the message carries the device's structure
 (`protocol.UNITS`, kept by the server: a device keeps nothing between rounds). The client
 rebuilds that structure from the base, prunes on to the round's ratio, tunes a LoRA of that
@@ -98,7 +99,7 @@ from strategies.spine_config import (
     memory_model,
     prune_template,
 )
-from strategies.spine_prior import Seen, arm_prior, arm_seconds
+from strategies.spine_prior import Seen, arm_prior, arm_seconds, path_prior
 from strategies.summary import ClientOutcome
 from strategies.units import UnitLists, read_units, units_record
 
@@ -198,18 +199,19 @@ class FedSpine(FLoRA):
                 first.setdefault(alike, arm)
         return set(first.values()).__contains__
 
-    def prior_for(self, server_round: int, client: ClientIdentity
-                  ) -> Callable[[Arm], float] | None:
-        """The predicted reward of `client`'s unplayed arms (`strategies.spine_prior`), once
-        it has an accepted round; None before."""
+    def prior_for(self, server_round: int, client: ClientIdentity) -> Callable[[Arm], float]:
+        """`client`'s unplayed arms' predicted reward (`strategies.spine_prior.path_prior`)."""
         bandit, seen = self.bank[client.name], self.seen.get(client.name)
         means = {a: s.mean for a, s in bandit.stats.items() if s.pulls}
-        if seen is None or not means:
-            return None
         device, share = self.device_for(client), bandit.config.fixed_step_share
-        return arm_prior(means, lambda arm: arm_seconds(
-            seen, device, self.train_ratio(server_round, client, arm), arm.rank, share),
-            seen.median_seconds, self.time_weight)
+        base = None
+        if seen is not None and means:
+            base = arm_prior(means, lambda arm: arm_seconds(
+                seen, device, self.train_ratio(server_round, client, arm), arm.rank, share),
+                seen.median_seconds, self.time_weight)
+        target = self.targets[device.name]
+        return path_prior(base, lambda arm: self.train_ratio(
+            server_round, client, arm) < target - TOLERANCE, self.time_weight)
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
         """With `prune_at_end`, a device that cannot train the unpruned model (its memory

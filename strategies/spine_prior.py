@@ -24,6 +24,19 @@ part of what the device earned so far and changes only the time part of the rewa
     prior(arm) = mean_j μ_j − λ · (T'(arm) − mean_j T'(j)) / M     (j: the played arms)
 
 so a faster arm is predicted better by λ times the time it saves, in units of the median.
+
+**The path's length.** An arm that leaves its device short of its final sparsity this round
+owes a later pruning round, and a pruning round costs more than a tuning round: the
+loading, Taylor scores, slices and probes come on top (measured, `runs/bench-fedspine-iter/
+20261204-seed0-6rounds`: a phone's second pruning round 220-228 s against its 92-119 s
+rounds of tuning alone, about one median round more). `path_prior` charges that now:
+
+    prior(arm) = base(arm) − λ · OWED_ROUNDS · [the arm stops short of the target]
+
+with base the prior above once the device has a measured round, 0 before. So a device's
+first round starts with an arm that reaches its target (the prune-once path, at the rank
+the grid offers first), and a shorter step is played only when its measured rewards beat
+that by more than the round it owes.
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ from dataclasses import dataclass
 
 from strategies.bandit import Arm
 from strategies.devices import DeviceProfile
+
+OWED_ROUNDS = 1.0  # a later pruning round costs about one median round more (docstring)
 
 
 @dataclass(frozen=True)
@@ -67,3 +82,13 @@ def arm_prior(means: Mapping[Arm, float], seconds: Callable[[Arm], float],
     played = statistics.fmean(seconds(a) for a in means)
     scale = time_weight / max(median_seconds, 1e-8)
     return lambda arm: mean - scale * (seconds(arm) - played)
+
+
+def path_prior(base: Callable[[Arm], float] | None, short: Callable[[Arm], bool],
+               time_weight: float) -> Callable[[Arm], float]:
+    """prior(arm) = base(arm) (0 without one) − λ · OWED_ROUNDS where short(arm): the arm
+    leaves its device short of its target this round (module docstring)."""
+    def prior(arm: Arm) -> float:
+        owed = time_weight * OWED_ROUNDS if short(arm) else 0.0
+        return (base(arm) if base is not None else 0.0) - owed
+    return prior

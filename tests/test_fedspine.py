@@ -326,7 +326,22 @@ def test_arms_that_train_alike_are_one_arm_and_unplayed_arms_get_a_prior():
     expected = strategy.bank["partition-1"].stats[played].mean - 0.1 * (
         up * (4 // played.rank - 1)) / median
     assert strategy.prior_for(2, edge)(Arm(0.0, 4)) == pytest.approx(expected)
-    assert spine().prior_for(1, edge) is None  # nothing measured yet
+    # nothing measured yet: the edge (target 0) owes nothing on any arm
+    assert spine().prior_for(1, edge)(Arm(0.0, 4)) == 0.0
+
+
+def test_a_device_starts_on_the_path_that_reaches_its_target():
+    # the phone must end at 0.5; its budget alone needs 0.42 at rank 2. The grid's first arm
+    # (0.0, r2) would train at 0.42 and owe a second pruning round: the prior charges it
+    # λ, so round 1 plays (0.5, r2), and the phone is at its target from round 1 on
+    phone = dataclasses.replace(PHONE, sparsity=0.5)
+    strategy = spine(devices=[phone, EDGE], num_rounds=5)
+    chosen = play(strategy, 1)
+    assert chosen[0]["partition-0"] == (0.5, 2, 0.5)
+    assert chosen[0]["partition-1"] == (0.0, 2, 0.0)  # the edge's target is 0: grid order
+    # without a prior (prior_pulls 0) the grid's first arm: the old two-round path
+    plain = spine(devices=[phone, EDGE], num_rounds=5, bandit={**BANDIT, "prior_pulls": 0})
+    assert play(plain, 1)[0]["partition-0"] == (0.0, 2, pytest.approx(0.42, abs=0.01))
 
 
 def test_reward_from_pruned_measures_from_the_model_after_this_rounds_pruning():

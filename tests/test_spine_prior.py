@@ -7,7 +7,7 @@ import pytest
 
 from strategies.bandit import Arm
 from strategies.devices import DeviceProfile
-from strategies.spine_prior import Seen, arm_prior, arm_seconds
+from strategies.spine_prior import OWED_ROUNDS, Seen, arm_prior, arm_seconds, path_prior
 
 # 8 Mbit/s up, 80 Mbit/s down: 1 MB up takes 1 s, 1 MB down 0.1 s
 DEVICE = DeviceProfile("phone", slowdown=2.0, up_mbps=8.0, down_mbps=80.0)
@@ -41,3 +41,13 @@ def test_prior_keeps_the_mean_reward_and_charges_the_time_difference():
     assert prior(a) == pytest.approx(0.3 + 0.005 * 5.0)
     with pytest.raises(ValueError, match="no played arm"):
         arm_prior({}, seconds, 20.0, 0.1)
+
+
+def test_path_prior_charges_an_arm_that_stops_short_one_owed_round():
+    a, b = Arm(0.25, 4), Arm(0.5, 4)
+    short = {a: True, b: False}.get
+    first = path_prior(None, short, time_weight=0.1)  # nothing measured: 0 or -λ
+    assert OWED_ROUNDS == 1.0
+    assert first(a) == pytest.approx(-0.1) and first(b) == 0.0
+    later = path_prior({a: 0.3, b: 0.2}.get, short, time_weight=0.1)
+    assert later(a) == pytest.approx(0.2) and later(b) == pytest.approx(0.2)
