@@ -302,7 +302,8 @@ class ClientBandit:
         """Add the neighbours of the best arm once it has `refine_after` pulls; return them.
 
         A no-op (empty list) when the best arm is under-played, was refined already, or the
-        grid is full. New arms are unplayed, so `select` tries each (if feasible) next.
+        grid is full. New arms are unplayed: `select` tries each (if feasible) next, or
+        with a prior lets each compete by its predicted reward.
         """
         arm = self.best(feasible)
         if arm is None or self.stats[arm].pulls < self.config.refine_after \

@@ -53,6 +53,7 @@ grid (seeded by seed, round and client): the ablation the benchmark compares aga
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import statistics
@@ -204,14 +205,14 @@ class FedSpine(FLoRA):
         bandit, seen = self.bank[client.name], self.seen.get(client.name)
         means = {a: s.mean for a, s in bandit.stats.items() if s.pulls}
         device, share = self.device_for(client), bandit.config.fixed_step_share
-        base = None
-        if seen is not None and means:
-            base = arm_prior(means, lambda arm: arm_seconds(
-                seen, device, self.train_ratio(server_round, client, arm), arm.rank, share),
-                seen.median_seconds, self.time_weight)
-        target = self.targets[device.name]
-        return path_prior(base, lambda arm: self.train_ratio(
-            server_round, client, arm) < target - TOLERANCE, self.time_weight)
+        ratio = functools.partial(self.train_ratio, server_round, client)
+        base = arm_prior(means, lambda arm: arm_seconds(seen, device, ratio(arm), arm.rank, share),
+                         seen.median_seconds, self.time_weight) if seen and means else None
+        target, feasible = self.targets[device.name], self.feasible_for(client, bandit.arms,
+                                                                        server_round)
+        reachable = any(feasible(a) and ratio(a) >= target - TOLERANCE for a in bandit.arms)
+        return path_prior(base, lambda arm: reachable and ratio(arm) < target - TOLERANCE,
+                          self.time_weight)
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
         """With `prune_at_end`, a device that cannot train the unpruned model (its memory
@@ -346,10 +347,9 @@ class FedSpine(FLoRA):
 
     def deployments(self) -> dict[str, dict]:
         """Per device that trained: its class, target and reached sparsity, structure, and
-        the adapter it holds (`held`: G as sent in its last round + its own update, the
-        model it ended that round with; absent from a checkpoint written before it was
-        kept: then G). Its deployed model
-        is the base pruned to `units` with that adapter cut to it."""
+        the adapter it holds (`held`: G as sent in its last round + its own update, the model
+        it ended that round with; absent from an older checkpoint: then G). Its deployed
+        model is the base pruned to `units` with that adapter cut to it."""
         out = {}
         for name, device in sorted(self.device_class.items()):
             out[name] = {"device": device, "target": self.targets[device],

@@ -33,7 +33,10 @@ rounds of tuning alone, about one median round more). `path_prior` charges that 
 
     prior(arm) = base(arm) − λ · OWED_ROUNDS · [the arm stops short of the target]
 
-with base the prior above once the device has a measured round, 0 before. So a device's
+with base the prior above once the device has a measured round, 0 before; charged only
+when some feasible arm would reach the target this round (not before the last round of
+`prune_at_end`, nor when the target lies beyond every ratio the grid offers: then every
+arm owes the round and the charge would only hold back exploration). So a device's
 first round starts with an arm that reaches its target (the prune-once path, at the rank
 the grid offers first), and a shorter step is played only when its measured rewards beat
 that by more than the round it owes.

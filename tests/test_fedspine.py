@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from fedapp.config import compose_config
 from fedapp.server.loop import run_rounds
+from strategies import spine_prior
 from strategies.bandit import Arm, estimated_memory_mb
 from strategies.base import config_bytes
 from strategies.devices import DeviceProfile, device_profiles
@@ -330,7 +331,7 @@ def test_arms_that_train_alike_are_one_arm_and_unplayed_arms_get_a_prior():
     assert spine().prior_for(1, edge)(Arm(0.0, 4)) == 0.0
 
 
-def test_a_device_starts_on_the_path_that_reaches_its_target():
+def test_a_device_starts_on_the_path_that_reaches_its_target(monkeypatch):
     # the phone must end at 0.5; its budget alone needs 0.42 at rank 2. The grid's first arm
     # (0.0, r2) would train at 0.42 and owe a second pruning round: the prior charges it
     # λ, so round 1 plays (0.5, r2), and the phone is at its target from round 1 on
@@ -342,6 +343,14 @@ def test_a_device_starts_on_the_path_that_reaches_its_target():
     # without a prior (prior_pulls 0) the grid's first arm: the old two-round path
     plain = spine(devices=[phone, EDGE], num_rounds=5, bandit={**BANDIT, "prior_pulls": 0})
     assert play(plain, 1)[0]["partition-0"] == (0.0, 2, pytest.approx(0.42, abs=0.01))
+    # a target beyond the grid (0.6 > its top ratio 0.5): every arm owes the last round's
+    # pruning, so none is charged and the grid's first arm plays
+    beyond = spine(devices=[dataclasses.replace(PHONE, sparsity=0.6), EDGE], num_rounds=5)
+    assert play(beyond, 1)[0]["partition-0"] == (0.0, 2, pytest.approx(0.42, abs=0.01))
+    phone_id, unplayed = beyond.arms["partition-0"][1], Arm(0.5, 2)
+    charged = beyond.prior_for(2, phone_id)(unplayed)
+    monkeypatch.setattr(spine_prior, "OWED_ROUNDS", 0.0)
+    assert charged == beyond.prior_for(2, phone_id)(unplayed)  # the cost model alone
 
 
 def test_reward_from_pruned_measures_from_the_model_after_this_rounds_pruning():

@@ -114,3 +114,13 @@ def test_nf4_table_blocks_reuse_one_buffer_with_the_same_values():
         assert start == start2 and torch.equal(w, expected)
         pointers.add(w.data_ptr())
     assert len(pointers) == 1  # every block decoded into the same storage
+
+
+def test_a_weight_repacked_for_inference_is_not_decoded_here():
+    layer = _layer(32, 64)
+    layer.weight.quant_state.packing_format_for_cpu = True  # bnb's other layout
+    assert not decodable(layer.weight, torch.float32)
+    fresh = _layer(32, 64)
+    fresh.support_avx512bf16_for_cpu = True
+    use_scratch(fresh)
+    assert fresh.support_avx512bf16_for_cpu is False  # it would repack on a no-grad call

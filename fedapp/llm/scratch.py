@@ -12,11 +12,13 @@ decoded by bitsandbytes' own CPU kernel (the one its `dequantize_4bit` calls, sa
 into a per-thread scratch buffer sized for the largest layer, used for one matmul and
 overwritten by the next layer. No decoded weight outlives its matmul: the backward pass
 decodes again, as bitsandbytes' own backward does. Everything else (compute dtype, bias,
-quantisation state, saving) is the parent's. Layers on other devices, and quantisation
-states the kernel does not cover (an odd input width, a nested state with another block
-size), take the parent's path. Installed by `use_scratch` wherever the app makes 4-bit
-layers (loading, pruning); `tests/test_scratch.py` pins outputs and gradients against
-bitsandbytes' path.
+quantisation state, saving) is the parent's. Layers on other devices, and weights the
+kernel does not cover (an odd input width, a nested state with another block size, a
+weight bitsandbytes repacked for CPU inference, a block size of 2048+ on AVX-512, where
+bitsandbytes avoids the kernel), take the parent's path. Installed by `use_scratch`
+wherever the app makes 4-bit layers (loading, pruning). `tests/test_scratch.py` pins the
+outputs and input gradients bit for bit against bitsandbytes' path; a bias gradient is
+summed in fp32 here (bitsandbytes: in the compute dtype).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def scratch(numel: int, dtype: torch.dtype, slot: str = "linear") -> torch.Tenso
     buffers = _scratch.__dict__
     held = buffers.get((slot, dtype))
     if held is None or held.numel() < numel:
-        buffers[(slot, dtype)] = held = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor, writable in any mode later
+            buffers[(slot, dtype)] = held = torch.empty(numel, dtype=dtype)
     return held[:numel]
 
 
@@ -58,9 +61,16 @@ def decodable(weight: torch.Tensor, dtype: torch.dtype) -> bool:
     state = getattr(weight, "quant_state", None)
     if state is None or weight.device.type != "cpu" or len(state.shape) != 2:
         return False
-    if state.shape[1] % 2 or (state.nested and state.state2.blocksize != 256):
+    if state.shape[1] % 2 or (state.nested and state.state2.blocksize != 256) \
+            or getattr(state, "packing_format_for_cpu", False) \
+            or (state.blocksize >= 2048 and _has_avx512()):
         return False
     return _kernel(state.quant_type, dtype) is not None
+
+
+@cache
+def _has_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"  # bitsandbytes' own test
 
 
 def decode(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -144,5 +154,6 @@ def use_scratch(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is base and module.weight.device.type == "cpu":
             module.__class__ = scratch_class()
+            module.support_avx512bf16_for_cpu = False  # no inference repack (model.py)
             changed += 1
     return changed
