@@ -37,20 +37,30 @@ dozen rounds leaves little exploitation; the dominant drift here (everyone's imp
 shrinking together) keeps the arms' order, which smoothed means track without re-exploring,
 and a stale optimistic mean gets re-tested as soon as the tracked arms drift below it.
 `select(feasible)` returns, among arms that pass the `feasible` predicate, the first
-never-played arm in grid order, else argmax UCB among the undominated (ties: grid order).
+never-played arm in grid order, else argmax UCB among the undominated (ties: the larger
+rank, then grid order).
 `select(feasible, prior)` scores never-played arms by a predicted reward instead
 (`strategies.spine_prior`: a cost model of the device's round time), with the bonus of
-`prior_pulls` pulls, so they compete with the played ones rather than going first. An
+`prior_pulls` pulls, so they compete with the played ones rather than going first; equal
+scores then go to the larger rank (before any measurement every arm that reaches the
+device's target ties, and the largest rank its memory allows learns the most per step; a
+cheaper rank plays when its predicted or measured reward is higher). An
 infeasible arm is never returned; with no feasible arm it raises ValueError.
 
-**Reward.** `reward()` mixes usefulness and speed, both as seen by the server:
+**Reward.** `reward()` is the quality gain per unit of completion time, both as seen by
+the server:
 
-    reward = clip((L_before − L_after) / max(|L_before|, ε), −1, 1) − λ · (T_k / median_j T_j − 1)
+    g = clip((L_before − L_after) / max(|L_before|, ε), −1, 1),   s = (median_j T_j / T_k)^λ
+    reward = clip(per_time(g, s), −1, 1),   per_time(g, s) = g · s if g >= 0 else g / s
 
-the relative loss improvement of the client's local training minus λ (`time_weight`) times
-how much slower than the round's median client it was (0 for a median client, negative
-penalty, i.e. a bonus, for faster ones). Clipping keeps one diverging client from
-dominating the smoothed mean.
+the relative loss improvement of the client's local training, scaled by its speed against
+the round's median client (λ = `time_weight`: 1 is gain per median-time; 0 ignores time).
+A faster arm is better whatever the sign of g (a loss that got worse is charged more when
+it took longer). The time part scales with the gain: as every device's improvement shrinks
+over a run, a fixed additive time penalty (the form before, g − λ(T_k/M − 1)) would come
+to outweigh it and push devices to the cheapest arm (the phones' rewards in rounds 4-6 of
+`runs/bench-fedspine-path/20261205-001557` were all time penalty). Clipping keeps one
+diverging client from dominating the smoothed mean.
 
 **Memory.** `estimated_memory_mb` = base·(1 − ratio) + lora_mb_per_rank·rank + activations;
 `memory_feasible(budget, ...)` turns it into the predicate that keeps arms within a device's
@@ -156,16 +166,33 @@ class BanditConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+def speed(reference: float, seconds: float, time_weight: float) -> float:
+    """(reference / seconds)^λ: how much faster than `reference` a client taking `seconds` is,
+    to the power λ (inf where that overflows)."""
+    try:
+        return (max(reference, EPSILON) / max(seconds, EPSILON)) ** time_weight
+    except OverflowError:
+        return math.inf
+
+
+def per_time(gain: float, speed: float) -> float:
+    """gain · speed for a gain >= 0, gain / speed otherwise: the faster (speed > 1), the
+    better, whatever the sign."""
+    if gain == 0:
+        return 0.0
+    return gain * speed if gain > 0 else gain / speed
+
+
 def reward(loss_before: float, loss_after: float, time_k: float, round_times: Iterable[float],
            time_weight: float) -> float:
-    """clip((L_before − L_after) / max(|L_before|, ε), −1, 1) − λ · (T_k / median(T) − 1).
+    """clip(per_time(g, (median(T) / T_k)^λ), −1, 1), g = clip(ΔL / |L_before|, −1, 1).
 
     Args:
         loss_before, loss_after: the client's loss before and after its local round (FedSpine:
             on a fixed probe batch of its own data).
         time_k: the client's completion time this round (compute × slow-down + transfer).
         round_times: completion times of every client of the round, this one included.
-        time_weight: λ >= 0, loss-improvement points traded per median-time of slowness.
+        time_weight: λ >= 0, the exponent of the speed: 1 = gain per median-time, 0 = gain.
     """
     times = [float(x) for x in round_times]
     for name, value in (("loss_before", loss_before), ("loss_after", loss_after)):
@@ -180,8 +207,8 @@ def reward(loss_before: float, loss_after: float, time_k: float, round_times: It
         raise ValueError(f"reward: time_weight={time_weight!r}; allowed: a finite λ >= 0")
     improvement = (loss_before - loss_after) / max(abs(loss_before), EPSILON)
     improvement = min(1.0, max(-1.0, improvement))
-    median = max(statistics.median(times), EPSILON)
-    return improvement - time_weight * (time_k / median - 1.0)
+    faster = speed(statistics.median(times), time_k, time_weight)
+    return min(1.0, max(-1.0, per_time(improvement, faster)))
 
 
 def estimated_memory_mb(prune_ratio: float, rank: int, base_mb: float, lora_mb_per_rank: float,
@@ -260,7 +287,8 @@ class ClientBandit:
         """The arm to play: without `prior` (or with `prior_pulls` 0), the first unplayed
         feasible arm, else the best UCB among the feasible arms that are not dominated. With
         `prior` (a predicted reward per arm, `strategies.spine_prior`), an unplayed arm
-        competes from the start: scored prior(arm) + c · sqrt(ln(max(N, e)) / prior_pulls).
+        competes from the start: scored prior(arm) + c · sqrt(ln(max(N, e)) / prior_pulls);
+        of equal scores, the larger rank.
 
         Raises ValueError when no arm of the grid is feasible.
         """
@@ -279,8 +307,8 @@ class ClientBandit:
             bonus = self.config.exploration * math.sqrt(math.log(max(pulls, math.e))
                                                         / self.config.prior_pulls)
             scores.update({a: prior(a) + bonus for a in unplayed})
-        return max((a for a in allowed if a not in beaten),  # the first of equal scores
-                   key=lambda a: scores[a])
+        return max((a for a in allowed if a not in beaten),  # ties: larger rank, grid order
+                   key=lambda a: (scores[a], a.rank))
 
     def update(self, arm: Arm, value: float) -> None:
         """Record the reward `value` that `arm` earned: one more pull, mean smoothed."""

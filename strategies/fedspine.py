@@ -29,17 +29,16 @@ the pruned shapes, the rows / columns they cover and the structure it reached (c
 full shape (zeros at pruned units, `strategies.scatter`) and FLoRA-stacks them into G, which
 stays unpruned. Each device's deployed model is its structure + G cut to it
 (`deployments()`, exported by the ServerApp). Then each bandit learns its arm's reward
-(`bandit.reward`):
+(`bandit.reward`), its gain per unit of time:
 
-    reward_k = clip((L_before − L_after) / L_before, −1, 1) − λ · (T_k / median_j T_j − 1)
+    reward_k = clip(g · (median_j T_j / T_k)^λ, −1, 1),  g = clip((L_before − L_after) / L_before, ±1)
 
-with L the client's loss on its own probe batch: L_before of the model it started from (its
-structure + G), L_after of its pruned, tuned model, so this round's pruning damage is
-charged (`reward_from: pruned`: L_before just after the round's last pruning slice, so an
-arm is rewarded for what its training repaired and learned, the damage of reaching the
-same target being the same sooner or later); T its completion time (`completion-seconds`: compute × its device's slow-down +
-bytes over its links), λ = `time_weight`. A selected client that sends no valid reply earns
-−1 − λ, as bad as the worst loss change at twice the median time.
+(a negative g divided by that speed), L the client's loss on its own probe batch: L_before
+of the model it started from (its structure + G), L_after of its pruned, tuned model, so
+this round's pruning damage is charged (`reward_from: pruned`: L_before just after the
+round's last pruning slice: an arm is rewarded for what its training repaired and learned);
+T its completion time (`completion-seconds`: compute × its device's slow-down + bytes over
+its links), λ = `time_weight`. No valid reply earns −1 − λ, below every valid reward.
 
 The memory a client would need for an arm is `bandit.estimated_memory_mb` with this
 strategy's `memory` coefficients (fixed_mb: runtime, embeddings and activations; base_mb:
@@ -100,7 +99,7 @@ from strategies.spine_config import (
     memory_model,
     prune_template,
 )
-from strategies.spine_prior import Seen, arm_prior, arm_seconds, path_prior
+from strategies.spine_prior import Seen, arm_prior, arm_seconds, first_prior, owed_seconds
 from strategies.summary import ClientOutcome
 from strategies.units import UnitLists, read_units, units_record
 
@@ -113,7 +112,7 @@ class FedSpine(FLoRA):
     increments = False  # a client's slot is its upload scattered to full shape: send all of G
     cappable = False
 
-    def __init__(self, *args, arm_policy: str = "bandit", time_weight: float = 0.1,
+    def __init__(self, *args, arm_policy: str = "bandit", time_weight: float = 1.0,
                  bandit: Mapping | None = None, prune: Mapping | None = None,
                  memory: Mapping | None = None, num_rounds: int = 1,
                  prune_at_end: bool = False, personal: bool = False,
@@ -201,18 +200,19 @@ class FedSpine(FLoRA):
         return set(first.values()).__contains__
 
     def prior_for(self, server_round: int, client: ClientIdentity) -> Callable[[Arm], float]:
-        """`client`'s unplayed arms' predicted reward (`strategies.spine_prior.path_prior`)."""
+        """`client`'s unplayed arms' predicted reward (`strategies.spine_prior`)."""
         bandit, seen = self.bank[client.name], self.seen.get(client.name)
         means = {a: s.mean for a, s in bandit.stats.items() if s.pulls}
         device, share = self.device_for(client), bandit.config.fixed_step_share
         ratio = functools.partial(self.train_ratio, server_round, client)
-        base = arm_prior(means, lambda arm: arm_seconds(seen, device, ratio(arm), arm.rank, share),
-                         seen.median_seconds, self.time_weight) if seen and means else None
         target, feasible = self.targets[device.name], self.feasible_for(client, bandit.arms,
                                                                         server_round)
         reachable = any(feasible(a) and ratio(a) >= target - TOLERANCE for a in bandit.arms)
-        return path_prior(base, lambda arm: reachable and ratio(arm) < target - TOLERANCE,
-                          self.time_weight)
+        short = lambda arm: reachable and ratio(arm) < target - TOLERANCE
+        if not (seen and means):
+            return first_prior(short, self.time_weight)
+        return arm_prior(means, lambda arm: arm_seconds(seen, device, ratio(arm), arm.rank, share),
+                         self.time_weight, owed_seconds(short, seen.median_seconds))
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
         """With `prune_at_end`, a device that cannot train the unpruned model (its memory

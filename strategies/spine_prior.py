@@ -19,27 +19,26 @@ with κ = `fixed_step_share`, the part of a training step pruning does not shrin
 embeddings, the LM head and the loss over the vocabulary: halving SmolLM2-135M's blocks made
 a step only 1.28× faster, so κ ≈ 0.56). Pruning also shrinks the factors of a pruned module;
 b' ignores that, so it errs towards the higher cost. The predicted reward keeps the gain
-part of what the device earned so far and changes only the time part of the reward:
+each played arm earned and rescales it to the arm's time, as the reward does (`bandit.reward`:
+gain per unit of time, λ its exponent):
 
-    prior(arm) = mean_j μ_j − λ · (T'(arm) − mean_j T'(j)) / M     (j: the played arms)
+    prior(arm) = mean_j per_time(μ_j, (T'(j) / (T'(arm) + O(arm)))^λ)    (j: the played arms)
 
-so a faster arm is predicted better by λ times the time it saves, in units of the median.
+so an arm twice as fast as a played one is predicted twice its reward (λ = 1).
 
 **The path's length.** An arm that leaves its device short of its final sparsity this round
 owes a later pruning round, and a pruning round costs more than a tuning round: the
 loading, Taylor scores, slices and probes come on top (measured, `runs/bench-fedspine-iter/
 20261204-seed0-6rounds`: a phone's second pruning round 220-228 s against its 92-119 s
-rounds of tuning alone, about one median round more). `path_prior` charges that now:
-
-    prior(arm) = base(arm) − λ · OWED_ROUNDS · [the arm stops short of the target]
-
-with base the prior above once the device has a measured round, 0 before; charged only
-when some feasible arm would reach the target this round (not before the last round of
-`prune_at_end`, nor when the target lies beyond every ratio the grid offers: then every
-arm owes the round and the charge would only hold back exploration). So a device's
-first round starts with an arm that reaches its target (the prune-once path, at the rank
-the grid offers first), and a shorter step is played only when its measured rewards beat
-that by more than the round it owes.
+rounds of tuning alone, about one median round more). O(arm) charges that now: OWED_ROUNDS
+median rounds M for an arm that stops short, 0 otherwise. Charged only when some feasible
+arm would reach the target this round (not before the last round of `prune_at_end`, nor
+when the target lies beyond every ratio the grid offers: then every arm owes the round and
+the charge would only hold back exploration). Before a device's first measured round there
+is no gain to rescale: `first_prior` scores an arm that stops short −λ · OWED_ROUNDS and
+the others 0, so a device starts on the prune-once path, at the largest rank its memory
+allows (`ClientBandit.select` breaks ties by rank), and a shorter step or a cheaper rank is
+played only when its predicted or measured reward is higher.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from strategies.bandit import Arm
+from strategies.bandit import Arm, per_time, speed
 from strategies.devices import DeviceProfile
 
 OWED_ROUNDS = 1.0  # a later pruning round costs about one median round more (docstring)
@@ -76,22 +75,26 @@ def arm_seconds(seen: Seen, device: DeviceProfile, ratio: float, rank: int,
                                      seen.bytes_down)
 
 
-def arm_prior(means: Mapping[Arm, float], seconds: Callable[[Arm], float],
-              median_seconds: float, time_weight: float) -> Callable[[Arm], float]:
-    """prior(arm) = mean of `means` − λ · (seconds(arm) − mean seconds of the played) / M."""
+def arm_prior(means: Mapping[Arm, float], seconds: Callable[[Arm], float], time_weight: float,
+              owed: Callable[[Arm], float] = lambda arm: 0.0) -> Callable[[Arm], float]:
+    """prior(arm) = mean_j per_time(μ_j, (seconds(j) / (seconds(arm) + owed(arm)))^λ) over
+    the played arms j of `means` (module docstring)."""
     if not means:
         raise ValueError("arm_prior: no played arm to start from")
-    mean = statistics.fmean(means.values())
-    played = statistics.fmean(seconds(a) for a in means)
-    scale = time_weight / max(median_seconds, 1e-8)
-    return lambda arm: mean - scale * (seconds(arm) - played)
 
-
-def path_prior(base: Callable[[Arm], float] | None, short: Callable[[Arm], bool],
-               time_weight: float) -> Callable[[Arm], float]:
-    """prior(arm) = base(arm) (0 without one) − λ · OWED_ROUNDS where short(arm): the arm
-    leaves its device short of its target this round (module docstring)."""
     def prior(arm: Arm) -> float:
-        owed = time_weight * OWED_ROUNDS if short(arm) else 0.0
-        return (base(arm) if base is not None else 0.0) - owed
+        cost = seconds(arm) + owed(arm)
+        return statistics.fmean(per_time(mean, speed(seconds(j), cost, time_weight))
+                                for j, mean in means.items())
     return prior
+
+
+def first_prior(short: Callable[[Arm], bool], time_weight: float) -> Callable[[Arm], float]:
+    """Before a measured round: −λ · OWED_ROUNDS where short(arm) (the arm leaves its device
+    short of its target this round), else 0 (module docstring)."""
+    return lambda arm: -time_weight * OWED_ROUNDS if short(arm) else 0.0
+
+
+def owed_seconds(short: Callable[[Arm], bool], median_seconds: float) -> Callable[[Arm], float]:
+    """O(arm): OWED_ROUNDS median rounds where short(arm), else 0 (module docstring)."""
+    return lambda arm: OWED_ROUNDS * median_seconds if short(arm) else 0.0

@@ -138,6 +138,18 @@ def test_with_a_prior_an_unplayed_arm_competes_instead_of_going_first():
     assert off.select(prior=prior) == b  # prior_pulls 0: the prior is not used
 
 
+def test_equal_scores_go_to_the_larger_rank():
+    bandit = ClientBandit(BanditConfig(prune_ratios=(0.0, 0.5), ranks=(4, 8, 16),
+                                       smoothing=0.0))
+    # nothing measured, one prior for all: the largest rank (grid order would give (0, 4))
+    assert bandit.select(prior=lambda arm: 0.0) == Arm(0.0, 16)
+    # the memory allows rank 8 at most, and ratio 0.5 is charged: (0.5, 8), not (0.5, 4)
+    assert bandit.select(lambda arm: arm.rank <= 8,
+                         lambda arm: 0.0 if arm.prune_ratio == 0.5 else -1.0) == Arm(0.5, 8)
+    # a higher score still wins over a larger rank
+    assert bandit.select(prior=lambda arm: 0.1 if arm.rank == 4 else 0.0) == Arm(0.0, 4)
+
+
 # ---------------------------------------------------------------------------------------
 # Feasibility
 
@@ -216,20 +228,42 @@ def test_bank_keeps_one_bandit_per_client_name_across_a_restart():
 
 
 def test_reward_matches_hand_arithmetic():
-    # improvement (2 − 1.5)/2 = 0.25; time 6 vs median 4: 0.5 slower; λ = 0.2 -> 0.25 − 0.1
-    assert reward(2.0, 1.5, 6.0, [2.0, 4.0, 6.0], 0.2) == pytest.approx(0.15)
-    # a median-time client is judged on its improvement alone; divergence is clipped at −1
+    # improvement (2 − 1.5)/2 = 0.25; time 6 vs median 4: speed (4/6)^1 -> 0.25 · 2/3
+    assert reward(2.0, 1.5, 6.0, [2.0, 4.0, 6.0], 1.0) == pytest.approx(0.25 * 2 / 3)
+    # λ = 0.5: speed sqrt(4/6); twice as fast as the median, λ = 1: 0.25 · 2
+    assert reward(2.0, 1.5, 6.0, [2.0, 4.0, 6.0], 0.5) == pytest.approx(0.25 * (2 / 3) ** 0.5)
+    assert reward(2.0, 1.5, 2.0, [2.0, 4.0, 6.0], 1.0) == pytest.approx(0.5)
+    # a loss that got worse is divided by the speed: slower is worse, faster less bad
+    assert reward(2.0, 2.5, 6.0, [2.0, 4.0, 6.0], 1.0) == pytest.approx(-0.25 * 1.5)
+    assert reward(2.0, 2.5, 2.0, [2.0, 4.0, 6.0], 1.0) == pytest.approx(-0.25 / 2)
+    # a median-time client is judged on its improvement alone; λ = 0 ignores time
     assert reward(2.0, 1.0, 4.0, [4.0], 5.0) == pytest.approx(0.5)
+    assert reward(2.0, 1.0, 40.0, [4.0], 0.0) == pytest.approx(0.5)
+    # clipped to [-1, 1]: divergence, a fast client's large gain, a zero time
     assert reward(1.0, 9.0, 4.0, [4.0], 0.0) == -1.0
+    assert reward(2.0, 1.0, 1.0, [4.0], 1.0) == 1.0
+    assert reward(2.0, 1.0, 0.0, [4.0], 300.0) == 1.0
+    assert reward(2.0, 2.0, 0.0, [4.0], 300.0) == 0.0
+    assert reward(2.0, 3.0, 0.0, [4.0], 1.0) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_time_penalty_scales_with_the_gain():
+    # the same 2x slowness costs a small gain as much, relatively, as a large one: the
+    # arm order at equal time never flips as every gain shrinks over a run
+    times = [2.0, 4.0, 8.0]
+    for gain_after in (1.9, 1.5, 1.0):
+        slow, median = reward(2.0, gain_after, 8.0, times, 1.0), reward(2.0, gain_after, 4.0,
+                                                                         times, 1.0)
+        assert slow == pytest.approx(median / 2)
 
 
 def test_reward_rises_with_loss_improvement_and_falls_with_relative_time():
     times = [3.0, 5.0, 8.0]
-    by_loss = [reward(2.0, after, 5.0, times, 0.3) for after in (2.4, 2.0, 1.8, 1.2, 0.5)]
-    by_time = [reward(2.0, 1.5, t, times, 0.3) for t in (1.0, 3.0, 5.0, 8.0, 20.0)]
-
+    by_loss = [reward(2.0, after, 5.0, times, 1.0) for after in (2.4, 2.0, 1.8, 1.2, 0.5)]
+    for gain_after in (1.5, 2.5):  # better or worse, slower is lower
+        by_time = [reward(2.0, gain_after, t, times, 0.3) for t in (1.0, 3.0, 5.0, 8.0, 20.0)]
+        assert by_time == sorted(by_time, reverse=True) and len(set(by_time)) == len(by_time)
     assert by_loss == sorted(by_loss) and len(set(by_loss)) == len(by_loss)
-    assert by_time == sorted(by_time, reverse=True) and len(set(by_time)) == len(by_time)
 
 
 @pytest.mark.parametrize(("args", "message"), [

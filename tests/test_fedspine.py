@@ -102,7 +102,7 @@ def test_bad_pruned_replies_are_rejected_and_the_round_goes_on(tamper, reason):
 
     log = strategy.round_log[1].clients
     assert reason in log["partition-0"].status and log["partition-1"].status == "ok"
-    assert log["partition-0"].extra["reward"] == pytest.approx(-1.1)  # failure: -1 - λ
+    assert log["partition-0"].extra["reward"] == pytest.approx(-2.0)  # failure: -1 - λ
     a, b = split_factors(arrays.to_torch_state_dict())[Q]
     dense = b @ a
     expected = torch.zeros(6, 5)
@@ -125,9 +125,10 @@ def test_rewards_follow_the_documented_formula():
     down0 = log["partition-0"].bytes_down - config_bytes(strategy.setup.to_config())
     bytes0 = log["partition-0"].bytes_up * 8 / 5e6 + down0 * 8 / 20e6
     assert t1 == pytest.approx(30.0 * 4 + bytes0)  # phone: 4x compute + its slow link
-    median = (t1 + t2) / 2
-    assert log["partition-0"].extra["reward"] == pytest.approx(0.1 - 0.5 * (t1 / median - 1))
-    assert log["partition-1"].extra["reward"] == pytest.approx(0.5 - 0.5 * (t2 / median - 1))
+    median = (t1 + t2) / 2  # gains (2 - 1.8) / 2 and (2 - 1) / 2, times speed^λ, λ = 0.5
+    assert log["partition-0"].extra["reward"] == pytest.approx(0.1 * (median / t1) ** 0.5)
+    assert 0.5 * (median / t2) ** 0.5 > 1.0  # the fast edge's reward is clipped at 1
+    assert log["partition-1"].extra["reward"] == 1.0
     bandit = strategy.bank["partition-1"]
     arm = strategy.arms["partition-1"][0]
     assert bandit.stats[arm].pulls == 1 and bandit.stats[arm].mean == pytest.approx(
@@ -317,16 +318,18 @@ def test_arms_that_train_alike_are_one_arm_and_unplayed_arms_get_a_prior():
     assert [a for a in grid if strategy.feasible_for(phone, grid)(a)] == [Arm(0.0, 2)]
     assert [a for a in grid if strategy.feasible_for(edge, grid)(a)] == [Arm(0.0, 2),
                                                                          Arm(0.0, 4)]
-    # the edge played (0, 2); rank 4 is predicted at its mean reward less λ times the time
-    # of uploading twice the bytes, in units of the round's median completion time
-    clients = strategy.round_log[1].clients
-    played = strategy.arms["partition-1"][0]
-    up = clients["partition-1"].bytes_up * 8 / (EDGE.up_mbps * 1e6)  # seconds at rank 2
-    median = (clients["partition-0"].completion_seconds
-              + clients["partition-1"].completion_seconds) / 2
-    expected = strategy.bank["partition-1"].stats[played].mean - 0.1 * (
-        up * (4 // played.rank - 1)) / median
-    assert strategy.prior_for(2, edge)(Arm(0.0, 4)) == pytest.approx(expected)
+    # the edge played (0, 4), the largest rank; rank 2 is predicted at (0, 4)'s mean reward
+    # times how much faster it would be (λ = 1): half the upload, same compute and download
+    edge_log, played = strategy.round_log[1].clients["partition-1"], strategy.arms["partition-1"][0]
+    assert played == Arm(0.0, 4)
+    up = edge_log.bytes_up * 8 / (EDGE.up_mbps * 1e6)  # seconds at rank 4
+    down = edge_log.bytes_down * 8 / (EDGE.down_mbps * 1e6)  # the run setup included
+    work = config_bytes(strategy.setup.to_config()) * 8 / (EDGE.down_mbps * 1e6)
+    assert edge_log.completion_seconds == pytest.approx(10.0 + up + down - work)
+    mean = strategy.bank["partition-1"].stats[played].mean
+    assert mean > 0
+    expected = mean * (10.0 + up + down) / (10.0 + up / 2 + down)
+    assert strategy.prior_for(2, edge)(Arm(0.0, 2)) == pytest.approx(expected)
     # nothing measured yet: the edge (target 0) owes nothing on any arm
     assert spine().prior_for(1, edge)(Arm(0.0, 4)) == 0.0
 
@@ -334,19 +337,21 @@ def test_arms_that_train_alike_are_one_arm_and_unplayed_arms_get_a_prior():
 def test_a_device_starts_on_the_path_that_reaches_its_target(monkeypatch):
     # the phone must end at 0.5; its budget alone needs 0.42 at rank 2. The grid's first arm
     # (0.0, r2) would train at 0.42 and owe a second pruning round: the prior charges it
-    # λ, so round 1 plays (0.5, r2), and the phone is at its target from round 1 on
+    # λ, so round 1 plays an arm at 0.5, with the largest rank that fits (100 + 1000·0.5 +
+    # 10·4 = 640 MB of 700), and the phone is at its target from round 1 on
     phone = dataclasses.replace(PHONE, sparsity=0.5)
     strategy = spine(devices=[phone, EDGE], num_rounds=5)
     chosen = play(strategy, 1)
-    assert chosen[0]["partition-0"] == (0.5, 2, 0.5)
-    assert chosen[0]["partition-1"] == (0.0, 2, 0.0)  # the edge's target is 0: grid order
+    assert chosen[0]["partition-0"] == (0.5, 4, 0.5)
+    assert chosen[0]["partition-1"] == (0.0, 4, 0.0)  # the edge's target is 0: largest rank
     # without a prior (prior_pulls 0) the grid's first arm: the old two-round path
     plain = spine(devices=[phone, EDGE], num_rounds=5, bandit={**BANDIT, "prior_pulls": 0})
     assert play(plain, 1)[0]["partition-0"] == (0.0, 2, pytest.approx(0.42, abs=0.01))
     # a target beyond the grid (0.6 > its top ratio 0.5): every arm owes the last round's
-    # pruning, so none is charged and the grid's first arm plays
+    # pruning, so none is charged and the largest rank plays at the least its memory needs
+    # (rank 4: 100 + 1000·(1 - p) + 40 <= 700, p = 0.44)
     beyond = spine(devices=[dataclasses.replace(PHONE, sparsity=0.6), EDGE], num_rounds=5)
-    assert play(beyond, 1)[0]["partition-0"] == (0.0, 2, pytest.approx(0.42, abs=0.01))
+    assert play(beyond, 1)[0]["partition-0"] == (0.0, 4, pytest.approx(0.44, abs=0.01))
     phone_id, unplayed = beyond.arms["partition-0"][1], Arm(0.5, 2)
     charged = beyond.prior_for(2, phone_id)(unplayed)
     monkeypatch.setattr(spine_prior, "OWED_ROUNDS", 0.0)

@@ -7,7 +7,14 @@ import pytest
 
 from strategies.bandit import Arm
 from strategies.devices import DeviceProfile
-from strategies.spine_prior import OWED_ROUNDS, Seen, arm_prior, arm_seconds, path_prior
+from strategies.spine_prior import (
+    OWED_ROUNDS,
+    Seen,
+    arm_prior,
+    arm_seconds,
+    first_prior,
+    owed_seconds,
+)
 
 # 8 Mbit/s up, 80 Mbit/s down: 1 MB up takes 1 s, 1 MB down 0.1 s
 DEVICE = DeviceProfile("phone", slowdown=2.0, up_mbps=8.0, down_mbps=80.0)
@@ -30,24 +37,36 @@ def test_round_time_scales_compute_by_the_pruned_share_and_bytes_by_rank():
         2 * 7.5 * 0.875 / 0.75 + 1.1)
 
 
-def test_prior_keeps_the_mean_reward_and_charges_the_time_difference():
+def test_prior_keeps_each_played_gain_and_rescales_it_to_the_arms_time():
     a, b, c = Arm(0.0, 4), Arm(0.0, 8), Arm(0.5, 4)
     seconds = {a: 20.0, b: 30.0, c: 10.0}.get
 
-    prior = arm_prior({a: 0.4, b: 0.2}, seconds, median_seconds=20.0, time_weight=0.1)
+    prior = arm_prior({a: 0.4, b: 0.2}, seconds, time_weight=1.0)
 
-    # mean reward 0.3, mean time of the played 25 s; λ / M = 0.005 per second
-    assert prior(c) == pytest.approx(0.3 - 0.005 * (10.0 - 25.0))
-    assert prior(a) == pytest.approx(0.3 + 0.005 * 5.0)
+    # c is 2x as fast as a and 3x as fast as b: mean(0.4·2, 0.2·3)
+    assert prior(c) == pytest.approx((0.8 + 0.6) / 2)
+    assert prior(a) == pytest.approx((0.4 + 0.2 * 1.5) / 2)
+    # λ = 0.5: square roots of the speeds; λ = 0: the mean gain, time ignored
+    assert arm_prior({a: 0.4, b: 0.2}, seconds, 0.5)(c) == pytest.approx(
+        (0.4 * 2 ** 0.5 + 0.2 * 3 ** 0.5) / 2)
+    assert arm_prior({a: 0.4, b: 0.2}, seconds, 0.0)(c) == pytest.approx(0.3)
+    # a negative mean is divided by the speed: a faster arm is still predicted better
+    assert arm_prior({a: -0.4}, seconds, 1.0)(c) == pytest.approx(-0.2)
+    assert arm_prior({a: -0.4}, seconds, 1.0)(b) == pytest.approx(-0.6)
     with pytest.raises(ValueError, match="no played arm"):
-        arm_prior({}, seconds, 20.0, 0.1)
+        arm_prior({}, seconds, 1.0)
 
 
-def test_path_prior_charges_an_arm_that_stops_short_one_owed_round():
+def test_an_arm_that_stops_short_is_charged_the_round_it_owes():
     a, b = Arm(0.25, 4), Arm(0.5, 4)
     short = {a: True, b: False}.get
-    first = path_prior(None, short, time_weight=0.1)  # nothing measured: 0 or -λ
     assert OWED_ROUNDS == 1.0
-    assert first(a) == pytest.approx(-0.1) and first(b) == 0.0
-    later = path_prior({a: 0.3, b: 0.2}.get, short, time_weight=0.1)
-    assert later(a) == pytest.approx(0.2) and later(b) == pytest.approx(0.2)
+    # nothing measured: -λ for the arm that stops short, 0 for the one that reaches
+    first = first_prior(short, time_weight=1.0)
+    assert first(a) == pytest.approx(-1.0) and first(b) == 0.0
+    # measured: its time gets one median round (20 s) more: a 10 s arm predicted as 30 s
+    owed = owed_seconds(short, median_seconds=20.0)
+    assert owed(a) == 20.0 and owed(b) == 0.0
+    seconds = {a: 10.0, b: 10.0}.get
+    later = arm_prior({b: 0.3}, seconds, 1.0, owed)
+    assert later(b) == pytest.approx(0.3) and later(a) == pytest.approx(0.3 * 10 / 30)
