@@ -59,7 +59,7 @@ from omegaconf import OmegaConf
 
 from fedapp.server.report import read_metrics
 from fedapp.tools.submit import flower_env, run_submit
-from strategies.bandit import estimated_memory_mb
+from strategies.spine_memory import estimated_memory_mb
 
 METHODS = {
     "fedspine": "strategy=fedspine",

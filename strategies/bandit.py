@@ -62,9 +62,8 @@ to outweigh it and push devices to the cheapest arm (the phones' rewards in roun
 `runs/bench-fedspine-path/20261205-001557` were all time penalty). Clipping keeps one
 diverging client from dominating the smoothed mean.
 
-**Memory.** `estimated_memory_mb` = base·(1 − ratio) + lora_mb_per_rank·rank + activations;
-`memory_feasible(budget, ...)` turns it into the predicate that keeps arms within a device's
-memory budget.
+**Memory.** Which arms a device can hold is `strategies.spine_memory`'s estimate, passed to
+`select` as the `feasible` predicate.
 """
 
 from __future__ import annotations
@@ -209,45 +208,6 @@ def reward(loss_before: float, loss_after: float, time_k: float, round_times: It
     improvement = min(1.0, max(-1.0, improvement))
     faster = speed(statistics.median(times), time_k, time_weight)
     return min(1.0, max(-1.0, per_time(improvement, faster)))
-
-
-def estimated_memory_mb(prune_ratio: float, rank: int, base_mb: float, lora_mb_per_rank: float,
-                        activation_mb: float) -> float:
-    """Peak training memory of a client for one arm: base·(1 − ratio) + lora·rank + activations.
-
-    base_mb: the (quantised) frozen model; structured pruning removes that share of it.
-    lora_mb_per_rank: adapter weights + gradients + optimiser moments per unit of rank.
-    activation_mb: what pruning does not shrink: activations at the training batch size (the
-    hidden size, which dominates them, is not pruned), and in FedSpine's use (`fixed_mb`) also
-    the runtime, the embeddings / LM head and the logits.
-    """
-    Arm(prune_ratio, rank)  # validates both
-    for name, value in (("base_mb", base_mb), ("lora_mb_per_rank", lora_mb_per_rank),
-                        ("activation_mb", activation_mb)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"estimated_memory_mb: {name}={value!r}; allowed: finite, >= 0")
-    return base_mb * (1.0 - prune_ratio) + lora_mb_per_rank * rank + activation_mb
-
-
-def memory_feasible(budget_mb: float, base_mb: float, lora_mb_per_rank: float,
-                    activation_mb: float) -> Feasible:
-    """The predicate "this arm fits in `budget_mb`" for a device, to pass to `select`."""
-    def fits(arm: Arm) -> bool:
-        return estimated_memory_mb(arm.prune_ratio, arm.rank, base_mb, lora_mb_per_rank,
-                                   activation_mb) <= budget_mb
-    return fits
-
-
-def needed_prune_ratio(budget_mb: float, rank: int, base_mb: float, lora_mb_per_rank: float,
-                       activation_mb: float) -> float:
-    """The least prune ratio at which `estimated_memory_mb` with `rank` fits `budget_mb`
-    (0 when the unpruned model fits; math.inf when no ratio below 1 does)."""
-    room = budget_mb - activation_mb - lora_mb_per_rank * rank
-    if room >= base_mb:
-        return 0.0
-    if room <= 0:
-        return math.inf
-    return 1.0 - room / base_mb
 
 
 class ClientBandit:

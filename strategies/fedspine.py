@@ -40,7 +40,7 @@ round's last pruning slice: an arm is rewarded for what its training repaired an
 T its completion time (`completion-seconds`: compute × its device's slow-down + bytes over
 its links), λ = `time_weight`. No valid reply earns −1 − λ, below every valid reward.
 
-The memory a client would need for an arm is `bandit.estimated_memory_mb` with this
+The memory a client would need for an arm is `spine_memory.estimated_memory_mb` with this
 strategy's `memory` coefficients (fixed_mb: runtime, embeddings and activations; base_mb:
 the prunable attention / MLP weights and what scales with them; lora_mb_per_rank), at the
 ratio it trains at; a device's first pruning round still loads the unpruned 4-bit model.
@@ -69,7 +69,6 @@ from strategies.bandit import (
     BanditBank,
     ClientBandit,
     Feasible,
-    needed_prune_ratio,
     reward,
 )
 from strategies.base import ClientIdentity
@@ -99,6 +98,7 @@ from strategies.spine_config import (
     memory_model,
     prune_template,
 )
+from strategies.spine_memory import needed_prune_ratio
 from strategies.spine_prior import Seen, arm_prior, arm_seconds, first_prior, owed_seconds
 from strategies.summary import ClientOutcome
 from strategies.units import UnitLists, read_units, units_record

@@ -15,10 +15,9 @@ from strategies.bandit import (
     BanditBank,
     BanditConfig,
     ClientBandit,
-    estimated_memory_mb,
-    memory_feasible,
     reward,
 )
+from strategies.spine_memory import estimated_memory_mb, memory_feasible
 
 BEST = Arm(0.25, 8)
 

@@ -13,13 +13,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedapp.config import compose_config
 from fedapp.server.loop import run_rounds
 from strategies import spine_prior
-from strategies.bandit import Arm, estimated_memory_mb
+from strategies.bandit import Arm
 from strategies.base import config_bytes
 from strategies.devices import DeviceProfile, device_profiles
 from strategies.fedspine import FedSpine
 from strategies.flora import FLoRA
 from strategies.lora_math import LORA_A, LORA_B, join_factors, split_factors
 from strategies.protocol import KEPT_IN, KEPT_OUT, PruneOrder, TrainOrder
+from strategies.spine_memory import estimated_memory_mb
 from tests.test_strategies import SETUP, FakeGrid, task_identity  # noqa: F401
 
 MODULES = {"base_model.model.layer.q_proj": (6, 5), "base_model.model.layer.v_proj": (3, 5)}
