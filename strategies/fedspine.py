@@ -19,17 +19,16 @@ target are never played.
 stable name) picks an arm (prune ratio, rank) among the feasible ones (one of each set that
 trains alike, `feasible_for`), unplayed arms scored by a predicted reward
 (`strategies.spine_prior`: a cost model, and the pruning round an arm owes when it stops
-short of the target); the order says the
-ratio to reach and the ratio reached, and the message carries the device's structure
-(`protocol.UNITS`, kept by the server: a device keeps nothing between rounds). The client
-rebuilds that structure from the base, prunes on to the round's ratio, tunes a LoRA of that
-rank beside the frozen global update G (`fedapp.client`), and replies with its factors at
-the pruned shapes, the rows / columns they cover and the structure it reached (checked by
-`strategies.units`: only ever a subset of what it had). The server scatters the factors to
-full shape (zeros at pruned units, `strategies.scatter`) and FLoRA-stacks them into G, which
-stays unpruned. Each device's deployed model is its structure + G cut to it
-(`deployments()`, exported by the ServerApp). Then each bandit learns its arm's reward
-(`bandit.reward`), its gain per unit of time:
+short of the target); the order says the ratio to reach and the ratio reached, and the
+message carries the device's structure (`protocol.UNITS`, kept by the server: a device keeps
+nothing between rounds) and the frozen global update G cut to it. The client rebuilds that
+structure from the base, prunes on to the round's ratio, tunes a LoRA of that rank beside G
+(`fedapp.client`), and replies with its factors at the pruned shapes, the rows / columns they
+cover and the structure it reached (checked by `strategies.units`: only ever a subset of
+what it had). The server scatters the factors to full shape (zeros at pruned units,
+`strategies.scatter`) and FLoRA-stacks them into G, which stays unpruned. Each device's
+deployed model is its structure + G cut to it (`deployments()`, exported by the ServerApp).
+Then each bandit learns its arm's reward (`bandit.reward`), its gain per unit of time:
 
     reward_k = clip(g · (median_j T_j / T_k)^λ, −1, 1),  g = clip((L_before − L_after) / L_before, ±1)
 
@@ -64,13 +63,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from strategies.bandit import (
-    Arm,
-    BanditBank,
-    ClientBandit,
-    Feasible,
-    reward,
-)
+from strategies.bandit import Arm, BanditBank, ClientBandit, Feasible, reward
 from strategies.base import ClientIdentity
 from strategies.devices import DeviceProfile
 from strategies.flora import FLoRA
@@ -83,14 +76,9 @@ from strategies.lora_math import (
     split_factors,
     truncate_factors,
 )
-from strategies.protocol import (
-    METRICS,
-    NO_SETUP,
-    UNITS,
-    TrainOrder,
-)
+from strategies.protocol import METRICS, NO_SETUP, UNITS, TrainOrder
 from strategies.replies import RejectedReply, parse_reply
-from strategies.scatter import pruned_shapes, read_kept, scatter_factors
+from strategies.scatter import Kept, pruned_shapes, read_kept, scatter_factors, slice_factors
 from strategies.spine_config import (
     REWARD_FROM,
     bandit_config,
@@ -109,7 +97,7 @@ class FedSpine(FLoRA):
     supports_dp = False
     prunes = True
     picks_ranks = True  # each client's bandit picks its rank
-    increments = False  # a client's slot is its upload scattered to full shape: send all of G
+    increments = False  # a client's slot is its upload scattered to full shape: send G cut
     cappable = False
 
     def __init__(self, *args, arm_policy: str = "bandit", time_weight: float = 1.0,
@@ -133,7 +121,8 @@ class FedSpine(FLoRA):
         self.units: dict[str, UnitLists] = {}  # per client name: the structure it reached
         self.reached: dict[str, float] = {}  # ... and its prune ratio
         self.device_class: dict[str, str] = {}  # ... and its device class
-        self.pending: dict[int, tuple[UnitLists, LoraUpdate]] = {}  # id(order) -> reply's
+        self.kept: dict[str, Kept] = {}  # ... and its layers' kept rows / columns (downlink)
+        self.pending: dict[int, tuple[UnitLists, Kept, LoraUpdate]] = {}  # id(order) -> reply's
         # what each device holds after its last accepted round: G as sent to it (wire dtype)
         # with its own update stacked beside it at full weight
         self.held: dict[str, Factors] = {}
@@ -252,11 +241,12 @@ class FedSpine(FLoRA):
 
     def client_state(self, client: ClientIdentity,
                      state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """G, and with `personal` its residual P_k stacked beside it: the frozen adapter the
-        device trains beside (exactly G + P_k)."""
-        if not self.personal or client.name not in self.residual:
-            return state
-        return join_factors(append_factors(split_factors(state), self.residual[client.name]))
+        """G (+ its residual P_k beside it, with `personal`), cut to the rows / columns the
+        device's layers kept (the device would only slice the rest off; `slice_global`)."""
+        factors = split_factors(state)
+        if self.personal and client.name in self.residual:
+            factors = append_factors(factors, self.residual[client.name])
+        return join_factors(slice_factors(factors, self.kept.get(client.name, {})))
 
     def keep_residual(self, name: str, update: LoraUpdate, share: float) -> None:
         """P_k ← P_k + (1 − p_k) s U, re-compressed to `rank_budget` (G holds p_k s U)."""
@@ -289,7 +279,7 @@ class FedSpine(FLoRA):
         except ValueError as err:
             raise RejectedReply(str(err)) from None
         scattered = LoraUpdate(factors, update.scaling, update.weight)
-        self.pending[id(order)] = (units, scattered)
+        self.pending[id(order)] = (units, kept, scattered)
         return scattered
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -306,12 +296,12 @@ class FedSpine(FLoRA):
         says nothing about its arm: its bandit is not updated."""
         ok = {n: c for n, c in clients.items() if n in self.arms and c.ok}
         times = [c.completion_seconds or 0.0 for c in ok.values()]
-        total = sum(self.pending[id(self.arms[n][2])][1].weight for n in ok) or 1.0
+        total = sum(self.pending[id(self.arms[n][2])][2].weight for n in ok) or 1.0
         for name, (arm, client, order) in sorted(self.arms.items()):
             outcome = clients.setdefault(name, ClientOutcome())
             value = -1.0 - self.time_weight
             if name in ok:
-                self.units[name], update = self.pending[id(order)]
+                self.units[name], self.kept[name], update = self.pending[id(order)]
                 wire = getattr(torch, self.setup.wire_dtype)
                 sent = append_factors(self.sent_global, self.residual.get(name, {})) \
                     if self.personal else self.sent_global
@@ -367,6 +357,7 @@ class FedSpine(FLoRA):
         return {**super().state_dict(), "bandits": self.bank.state_dict(),
                 "units": {n: {k: list(v) for k, v in u.items()} for n, u in self.units.items()},
                 "reached": dict(self.reached), "device_class": dict(self.device_class),
+                "kept": dict(self.kept),
                 "held": {n: dict(f) for n, f in self.held.items()},
                 "residual": {n: dict(f) for n, f in self.residual.items()},
                 "sent_global": dict(self.sent_global),
@@ -380,6 +371,7 @@ class FedSpine(FLoRA):
                       for n, u in state.get("units", {}).items()}
         self.reached = {n: float(r) for n, r in state.get("reached", {}).items()}
         self.device_class = dict(state.get("device_class", {}))
+        self.kept = dict(state.get("kept", {}))  # absent from an older checkpoint: send all of G
         self.held = {n: dict(f) for n, f in state.get("held", {}).items()}
         self.residual = {n: dict(f) for n, f in state.get("residual", {}).items()}
         self.sent_global = dict(state.get("sent_global", {}))

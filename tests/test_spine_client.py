@@ -19,7 +19,7 @@ from fedapp.llm.data import collate
 from fedapp.llm.model import cached_base, load_base
 from fedapp.pruning.surgery import PrunePlan, iterative_prune, parameter_count, prune_model
 from fedapp.pruning.units import apply_units
-from strategies.lora_math import LORA_A, LORA_B, split_factors
+from strategies.lora_math import LORA_A, LORA_B, join_factors, split_factors
 from strategies.protocol import KEPT_IN, KEPT_OUT, PruneOrder, RunSetup, TrainOrder
 from strategies.scatter import slice_factors
 
@@ -100,6 +100,26 @@ def test_slice_global_cuts_g_to_a_reused_copy_and_leaves_dropped_blocks_out(tiny
         assert torch.equal(cut[key][0], a[:, cols]) and torch.equal(cut[key][1], b[rows]), key
     assert cut[PEFT_PREFIX + "model.layers.0.self_attn.q_proj"][1].shape == (32, 3)
     assert pruned.slice_global({}, result) == {}
+
+
+def test_slice_global_takes_g_already_cut_by_the_server(tiny_model_dir):
+    """FedSpine's server cuts G with the kept indices of the device's last reply; the client,
+    rebuilt to that structure, must end up with the very factors it would cut from all of G."""
+    base = load_base(str(tiny_model_dir), "none", "cpu")
+    g = random_global(peft_shapes(base, (*ATTENTION, "gate_proj")))
+    result = prune_model(base, PrunePlan(kv_groups={0: [1]}, channels={1: [0, 3]},
+                                         blocks=[(1, "self_attn")]))
+    reply = pruned.kept_arrays(result, list(split_factors(g)))
+    kept = {k: (reply[k + KEPT_OUT], reply[k + KEPT_IN]) for k in split_factors(g)
+            if k + KEPT_OUT in reply}
+    sent = join_factors(slice_factors(split_factors(g), kept))
+
+    from_cut, from_whole = pruned.slice_global(sent, result), pruned.slice_global(g, result)
+
+    assert sum(v.numel() for v in sent.values()) < sum(v.numel() for v in g.values())
+    assert from_cut.keys() == from_whole.keys()
+    for key in from_whole:
+        assert torch.equal(from_cut[key], from_whole[key]), key
 
 
 def test_pruned_round_replies_factors_that_match_its_kept_indices(tiny_model_dir):

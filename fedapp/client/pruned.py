@@ -72,12 +72,22 @@ def in_dropped(key: str, result: PruneResult) -> bool:
 def slice_global(state: Mapping[str, torch.Tensor],
                  result: PruneResult) -> dict[str, torch.Tensor]:
     """The global update G cut to a pruned copy's layers: (B[kept_out]) @ (A[:, kept_in]) =
-    G[kept_out][:, kept_in]; modules inside dropped blocks left out."""
+    G[kept_out][:, kept_in]; modules inside dropped blocks left out.
+
+    G may come whole or already cut to the structure the copy was rebuilt to (FedSpine's
+    server cuts it to what the device kept): a side whose size already equals its kept
+    count is taken as it is (a whole side is larger unless nothing of it was pruned, and
+    then the cut is the identity); a side of any other size is cut, or refused by
+    `slice_factors` when its indices do not fit."""
     if not state:
         return {}
     factors = {k: v for k, v in split_factors(state).items() if not in_dropped(k, result)}
-    kept = {PEFT_PREFIX + name: (k.out_idx, k.in_idx) for name, k in result.kept.items()
-            if PEFT_PREFIX + name in factors}
+    kept = {}
+    for name, k in result.kept.items():
+        if (key := PEFT_PREFIX + name) in factors:
+            a, b = factors[key]
+            kept[key] = (None if b.shape[0] == k.out_idx.numel() else k.out_idx,
+                         None if a.shape[1] == k.in_idx.numel() else k.in_idx)
     return join_factors(slice_factors(factors, kept))
 
 
