@@ -123,8 +123,8 @@ class FedSpine(FLoRA):
         self.device_class: dict[str, str] = {}  # ... and its device class
         self.kept: dict[str, Kept] = {}  # ... and its layers' kept rows / columns (downlink)
         self.pending: dict[int, tuple[UnitLists, Kept, LoraUpdate]] = {}  # id(order) -> reply's
-        # what each device holds after its last accepted round: G as sent to it (wire dtype)
-        # with its own update stacked beside it at full weight
+        # what each device holds after its last accepted round: G of that round (full shape,
+        # wire dtype; it was sent cut to the device's structure) + its own update beside it
         self.held: dict[str, Factors] = {}
         self.sent_global: Factors = {}
         self.residual: dict[str, Factors] = {}  # `personal`: P_k per device
@@ -337,8 +337,8 @@ class FedSpine(FLoRA):
 
     def deployments(self) -> dict[str, dict]:
         """Per device that trained: its class, target and reached sparsity, structure, and
-        the adapter it holds (`held`: G as sent in its last round + its own update, the model
-        it ended that round with; absent from an older checkpoint: then G). Its deployed
+        the adapter it holds (`held`: G of its last round, full shape in the wire dtype, + its own
+        update: the model it ended that round with; absent from an older checkpoint: then G). Its deployed
         model is the base pruned to `units` with that adapter cut to it."""
         out = {}
         for name, device in sorted(self.device_class.items()):

@@ -51,7 +51,7 @@ def test_every_device_reaches_its_target_by_the_last_round_and_only_prunes_furth
     held = split_factors(phone.pop("held"))
     assert phone == {
         "device": "phone", "target": 0.5, "reached": 0.5, "units": {"0.mlp": list(range(7))}}
-    # what the phone holds: G as sent in round 3 (fp16 on the wire) + its own update of
+    # what the phone holds: G of round 3 (fp16 on the wire) + its own update of
     # round 3 at full weight (scaling 2), rows 0-2 of q_proj (kept_reply) scattered
     own, _ = kept_reply(messages[0], [0, 1, 2], 2, 3)
     own_state = own.content["arrays"].to_torch_state_dict()

@@ -77,8 +77,8 @@ def slice_global(state: Mapping[str, torch.Tensor],
     G may come whole or already cut to the structure the copy was rebuilt to (FedSpine's
     server cuts it to what the device kept): a side whose size already equals its kept
     count is taken as it is (a whole side is larger unless nothing of it was pruned, and
-    then the cut is the identity); a side of any other size is cut, or refused by
-    `slice_factors` when its indices do not fit."""
+    then the cut is the identity); a side of any other size is cut by its kept indices
+    (`slice_factors` refuses indices past the side's end or repeated)."""
     if not state:
         return {}
     factors = {k: v for k, v in split_factors(state).items() if not in_dropped(k, result)}
