@@ -35,3 +35,25 @@ def test_the_downlink_is_g_cut_to_the_rows_and_columns_the_device_kept(personal)
             assert torch.equal(got, want.to(got.dtype))  # in the wire dtype
         assert second[node].content["arrays"].count_bytes() < ArrayRecord(
             join_factors(whole)).count_bytes()
+
+
+@pytest.mark.parametrize("drop_kept", [False, True])
+def test_a_resumed_run_cuts_g_as_before_and_an_older_checkpoint_sends_all_of_it(drop_kept):
+    strategy = spine(num_rounds=3)
+    messages, ranks = first_round(strategy)
+    arrays, _ = strategy.aggregate_train(1, [kept_reply(messages[11], [0, 2, 5], ranks[11],
+                                                        seed=1)[0]])
+    state = strategy.state_dict()
+    if drop_kept:  # a checkpoint written before the cut downlink
+        del state["kept"]
+    resumed = spine(num_rounds=3)
+    resumed.load_state(state, arrays)
+
+    message = next(m for m in resumed.configure_train(2, arrays, ConfigRecord(),
+                                                      FakeGrid({11: 0, 12: 1}))
+                   if m.metadata.dst_node_id == 11)
+    g = split_factors(arrays.to_torch_state_dict())
+    sent = split_factors(message.content["arrays"].to_torch_state_dict())
+    rows = slice(None) if drop_kept else [0, 2, 5]
+    assert torch.equal(sent[Q][1], g[Q][1][rows].to(sent[Q][1].dtype))
+    assert torch.equal(sent[V][1], g[V][1].to(sent[V][1].dtype))
