@@ -173,18 +173,21 @@ class FedSpine(FLoRA):
                      server_round: int = 0) -> Feasible:
         """Arms of `arms` whose rank fits the device at a ratio it may train at (up to its
         target; 0 before the last round with `prune_at_end`), and of arms that train alike
-        there (the same rank, the same ratio once capped at that limit and raised to what
-        the rank needs) only the first in grid order: the edge of a run whose target is 0
-        has as many arms as ranks, not ratios × ranks."""
+        there (the same rank, the same ratio once raised to what the rank needs and to what
+        the device reached, capped at that limit) only the first in grid order: the edge of
+        a run whose target is 0, or a device at its target, has as many arms as ranks, not
+        ratios × ranks."""
         device = self.device_for(client)
         limit = self.targets[device.name]
         if self.prune_at_end and server_round < self.final_round:
             limit = 0.0
+        reached = self.reached.get(client.name, 0.0)
         first: dict[tuple[float, int], Arm] = {}
         for arm in arms:
             need = self.need(device, arm.rank)
             if need <= limit + TOLERANCE:
-                alike = (round(min(limit, max(arm.prune_ratio, need)), 6), arm.rank)
+                ratio = min(limit, max(reached, arm.prune_ratio, need))
+                alike = (round(ratio, 6), arm.rank)
                 first.setdefault(alike, arm)
         return set(first.values()).__contains__
 
