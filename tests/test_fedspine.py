@@ -14,7 +14,7 @@ from fedapp.config import compose_config
 from fedapp.server.loop import run_rounds
 from strategies import spine_prior
 from strategies.bandit import Arm
-from strategies.base import ClientIdentity, config_bytes
+from strategies.base import config_bytes
 from strategies.devices import DeviceProfile, device_profiles
 from strategies.fedspine import FedSpine
 from strategies.flora import FLoRA
@@ -305,24 +305,6 @@ def test_a_discarded_attempt_leaves_no_trace_in_the_stack_or_the_bandits(persona
         assert held.keys() == want.keys()
         for key in held:
             torch.testing.assert_close(held[key], want[key])
-
-
-def test_once_a_device_stands_at_its_target_its_arms_differ_only_by_rank():
-    # Prepare: an edge whose target is 0.25: before round 1 its ratios 0 and 0.25 (0.5 is
-    # capped to 0.25) train differently; round 1 takes it to its target
-    strategy = spine(devices=[PHONE, dataclasses.replace(EDGE, sparsity=0.25)])
-    edge = ClientIdentity("partition-1", 1)
-    grid = strategy.bank["partition-1"].arms
-    assert [a for a in grid if strategy.feasible_for(edge, grid)(a)] == [
-        Arm(0.0, 2), Arm(0.0, 4), Arm(0.25, 2), Arm(0.25, 4)]
-
-    play(strategy, 1)
-
-    # Assert: every ratio now trains at 0.25, so one arm per rank is left
-    assert strategy.reached["partition-1"] == 0.25
-    grid = strategy.bank["partition-1"].arms
-    assert [a for a in grid if strategy.feasible_for(edge, grid)(a)] == [Arm(0.0, 2),
-                                                                         Arm(0.0, 4)]
 
 
 def test_arms_that_train_alike_are_one_arm_and_unplayed_arms_get_a_prior():
