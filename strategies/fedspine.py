@@ -340,9 +340,10 @@ class FedSpine(FLoRA):
 
     def deployments(self) -> dict[str, dict]:
         """Per device that trained: its class, target and reached sparsity, structure, and
-        the adapter it holds (`held`: G of its last round, full shape in the wire dtype, + its own
-        update: the model it ended that round with; absent from an older checkpoint: then G). Its deployed
-        model is the base pruned to `units` with that adapter cut to it."""
+        the adapter it holds (`held`: G of its last round, full shape in the wire dtype, +
+        its own update: the model it ended that round with; absent from an older checkpoint:
+        then G). Its deployed model is the base pruned to `units` with that adapter cut to
+        it."""
         out = {}
         for name, device in sorted(self.device_class.items()):
             out[name] = {"device": device, "target": self.targets[device],

@@ -4,13 +4,14 @@ one call.
 A device's model is the base pruned to the structure it reached (`fedapp.pruning.units`:
 slicing only; 4-bit MLP channels go in whole quantisation blocks, so the kept weights keep
 their 4-bit codes) with the adapter it holds cut to its kept units: the global update G of
-its last round (in the wire dtype; it was sent cut to the same structure) with its own update
-of that round stacked beside it at full weight (what the device ended the round with; checkpoints keep it, so a resumed run too). The final G cut
-to it is evaluated beside (`global-eval-loss`, ...). Every layer keeps
-the same shapes, so the folder holds a stock config (`num_key_value_heads`,
-`num_attention_heads`, `head_dim`, `intermediate_size` changed), the 4-bit weights as
-bitsandbytes serialises them and the tokenizer; G is a standard peft LoRA in `adapter/`,
-whose config names the model folder (its absolute path at export):
+its last round (in the wire dtype; it was sent cut to the same structure) with its own
+update of that round stacked beside it at full weight (what the device ended the round
+with; checkpoints keep it, so a resumed run too). The final G cut to it is evaluated
+beside (`global-eval-loss`, ...). Every layer keeps the same shapes, so the folder holds a
+stock config (`num_key_value_heads`, `num_attention_heads`, `head_dim`, `intermediate_size`
+changed), the 4-bit weights as bitsandbytes serialises them and the tokenizer; G is a
+standard peft LoRA in `adapter/`, whose config names the model folder (its absolute path at
+export):
 
     model = AutoPeftModelForCausalLM.from_pretrained("<run>/devices/<client>/adapter")
 
