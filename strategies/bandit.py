@@ -47,20 +47,8 @@ device's target ties, and the largest rank its memory allows learns the most per
 cheaper rank plays when its predicted or measured reward is higher). An
 infeasible arm is never returned; with no feasible arm it raises ValueError.
 
-**Reward.** `reward()` is the quality gain per unit of completion time, both as seen by
-the server:
-
-    g = clip((L_before − L_after) / max(|L_before|, ε), −1, 1),   s = (median_j T_j / T_k)^λ
-    reward = clip(per_time(g, s), −1, 1),   per_time(g, s) = g · s if g >= 0 else g / s
-
-the relative loss improvement of the client's local training, scaled by its speed against
-the round's median client (λ = `time_weight`: 1 is gain per median-time; 0 ignores time).
-A faster arm is better whatever the sign of g (a loss that got worse is charged more when
-it took longer). The time part scales with the gain: as every device's improvement shrinks
-over a run, a fixed additive time penalty (the form before, g − λ(T_k/M − 1)) would come
-to outweigh it and push devices to the cheapest arm (the phones' rewards in rounds 4-6 of
-`runs/bench-fedspine-path/20261205-001557` were all time penalty). Clipping keeps one
-diverging client from dominating the smoothed mean.
+**Reward.** What an arm earned is `strategies.spine_reward`'s: its gain per unit of time,
+optionally relative to its round.
 
 **Memory.** Which arms a device can hold is `strategies.spine_memory`'s estimate, passed to
 `select` as the `feasible` predicate.
@@ -69,12 +57,10 @@ diverging client from dominating the smoothed mean.
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 Feasible = Callable[["Arm"], bool]
-EPSILON = 1e-8
 
 
 @dataclass(frozen=True)
@@ -163,51 +149,6 @@ class BanditConfig:
     @classmethod
     def from_dict(cls, data: Mapping) -> BanditConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-def speed(reference: float, seconds: float, time_weight: float) -> float:
-    """(reference / seconds)^λ: how much faster than `reference` a client taking `seconds` is,
-    to the power λ (inf where that overflows)."""
-    try:
-        return (max(reference, EPSILON) / max(seconds, EPSILON)) ** time_weight
-    except OverflowError:
-        return math.inf
-
-
-def per_time(gain: float, speed: float) -> float:
-    """gain · speed for a gain >= 0, gain / speed otherwise: the faster (speed > 1), the
-    better, whatever the sign."""
-    if gain == 0:
-        return 0.0
-    return gain * speed if gain > 0 else gain / speed
-
-
-def reward(loss_before: float, loss_after: float, time_k: float, round_times: Iterable[float],
-           time_weight: float) -> float:
-    """clip(per_time(g, (median(T) / T_k)^λ), −1, 1), g = clip(ΔL / |L_before|, −1, 1).
-
-    Args:
-        loss_before, loss_after: the client's loss before and after its local round (FedSpine:
-            on a fixed probe batch of its own data).
-        time_k: the client's completion time this round (compute × slow-down + transfer).
-        round_times: completion times of every client of the round, this one included.
-        time_weight: λ >= 0, the exponent of the speed: 1 = gain per median-time, 0 = gain.
-    """
-    times = [float(x) for x in round_times]
-    for name, value in (("loss_before", loss_before), ("loss_after", loss_after)):
-        if not math.isfinite(value):
-            raise ValueError(f"reward: {name}={value!r}; allowed: a finite loss")
-    if not (math.isfinite(time_k) and time_k >= 0):
-        raise ValueError(f"reward: time_k={time_k!r}; allowed: a finite time >= 0")
-    if not times or not all(math.isfinite(x) and x >= 0 for x in times):
-        raise ValueError(f"reward: round_times={times}; allowed: a non-empty list of finite "
-                         f"times >= 0")
-    if not (math.isfinite(time_weight) and time_weight >= 0):
-        raise ValueError(f"reward: time_weight={time_weight!r}; allowed: a finite λ >= 0")
-    improvement = (loss_before - loss_after) / max(abs(loss_before), EPSILON)
-    improvement = min(1.0, max(-1.0, improvement))
-    faster = speed(statistics.median(times), time_k, time_weight)
-    return min(1.0, max(-1.0, per_time(improvement, faster)))
 
 
 class ClientBandit:

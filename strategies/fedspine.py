@@ -28,7 +28,7 @@ cover and the structure it reached (checked by `strategies.units`: only ever a s
 what it had). The server scatters the factors to full shape (zeros at pruned units,
 `strategies.scatter`) and FLoRA-stacks them into G, which stays unpruned. Each device's
 deployed model is its structure + G cut to it (`deployments()`, exported by the ServerApp).
-Then each bandit learns its arm's reward (`bandit.reward`), its gain per unit of time:
+Then each bandit learns its arm's reward (`spine_reward.reward`), its gain per unit of time:
 
     reward_k = clip(g · (median_j T_j / T_k)^λ, −1, 1),  g = clip((L_before − L_after) / L_before, ±1)
 
@@ -37,7 +37,7 @@ of the model it started from (its structure + G), L_after of its pruned, tuned m
 this round's pruning damage is charged (`reward_from: pruned`: L_before just after the
 round's last pruning slice: an arm is rewarded for what its training repaired and learned);
 T its completion time (`completion-seconds`: compute × its device's slow-down + bytes over
-its links), λ = `time_weight`. No valid reply earns −1 − λ, below every valid reward.
+its links), λ = `time_weight`; `reward_scale: round` divides it by the round's median |g|.
 
 The memory a client would need for an arm is `spine_memory.estimated_memory_mb` with this
 strategy's `memory` coefficients (fixed_mb: runtime, embeddings and activations; base_mb:
@@ -63,7 +63,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from strategies.bandit import Arm, BanditBank, ClientBandit, Feasible, reward
+from strategies.bandit import Arm, BanditBank, ClientBandit, Feasible
 from strategies.base import ClientIdentity
 from strategies.devices import DeviceProfile
 from strategies.flora import FLoRA
@@ -88,6 +88,7 @@ from strategies.spine_config import (
 )
 from strategies.spine_memory import needed_prune_ratio
 from strategies.spine_prior import Seen, arm_prior, arm_seconds, first_prior, owed_seconds
+from strategies.spine_reward import failed_reward, round_rewards
 from strategies.summary import ClientOutcome
 from strategies.units import UnitLists, read_units, units_record
 
@@ -104,10 +105,12 @@ class FedSpine(FLoRA):
                  bandit: Mapping | None = None, prune: Mapping | None = None,
                  memory: Mapping | None = None, num_rounds: int = 1,
                  prune_at_end: bool = False, personal: bool = False,
-                 reward_from: str = "start", **kwargs) -> None:
+                 reward_from: str = "start", reward_scale: str = "round", **kwargs) -> None:
         super().__init__(*args, ranks=None, **kwargs)  # the bandits pick every client's rank
-        check_options(arm_policy, time_weight, num_rounds, prune_at_end, personal, reward_from)
+        check_options(arm_policy, time_weight, num_rounds, prune_at_end, personal, reward_from,
+                      reward_scale)
         self.before_key = REWARD_FROM[reward_from]  # the reward's L_before metric
+        self.relative = reward_scale == "round"  # rewards / the round's median gain
         self.personal = personal  # each device keeps its own residual P_k beside G
         self.arm_policy, self.time_weight = arm_policy, float(time_weight)
         self.prune_at_end = prune_at_end  # federate, then prune in the last round
@@ -299,10 +302,13 @@ class FedSpine(FLoRA):
         says nothing about its arm: its bandit is not updated."""
         ok = {n: c for n, c in clients.items() if n in self.arms and c.ok}
         times = [c.completion_seconds or 0.0 for c in ok.values()]
+        rewards = round_rewards({n: (c.metrics[self.before_key], c.metrics["loss-after"],
+                                     c.completion_seconds or 0.0) for n, c in ok.items()},
+                                self.time_weight, self.relative)
         total = sum(self.pending[id(self.arms[n][2])][2].weight for n in ok) or 1.0
         for name, (arm, client, order) in sorted(self.arms.items()):
             outcome = clients.setdefault(name, ClientOutcome())
-            value = -1.0 - self.time_weight
+            value = rewards.get(name, failed_reward(self.time_weight, self.relative))
             if name in ok:
                 self.units[name], self.kept[name], update = self.pending[id(order)]
                 wire = getattr(torch, self.setup.wire_dtype)
@@ -319,8 +325,6 @@ class FedSpine(FLoRA):
                     outcome.bytes_up or 0, arm.rank, outcome.bytes_down,
                     statistics.median(times))
                 self.device_class[name] = self.device_for(client).name
-                value = reward(outcome.metrics[self.before_key], outcome.metrics["loss-after"],
-                               outcome.completion_seconds or 0.0, times, self.time_weight)
             lost_setup = NO_SETUP in outcome.status
             outcome.extra.update({"arm-prune-ratio": arm.prune_ratio, "arm-rank": arm.rank,
                                   "train-ratio": order.prune.ratio if order.prune else 0.0,

@@ -13,6 +13,7 @@ from strategies.protocol import PruneOrder
 POLICIES = ("bandit", "random")
 # strategy.reward_from -> the client metric the reward's L_before is read from
 REWARD_FROM = {"start": "loss-before", "pruned": "loss-pruned"}
+REWARD_SCALES = ("round", "none")  # strategy.reward_scale: / the round's median gain, or not
 PRUNE_KEYS = ("criterion", "slices", "tune_steps", "calibration")
 MEMORY_KEYS = ("fixed_mb", "base_mb", "lora_mb_per_rank")
 
@@ -55,7 +56,7 @@ def memory_model(memory: Mapping | None) -> dict[str, float]:
 
 
 def check_options(arm_policy: str, time_weight: float, num_rounds: int, prune_at_end: bool,
-                  personal: bool, reward_from: str) -> None:
+                  personal: bool, reward_from: str, reward_scale: str = "round") -> None:
     """FedSpine's scalar options, each refused by name with what is allowed."""
     if arm_policy not in POLICIES:
         raise ValueError(f"strategy.arm_policy={arm_policy!r}; allowed: {list(POLICIES)}")
@@ -72,3 +73,6 @@ def check_options(arm_policy: str, time_weight: float, num_rounds: int, prune_at
     if reward_from not in REWARD_FROM:
         raise ValueError(f"strategy.reward_from={reward_from!r}; allowed: "
                          f"{list(REWARD_FROM)}")
+    if reward_scale not in REWARD_SCALES:
+        raise ValueError(f"strategy.reward_scale={reward_scale!r}; allowed: "
+                         f"{list(REWARD_SCALES)}")

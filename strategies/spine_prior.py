@@ -19,7 +19,7 @@ with κ = `fixed_step_share`, the part of a training step pruning does not shrin
 embeddings, the LM head and the loss over the vocabulary: halving SmolLM2-135M's blocks made
 a step only 1.28× faster, so κ ≈ 0.56). Pruning also shrinks the factors of a pruned module;
 b' ignores that, so it errs towards the higher cost. The predicted reward keeps the gain
-each played arm earned and rescales it to the arm's time, as the reward does (`bandit.reward`:
+each played arm earned and rescales it to the arm's time, as the reward does (`spine_reward.reward`:
 gain per unit of time, λ its exponent):
 
     prior(arm) = mean_j per_time(μ_j, (T'(j) / (T'(arm) + O(arm)))^λ)    (j: the played arms)
@@ -47,8 +47,9 @@ import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from strategies.bandit import Arm, per_time, speed
+from strategies.bandit import Arm
 from strategies.devices import DeviceProfile
+from strategies.spine_reward import per_time, speed
 
 OWED_ROUNDS = 1.0  # a later pruning round costs about one median round more (docstring)
 

@@ -15,9 +15,9 @@ from strategies.bandit import (
     BanditBank,
     BanditConfig,
     ClientBandit,
-    reward,
 )
 from strategies.spine_memory import estimated_memory_mb, memory_feasible
+from strategies.spine_reward import reward
 
 BEST = Arm(0.25, 8)
 

@@ -34,7 +34,8 @@ EDGE = DeviceProfile("edge", slowdown=1.0, memory_mb=5000.0, up_mbps=100.0, down
 
 def spine(**kwargs) -> FedSpine:
     args = {"local_steps": 1, "alpha_ratio": 2.0, "min_available_nodes": 2, "memory": MEMORY,
-            "bandit": BANDIT, "devices": [PHONE, EDGE], "prune": {"slices": 1}, **kwargs}
+            "bandit": BANDIT, "devices": [PHONE, EDGE], "prune": {"slices": 1},
+            "reward_scale": "none", **kwargs}  # rewards as measured (round: test_spine_reward)
     return FedSpine(SETUP, MODULES, **args)
 
 
