@@ -206,8 +206,8 @@ class FedSpine(FLoRA):
         short = lambda arm: reachable and ratio(arm) < target - TOLERANCE
         if not (seen and means):
             return first_prior(short, self.time_weight)
-        return arm_prior(means, lambda arm: arm_seconds(seen, device, ratio(arm), arm.rank, share),
-                         self.time_weight, owed_seconds(short, seen.median_seconds))
+        seconds = lambda arm, rank: arm_seconds(seen, device, ratio(arm), rank, share)
+        return arm_prior(means, seconds, self.time_weight, owed_seconds(short, seen.median_seconds))
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
         """With `prune_at_end`, a device that cannot train the unpruned model (its memory

@@ -19,12 +19,20 @@ with κ = `fixed_step_share`, the part of a training step pruning does not shrin
 embeddings, the LM head and the loss over the vocabulary: halving SmolLM2-135M's blocks made
 a step only 1.28× faster, so κ ≈ 0.56). Pruning also shrinks the factors of a pruned module;
 b' ignores that, so it errs towards the higher cost. The predicted reward keeps the gain
-each played arm earned and rescales it to the arm's time, as the reward does (`spine_reward.reward`:
-gain per unit of time, λ its exponent):
+each played arm earned and rescales it to the arm's time, as the reward does
+(`spine_reward.reward`: gain per unit of time, λ its exponent), both times at the played
+arm's rank:
 
-    prior(arm) = mean_j per_time(μ_j, (T'(j) / (T'(arm) + O(arm)))^λ)    (j: the played arms)
+    prior(arm) = mean_j per_time(μ_j, (T'(j) / (T'(arm @ rank_j) + O(arm)))^λ)   (j: played)
 
-so an arm twice as fast as a played one is predicted twice its reward (λ = 1).
+so an arm whose ratio makes it twice as fast as a played one is predicted twice its reward
+(λ = 1). **Rank is neutral.** The cost model knows what a rank costs (its upload) but not
+what it earns (a larger adapter learns more per step), so rescaling a played gain by the
+rank's time alone predicted every smaller rank better than the rank it was measured at: each
+arm `refine` added below a played rank was then played for its prediction, a ratchet to the
+smallest ranks (the phones of `runs/bench-fedspine-long/20261205-113720` seed 1: r16 → r4 →
+r3, r6). An unplayed rank at a played arm's ratio is predicted that arm's mean; whether the
+cheaper rank is worth it is what its own pulls measure.
 
 **The path's length.** An arm that leaves its device short of its final sparsity this round
 owes a later pruning round, and a pruning round costs more than a tuning round: the
@@ -76,17 +84,19 @@ def arm_seconds(seen: Seen, device: DeviceProfile, ratio: float, rank: int,
                                      seen.bytes_down)
 
 
-def arm_prior(means: Mapping[Arm, float], seconds: Callable[[Arm], float], time_weight: float,
-              owed: Callable[[Arm], float] = lambda arm: 0.0) -> Callable[[Arm], float]:
-    """prior(arm) = mean_j per_time(μ_j, (seconds(j) / (seconds(arm) + owed(arm)))^λ) over
-    the played arms j of `means` (module docstring)."""
+def arm_prior(means: Mapping[Arm, float], seconds: Callable[[Arm, int], float],
+              time_weight: float, owed: Callable[[Arm], float] = lambda arm: 0.0
+              ) -> Callable[[Arm], float]:
+    """prior(arm) = mean_j per_time(μ_j, (seconds(j, r_j) / (seconds(arm, r_j) + owed(arm)))^λ)
+    over the played arms j of `means`; seconds(arm, rank) is the arm's round time were it
+    to train at `rank` (module docstring: rank is neutral)."""
     if not means:
         raise ValueError("arm_prior: no played arm to start from")
 
     def prior(arm: Arm) -> float:
-        cost = seconds(arm) + owed(arm)
-        return statistics.fmean(per_time(mean, speed(seconds(j), cost, time_weight))
-                                for j, mean in means.items())
+        return statistics.fmean(
+            per_time(mean, speed(seconds(j, j.rank), seconds(arm, j.rank) + owed(arm),
+                                 time_weight)) for j, mean in means.items())
     return prior
 
 
