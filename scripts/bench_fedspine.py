@@ -66,12 +66,14 @@ METHODS = {
     "fedspine-repair": "strategy=fedspine strategy.reward_from=pruned",
     "random-arms": "strategy=fedspine strategy.arm_policy=random",
     "fixed-arms": "strategy=fedspine strategy.bandit.prune_ratios=[0.0] "
-                  "strategy.bandit.ranks=[8]",
+                  "strategy.bandit.ranks=[8] strategy.bandit.max_arms=1",
     "prune-once": "strategy=fedspine strategy.bandit.prune_ratios=[0.75] "
-                  "strategy.bandit.ranks=[8]",
+                  "strategy.bandit.ranks=[8] strategy.bandit.max_arms=1",
     "federate-then-prune": "strategy=fedspine strategy.prune_at_end=true "
-                           "strategy.bandit.ranks=[8]",
+                           "strategy.bandit.ranks=[8] strategy.bandit.max_arms=3",
 }
+# max_arms = the grid's size: the fixed baselines' bandits must not refine around rank 8
+# (before it, prune-once's grid grew to ranks 4-12 and it trained at rank 6 from round 4)
 LOSS = "deployed-eval-loss-mean"
 SPINES = ("fedspine", "fedspine-repair")  # the FedSpine variants; the first present is the reference
 
