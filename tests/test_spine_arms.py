@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
-from strategies.bandit import Arm
+from omegaconf import OmegaConf
+
+from fedapp.config import compose_config
+from strategies.bandit import Arm, BanditConfig, ClientBandit
 from strategies.base import ClientIdentity
+from strategies.spine_config import bandit_config
 from tests.test_fedspine import EDGE, PHONE, play, spine
 from tests.test_strategies import task_identity  # noqa: F401
 
@@ -26,3 +32,24 @@ def test_once_a_device_stands_at_its_target_its_arms_differ_only_by_rank():
     grid = strategy.bank["partition-1"].arms
     assert [a for a in grid if strategy.feasible_for(edge, grid)(a)] == [Arm(0.0, 2),
                                                                          Arm(0.0, 4)]
+
+
+def test_the_benchs_fixed_baselines_never_grow_their_grid():
+    # bench_fedspine's prune-once / fixed-arms / federate-then-prune train rank 8 throughout:
+    # their bandits' grids are full, so refine adds nothing however often rank 8 wins
+    spec = importlib.util.spec_from_file_location(
+        "bench_fedspine", Path(__file__).resolve().parents[1] / "scripts" / "bench_fedspine.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for method in ("prune-once", "fixed-arms", "federate-then-prune"):
+        cfg = compose_config(f"scenario=phones_laptops_edge {bench.METHODS[method]}")
+        bandit = ClientBandit(bandit_config(OmegaConf.to_container(cfg.strategy.bandit)))
+        for _ in range(10):
+            bandit.update(bandit.select(), 0.5)
+            assert bandit.refine() == []
+        assert {a.rank for a in bandit.arms} == {8}, method
+    # the bandit's own grid does grow: without the cap, rank 8 gets neighbours
+    grown = ClientBandit(BanditConfig(prune_ratios=(0.75,), ranks=(8,)))
+    for _ in range(3):
+        grown.update(Arm(0.75, 8), 0.5)
+    assert {a.rank for a in grown.refine()} - {8}
