@@ -7,6 +7,7 @@ gradients. `load_base` applies the fix; these tests pin it.
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
@@ -18,9 +19,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 def lora_grads(model_dir, eval_first: bool, patch: bool) -> dict[str, torch.Tensor]:
     base = load_base(str(model_dir), "nf4", "cpu")
-    if not patch:  # undo the fix to show what it protects against
+    if not patch:  # undo the fix to show what it protects against: bitsandbytes' own
+        # forward (ScratchLinear4bit never repacks, but falls back to it off CPU or for
+        # weights it cannot decode), with its repack switched back on
+        plain = bnb.nn.Linear4bit
         for module in base.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
+            if isinstance(module, plain):
+                module.__class__ = plain
                 module.support_avx512bf16_for_cpu = True
     torch.manual_seed(0)
     ids = torch.randint(0, 1024, (2, 16))
