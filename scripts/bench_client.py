@@ -8,7 +8,8 @@
    Variants: 4-bit NF4 and full precision (`model.quantization=none`), each with and
    without the memory-over-speed options ("lean": gradient checkpointing, release_memory,
    fp32_compute), and each of those alone; 4-bit with the token embedding / output head in
-   NF4 too (`nf4-embeddings`, "nf4-emb"), with and without; 4-bit with the plain loss (what
+   NF4 too (`nf4-embeddings`, "nf4-emb"), with and without, and with checkpointing alone or
+   checkpointing + release_memory in bf16 (both precisions); 4-bit with the plain loss (what
    the chunked loss saves); 4-bit pruned to FedSpine's
    ratio 0.5 (what pruning buys); a first run (nothing prepared: the partition and the 4-bit
    copy are made by helper processes) and the client quantising in its own process; a
@@ -48,6 +49,11 @@ VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release
     "none lean": ("none", "ckpt pin fp32"),
     "nf4-emb lean": ("nf4-embeddings", "ckpt pin fp32"),
     "nf4-emb": ("nf4-embeddings", ""),
+    # lean without fp32_compute: where bf16 matmuls are fast (AVX512-BF16 / AMX CPUs)
+    "nf4-emb ckpt+release": ("nf4-embeddings", "ckpt pin"),
+    "none ckpt+release": ("none", "ckpt pin"),
+    "nf4-emb+ckpt": ("nf4-embeddings", "ckpt"),  # checkpointing alone, bf16 where fast
+    "none+ckpt": ("none", "ckpt"),
     "nf4+ckpt": ("nf4", "ckpt"),
     "nf4+release": ("nf4", "pin"),
     "nf4+fp32": ("nf4", "fp32"),
@@ -210,6 +216,8 @@ def print_ratios(rows: dict[str, dict]) -> None:
     print("  (peak: the larger of the load and training peaks; loss: the mean training loss "
           "of the timed steps, same batches, a's minus b's)")
     for a, b in (("nf4", "none"), ("nf4 lean", "none lean"), ("nf4-emb lean", "none lean"),
+                 ("nf4-emb ckpt+release", "none ckpt+release"), ("nf4-emb+ckpt", "none"),
+                 ("nf4-emb+ckpt", "none+ckpt"),
                  ("nf4-emb", "none"), ("nf4-emb", "nf4"), ("nf4-emb lean", "nf4 lean"),
                  ("nf4 lean", "none"), ("nf4+ckpt", "nf4"), ("nf4+release", "nf4"),
                  ("nf4+fp32", "nf4"),
