@@ -202,37 +202,54 @@ def report(out_dir: Path) -> str:
              "|---" * (1 + len(next(iter(figures.values())))) + "|"]
     for method, figs in figures.items():
         lines.append(f"| {method} | " + " | ".join(spread(v) for v in figs.values()) + " |")
-    lines += ["", (f"Ratios to {ref} (a method's mean / {ref}'s mean; for seconds to a "
-              f"target > 1 means {ref} got there sooner):"), ""]
-    base = {k: statistics.mean(v) if all(map(math.isfinite, v)) else math.inf
-            for k, v in figures[ref].items()}
-    for method, figs in figures.items():
+    lines += ["", (f"Ratios to {ref} (a method's mean / {ref}'s mean over the seeds both ran; "
+              f"for seconds to a target > 1 means {ref} got there sooner):"), ""]
+
+    def mean(values: list[float]) -> float:
+        return statistics.mean(values) if all(map(math.isfinite, values)) else math.inf
+    for method in figures:
         if method == ref:
             continue
-        ratios = []
+        common = sorted(runs[method].keys() & runs[ref].keys())
+        if not common:
+            lines.append(f"- {method}: no seed in common with {ref}")
+            continue
+        figs = method_figures({s: runs[method][s] for s in common}, targets)
+        base = {k: mean(v) for k, v in method_figures(
+            {s: runs[ref][s] for s in common}, targets).items()}
+        ratios = [f"seeds {common}"]
         for key in ("to worst final", "to 95% of best", "final mean loss", "final worst loss"):
-            mine = statistics.mean(figs[key]) if all(map(math.isfinite, figs[key])) else math.inf
+            mine = mean(figs[key])
             if math.isfinite(mine) and math.isfinite(base[key]):
                 ratios.append(f"{key} {mine / base[key]:.2f}x")
             else:  # a ratio to (or of) a target never reached would read 0.00x or inf
                 ratios.append(f"{key} n/a ({ref if math.isfinite(mine) else method} never "
                               "reached it)")
         lines.append(f"- {method}: " + ", ".join(ratios))
-    lines += ["", ("Training memory per device class (first seed): the largest estimate "
-              "(strategy.memory at the arm's rank) while loading and pruning (the structure "
-              "a round starts from: unpruned in a device's first round) and while training "
-              "(after pruning), against the class's budget, and the largest peak RSS a "
-              "client process reported (in simulation a process also holds other clients' "
-              "cached copies, so it is an upper bound):"), ""]
+    lines += ["", "Per seed:", "", ("| seed | method | to worst final | final mean loss | "
+              "final worst loss | MB on the wire | sim s total |"), "|---" * 7 + "|"]
+    for seed in seeds:
+        for method, by_seed in runs.items():
+            if seed in by_seed:
+                f = method_figures({seed: by_seed[seed]}, targets)
+                lines.append(f"| {seed} | {method} | " + " | ".join(spread(f[k]) for k in (
+                    "to worst final", "final mean loss", "final worst loss", "MB on the wire",
+                    "sim s total")) + " |")
+    lines += ["", ("Training memory per device class (each method's first seed): the "
+              "largest estimate (strategy.memory at the arm's rank) while loading and pruning "
+              "(the structure a round starts from: unpruned in a device's first round) and "
+              "while training (after pruning), against the class's budget, and the largest "
+              "peak RSS a client process reported (in simulation a process also holds other "
+              "clients' cached copies, so it is an upper bound):"), ""]
     for method, by_seed in runs.items():
         lines.append(f"- {method}: " + "; ".join(
             f"{c} load/prune {load:.0f}, train {train:.0f} / budget {budget:g} MB, process "
             f"peak {rss:.0f} MiB"
-            for c, (load, train, budget, rss) in memory_by_class(by_seed[seeds[0]]).items()))
-    lines += ["", ("Per device (first seed): class, target and reached sparsity, deployed loss, "
-              "parameters kept:"), ""]
+            for c, (load, train, budget, rss) in memory_by_class(by_seed[min(by_seed)]).items()))
+    lines += ["", ("Per device (each method's first seed): class, target and reached sparsity, "
+              "deployed loss, parameters kept:"), ""]
     for method, by_seed in runs.items():
-        devices = by_seed[seeds[0]]["devices"]
+        devices = by_seed[min(by_seed)]["devices"]
         lines.append(f"- {method}: " + "; ".join(
             f"{n} {d['device']} {d['target']:.2f}/{d['reached']:.2f} loss {d['eval-loss']:.3f} "
             f"params {d['params-ratio']:.3f}" for n, d in devices.items()))
