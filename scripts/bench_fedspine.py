@@ -106,6 +106,12 @@ def at_target(run: dict) -> list[dict]:
     return out
 
 
+def measured_sparsity(run: dict, name: str) -> float:
+    """The sparsity `name`'s model had after its last successful round (client-measured)."""
+    return next((row["clients"][name]["sparsity"] for row in reversed(run["rows"])
+                 if row.get("clients", {}).get(name, {}).get("status") == "ok"), math.nan)
+
+
 def time_to(rows: list[dict], target: float) -> float:
     """Simulated seconds at the first of `rows` whose mean deployed loss is <= target."""
     return next((r["sim-seconds"] for r in rows if r[LOSS] <= target + 1e-6), math.inf)
@@ -246,13 +252,16 @@ def report(out_dir: Path) -> str:
             f"{c} load/prune {load:.0f}, train {train:.0f} / budget {budget:g} MB, process "
             f"peak {rss:.0f} MiB"
             for c, (load, train, budget, rss) in memory_by_class(by_seed[min(by_seed)]).items()))
-    lines += ["", ("Per device (each method's first seed): class, target and reached sparsity, "
-              "deployed loss, parameters kept:"), ""]
+    lines += ["", ("Per device (each method's first seed): class, target and reached sparsity "
+              "(the orders' ratio), the sparsity measured on the model (pruned prunable "
+              "parameters, whole KV groups and MLP channel groups), deployed loss, parameters "
+              "kept:"), ""]
     for method, by_seed in runs.items():
-        devices = by_seed[min(by_seed)]["devices"]
+        run = by_seed[min(by_seed)]
         lines.append(f"- {method}: " + "; ".join(
-            f"{n} {d['device']} {d['target']:.2f}/{d['reached']:.2f} loss {d['eval-loss']:.3f} "
-            f"params {d['params-ratio']:.3f}" for n, d in devices.items()))
+            f"{n} {d['device']} {d['target']:.2f}/{d['reached']:.2f} measured "
+            f"{measured_sparsity(run, n):.3f} loss {d['eval-loss']:.3f} "
+            f"params {d['params-ratio']:.3f}" for n, d in run["devices"].items()))
     plot(runs, out_dir)
     return "\n".join(lines) + "\n"
 

@@ -33,3 +33,6 @@ def test_a_baseline_with_one_seed_is_compared_on_that_seed_alone(tmp_path):
     assert "seeds [0]" in line and "to worst final 1.14x" in line
     assert "| 1 | fedspine-repair |" in text and "| 1 | prune-once |" not in text
     assert (tmp_path / "deployed_loss.png").exists()
+    # the sparsity a device's model measured (prune-once's phone after round 1: 0.5104 in
+    # its metrics.jsonl), beside the orders' 0.50
+    assert "partition-0 phone 0.50/0.50 measured 0.510" in text
