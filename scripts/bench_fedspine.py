@@ -251,8 +251,7 @@ def report(out_dir: Path) -> str:
                 f = method_figures({seed: by_seed[seed]}, targets)
                 lines.append(f"| {seed} | {method} | " + " | ".join(spread(f[k]) for k in (
                     "to worst final", "to 95% of best", "final mean loss", "final worst loss",
-                    "MB on the wire",
-                    "sim s total")) + " |")
+                    "MB on the wire", "sim s total")) + " |")
     lines += ["", ("Training memory per device class (each method's first seed): the "
               "largest estimate (strategy.memory at the arm's rank) while loading and pruning "
               "(the structure a round starts from: unpruned in a device's first round) and "

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "bench-fedspine-relative" / "combined"  # committed: 15 rounds x 2 seeds
 
 
-def bench():
+def bench_fedspine():
+    """scripts/bench_fedspine.py as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location("bench_fedspine",
                                                   ROOT / "scripts" / "bench_fedspine.py")
     module = importlib.util.module_from_spec(spec)
@@ -24,7 +25,7 @@ def bench():
 def test_a_baseline_with_one_seed_is_compared_on_that_seed_alone(tmp_path):
     for run in ("fedspine-repair-seed0", "fedspine-repair-seed1", "prune-once-seed0"):
         shutil.copytree(RUNS / run, tmp_path / run)
-    text = bench().report(tmp_path)
+    text = bench_fedspine().report(tmp_path)
     # the worst final mean is prune-once's seed 0 (5.2772): it reaches it in its last round
     # (1146.5 simulated s), FedSpine's seed 0 in round 12 (1004.0 s), its seed 1 only in
     # round 15 (1216.9 s). Over seed 0 alone: 1146.5 / 1004.0 = 1.14x; a mean over

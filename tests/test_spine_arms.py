@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -12,6 +10,7 @@ from fedapp.config import compose_config
 from strategies.bandit import Arm, BanditConfig, ClientBandit
 from strategies.base import ClientIdentity
 from strategies.spine_config import bandit_config
+from tests.test_bench_fedspine import bench_fedspine
 from tests.test_fedspine import EDGE, PHONE, play, spine
 from tests.test_strategies import task_identity  # noqa: F401
 
@@ -37,12 +36,9 @@ def test_once_a_device_stands_at_its_target_its_arms_differ_only_by_rank():
 def test_the_benchs_fixed_baselines_never_grow_their_grid():
     # bench_fedspine's prune-once / fixed-arms / federate-then-prune train rank 8 throughout:
     # their bandits' grids are full, so refine adds nothing however often rank 8 wins
-    spec = importlib.util.spec_from_file_location(
-        "bench_fedspine", Path(__file__).resolve().parents[1] / "scripts" / "bench_fedspine.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    methods = bench_fedspine().METHODS
     for method in ("prune-once", "fixed-arms", "federate-then-prune"):
-        cfg = compose_config(f"scenario=phones_laptops_edge {bench.METHODS[method]}")
+        cfg = compose_config(f"scenario=phones_laptops_edge {methods[method]}")
         bandit = ClientBandit(bandit_config(OmegaConf.to_container(cfg.strategy.bandit)))
         for _ in range(10):
             bandit.update(bandit.select(), 0.5)
