@@ -17,6 +17,7 @@ from fedapp.client.round import run_round
 from fedapp.client.selection import selection_metrics
 from fedapp.client.zeroth import zo_round
 from strategies.flora import receive_global
+from strategies.global_version import GlobalVersion
 from strategies.protocol import (
     ARRAYS,
     CONFIG,
@@ -27,7 +28,6 @@ from strategies.protocol import (
     NO_SETUP,
     SETUP,
     UNITS,
-    GlobalVersion,
     RunSetup,
     TrainOrder,
 )

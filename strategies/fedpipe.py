@@ -35,6 +35,7 @@ from flwr.common.logger import log
 from strategies.base import ClientIdentity
 from strategies.devices import DeviceProfile
 from strategies.flora import FLoRA, RoundSlots
+from strategies.global_version import Increment
 from strategies.lora_math import (
     Factors,
     LoraUpdate,
@@ -55,7 +56,7 @@ from strategies.pipe_math import (
     window,
     window_depth,
 )
-from strategies.protocol import ARRAYS, Increment, PipeOrder, TrainOrder
+from strategies.protocol import ARRAYS, PipeOrder, TrainOrder
 from strategies.replies import expected_shapes, read_arrays, reply_weight
 from strategies.summary import ClientOutcome
 

@@ -12,8 +12,9 @@ A device prunes only further, never back; the ratio it trains at in round t is
 
 with `reached` the ratio of its structure so far and need(r) the least ratio at which the
 arm's rank fits its memory budget. So every device reaches its target in the last round at
-the latest; the arm's ratio only says how early. Arms whose rank fits at no ratio up to the
-target are never played.
+the latest, at the shapes one step to it gives (the order names the target; no step prunes
+past it, `fedapp.pruning.surgery.plan_pruning`); the arm's ratio only says how early.
+Arms whose rank fits at no ratio up to the target are never played.
 
 **Rounds.** For each selected device its bandit (`strategies.bandit`, keyed by the client's
 stable name) picks an arm (prune ratio, rank) among the feasible ones (one of each set that
@@ -241,7 +242,8 @@ class FedSpine(FLoRA):
         arm = self.choose_arm(server_round, client)
         ratio = self.train_ratio(server_round, client, arm)
         order = self.make_order(server_round, arm.rank, prune=dataclasses.replace(
-            self.prune, ratio=ratio, reached=min(ratio, self.reached.get(client.name, 0.0))))
+            self.prune, ratio=ratio, reached=min(ratio, self.reached.get(client.name, 0.0)),
+            target=self.targets[self.device_for(client).name]))
         self.arms[client.name] = (arm, client, order)
         return order
 
@@ -344,10 +346,9 @@ class FedSpine(FLoRA):
 
     def deployments(self) -> dict[str, dict]:
         """Per device that trained: its class, target and reached sparsity, structure, and
-        the adapter it holds (`held`: G of its last round, full shape in the wire dtype, +
-        its own update: the model it ended that round with; absent from an older checkpoint:
-        then G). Its deployed model is the base pruned to `units` with that adapter cut to
-        it."""
+        the adapter it holds (`held`: G of its last round, full shape in the wire dtype, + its
+        own update, the model it ended that round with; absent from an older checkpoint: G).
+        Its deployed model is the base pruned to `units` with that adapter cut to it."""
         out = {}
         for name, device in sorted(self.device_class.items()):
             out[name] = {"device": device, "target": self.targets[device],
@@ -365,8 +366,7 @@ class FedSpine(FLoRA):
         return {**super().state_dict(), "bandits": self.bank.state_dict(),
                 "units": {n: {k: list(v) for k, v in u.items()} for n, u in self.units.items()},
                 "reached": dict(self.reached), "device_class": dict(self.device_class),
-                "kept": dict(self.kept),
-                "held": {n: dict(f) for n, f in self.held.items()},
+                "kept": dict(self.kept), "held": {n: dict(f) for n, f in self.held.items()},
                 "residual": {n: dict(f) for n, f in self.residual.items()},
                 "sent_global": dict(self.sent_global),
                 "seen": {n: dataclasses.asdict(v) for n, v in self.seen.items()}}

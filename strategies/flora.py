@@ -41,6 +41,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from strategies.base import ClientIdentity, LoraStrategy, config_bytes
 from strategies.downlink_math import correction, correction_rank, lag, per_rank_bytes
 from strategies.dp import make_accountant, private_aggregate, spend
+from strategies.global_version import Correction, GlobalVersion, Increment
 from strategies.lora_math import (
     Factors,
     LoraUpdate,
@@ -56,7 +57,7 @@ from strategies.lora_math import (
     wire_stack,
 )
 from strategies.pipe_math import decode_slots, slots_delta
-from strategies.protocol import NO_GLOBAL, Correction, GlobalVersion, Increment, TrainOrder
+from strategies.protocol import NO_GLOBAL, TrainOrder
 from strategies.summary import ClientOutcome
 
 

@@ -75,7 +75,7 @@ def test_the_import_probe_sees_a_forbidden_import():
 
 def test_the_message_contract_loads_no_torch():
     # Execute: what a tool reading the protocol alone pays for it
-    done = subprocess.run([sys.executable, "-c", ("import sys, strategies.protocol; "
+    done = subprocess.run([sys.executable, "-c", ("import sys, strategies.protocol, strategies.global_version; "
                            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
                            "('torch', 'fedapp', 'transformers')))")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)

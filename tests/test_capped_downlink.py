@@ -28,8 +28,9 @@ from strategies.downlink_math import (
 from strategies.fedpipe import FedPipe
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA, receive_global
+from strategies.global_version import Correction, GlobalVersion, Increment
 from strategies.lora_math import digest, join_factors, next_global, split_factors
-from strategies.protocol import GLOBAL, NO_GLOBAL, Correction, GlobalVersion, Increment
+from strategies.protocol import GLOBAL, NO_GLOBAL
 from tests.test_downlink import (  # noqa: F401  task_identity: an autouse fixture
     MODULES,
     RANKS,

@@ -20,6 +20,7 @@ from fedapp import client_app
 from fedapp.client.round import RoundResult
 from strategies.base import config_bytes
 from strategies.flora import FLoRA, receive_global
+from strategies.global_version import GlobalVersion, Increment
 from strategies.lora_math import (
     cat_slots,
     digest,
@@ -30,15 +31,7 @@ from strategies.lora_math import (
     stack_scaled,
     wire_stack,
 )
-from strategies.protocol import (
-    GLOBAL,
-    NO_GLOBAL,
-    NO_SETUP,
-    GlobalVersion,
-    Increment,
-    RunSetup,
-    TrainOrder,
-)
+from strategies.protocol import GLOBAL, NO_GLOBAL, NO_SETUP, RunSetup, TrainOrder
 from tests.test_strategies import FakeGrid
 
 MODULES = {"base_model.model.layer.q_proj": (64, 48), "base_model.model.layer.v_proj": (40, 48)}

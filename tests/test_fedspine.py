@@ -81,7 +81,7 @@ def test_pruned_replies_are_scattered_and_stacked_exactly():
         arm = strategy.arms[name][0]
         assert TrainOrder.from_dict(messages[node].content["config"]) == TrainOrder(
             server_round=1, lora_r=arm.rank, lora_alpha=2.0 * arm.rank, local_steps=1, seed=1,
-            global_mode="frozen", prune=PruneOrder(ratio=ratio, slices=1))
+            global_mode="frozen", prune=PruneOrder(ratio=ratio, slices=1, target=ratio))
 
 
 @pytest.mark.parametrize("tamper, reason", [

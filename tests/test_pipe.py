@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from strategies.devices import DeviceProfile
 from strategies.fedpipe import FedPipe
+from strategies.global_version import GlobalVersion
 from strategies.lora_math import LORA_A, LORA_B, LoraUpdate, split_factors
 from strategies.pipe_math import (
     estimate,
@@ -25,7 +26,7 @@ from strategies.pipe_math import (
     window,
     window_depth,
 )
-from strategies.protocol import GLOBAL, GlobalVersion, PipeOrder, TrainOrder
+from strategies.protocol import GLOBAL, PipeOrder, TrainOrder
 from tests.test_strategies import (  # noqa: F401  (task_identity is an autouse fixture)
     SETUP,
     FakeGrid,

@@ -59,7 +59,7 @@ def test_train_order_wire_format():
     # Prepare
     order = make_order(global_mode="frozen",
                        prune=PruneOrder(ratio=0.5, criterion="magnitude", slices=2, tune_steps=4,
-                                        reached=0.25))
+                                        reached=0.25, target=0.75))
 
     # Execute
     record = dict(order.to_config().items())
@@ -69,7 +69,8 @@ def test_train_order_wire_format():
                       "seed": 3, "global-mode": "frozen", "train-lora-a": True,
                       "pooled": False,
                       "prune-ratio": 0.5, "prune-criterion": "magnitude", "prune-slices": 2,
-                      "prune-tune-steps": 4, "prune-reached": 0.25, "prune-calibration": 8}
+                      "prune-tune-steps": 4, "prune-reached": 0.25, "prune-calibration": 8,
+                          "prune-target": 0.75}
 
 
 def test_order_without_prune_sends_no_prune_keys():

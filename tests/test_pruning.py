@@ -393,4 +393,3 @@ def test_mlp_units_of_whole_4bit_blocks_prune_without_new_weight_error(tmp_path)
     sliced = slice_linear(mixed.down_proj, torch.arange(64), torch.arange(1, 512, 2))
     error = (dense_weight(sliced) - before[:, 1::2]).norm() / before[:, 1::2].norm()
     assert error > 0.01  # single channels from every block: new blocks, new rounding
-

@@ -165,6 +165,7 @@ def test_ratio_zero_round_prunes_nothing_and_learns(tiny_model_dir):
     ("prune-slices", 7, "strategy.prune.slices=7; allowed: at most train.local_steps=6"),
     ("prune-ratio", 1.0, "scenario.devices.<class>.sparsity=1.0"),
     ("prune-reached", 0.75, "reached=0.75; allowed: 0 <= reached <= ratio"),
+    ("prune-target", 1.0, "target=1.0; allowed: 0 <= target < 1"),
     ("global-mode", "init", "global-mode='init'"),
 ])
 def test_bad_pruning_orders_name_the_key(key, value, message):
@@ -266,3 +267,24 @@ def test_a_copy_is_reused_only_by_the_same_setup_and_partitioning(tiny_model_dir
     assert other_split.metrics["pruned-before"] == 0.0
     assert same.metrics["pruned-before"] == 1.0
     assert len(split_factors(other_targets.state)) == 8 == len(other_targets.kept) // 2
+
+
+@pytest.mark.parametrize(("target", "removed"), [(0.3, 11136), (0.0, 13440)])
+def test_a_device_ends_at_the_same_sparsity_in_one_round_or_two(tiny_model_dir, target,
+                                                                 removed, empty_pruned_cache):
+    """The tiny layer at 0.3 loses 1 KV group + 26 channels (6144 + 26 × 192 = 11136 of
+    36864), at 0.2 no group but 38 channels; told its target, a device stopping at 0.2 on
+    the way removes no more than 26, and ends where one round to 0.3 ends. Not told
+    (target 0), it keeps its 38 channels and ends at 6144 + 38 × 192 = 13440."""
+    setup = tiny_setup(tiny_model_dir, quantization="none")
+    order = spine_order(ratio=0.3, criterion="magnitude", slices=2, tune_steps=2,
+                        target=target)
+    once = run_round(setup, order, 1, 2, {}, "cpu")
+    pruned._COPIES.clear()
+    halfway = run_round(setup, dataclasses.replace(order, prune=dataclasses.replace(
+        order.prune, ratio=0.2)), 1, 2, {}, "cpu")
+    twice = run_round(setup, dataclasses.replace(order, prune=dataclasses.replace(
+        order.prune, reached=0.2)), 1, 2, {}, "cpu", units=halfway.units)
+
+    assert once.metrics["sparsity"] == pytest.approx(11136 / 36864)
+    assert twice.metrics["sparsity"] == pytest.approx(removed / 36864)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fedapp.llm.adapters import PEFT_PREFIX
+from fedapp.pruning.structure import Block
 from fedapp.pruning.surgery import PruneResult
 from strategies.lora_math import join_factors, split_factors
 from strategies.protocol import KEPT_IN, KEPT_OUT
@@ -29,12 +30,18 @@ from strategies.scatter import slice_factors
 class PrunedCopy:
     """A pruned base (its LoRA removed), how it was pruned from the full base, the peft keys
     of every target module the full base has (the reply names kept indices for all of
-    them) and the full base's prunable parameter count."""
+    them) and the full base's prunable parameters per block (`block_costs`: what pruning
+    plans against, so every path to a ratio ends at the same shapes)."""
 
     base: torch.nn.Module
     result: PruneResult
     targets: list[str]
-    full_prunable: int
+    full_costs: dict[Block, int]
+
+    @property
+    def full_prunable(self) -> int:
+        """The full base's prunable parameter count."""
+        return sum(self.full_costs.values())
 
 
 def units_key(units: Mapping[str, torch.Tensor]) -> tuple:

@@ -12,7 +12,8 @@
    "frozen" (`fedapp.llm.adapters`; cut to the pruned copy's layers).
 3. Training: `local_steps` optimizer steps. When the order's ratio is above the ratio the
    device reached (`PruneOrder.reached`), pruning goes on from there: S = `slices` slices
-   up to `ratio` of the full model's prunable parameters (`fedapp.pruning.iterative_prune`),
+   up to `ratio` of the full model's prunable parameters (`fedapp.pruning.iterative_prune`,
+   planned against the full model's shapes: one step or several to a ratio end alike),
    min(`tune_steps`, local_steps // S) steps after each of the first S − 1 slices, the rest
    after the last; else all steps tune. Pruning slices G's adapter with its layer, exactly.
 4. Probes (pruning orders only, for the server's bandit): the loss on a fixed batch (the
@@ -54,6 +55,8 @@ from fedapp.llm.loss import lm_loss
 from fedapp.llm.memory import peak_rss_mb, return_freed_memory
 from fedapp.llm.model import cached_base, compute_in_fp32, default_device, load_base
 from fedapp.llm.train import TrainResult, set_gradient_checkpointing, train_steps
+from fedapp.pruning.importance import block_costs
+from fedapp.pruning.structure import Block
 from fedapp.pruning.surgery import (
     PruneResult,
     compose,
@@ -149,25 +152,19 @@ def round_base(setup: RunSetup, order: TrainOrder, partition_id: int, num_partit
     if (copy := take_copy(key)) is not None:
         return key, copy.base, copy, True
     base = load_base(setup.model_path, setup.quantization, device)
-    full, count = prunable_parameter_count(base), parameter_count(base)
+    full, count = block_costs(base), parameter_count(base)
     targets = target_keys(base, setup.target_modules)
     result = apply_units(base, units) if units else PruneResult({}, [], count, count)
     return key, base, PrunedCopy(base, result, targets, full), False
 
 
-def prune_step(prune: PruneOrder) -> float:
-    """The share of the model's current prunable parameters to remove this round, to go
-    from the ratio the device reached to the order's ratio (both of the full model)."""
-    return 1 - (1 - prune.ratio) / (1 - prune.reached) if prune.ratio > prune.reached else 0.0
-
-
 def tune_with_probes(model: torch.nn.Module, prune: PruneOrder, slices: int | None,
                      tune: Callable[[torch.nn.Module], None], probe: Mapping[str, torch.Tensor],
-                     probes: dict[str, float], calibration: list[Mapping[str, torch.Tensor]]
-                     ) -> PruneResult | None:
+                     probes: dict[str, float], calibration: list[Mapping[str, torch.Tensor]],
+                     full: Mapping[Block, int]) -> PruneResult | None:
     """A pruning order's training: L_before of the model the device starts from (its
-    structure + G, the fresh LoRA still zero), then prune `prune_step` in `slices` slices
-    with `tune` after each (None: no pruning this round, tune once), then L_after; between
+    structure + G, the fresh LoRA still zero), then prune on to `prune.ratio` of the full
+    model (`full`: its block costs) in `slices` slices with `tune` after each (None: no pruning this round, tune once), then L_after; between
     them L_pruned, the loss just after the last slice (L_before when nothing is pruned).
     Returns how the model was pruned this round, if it was."""
     probes["loss-before"] = probes["loss-pruned"] = probe_loss(model, probe)
@@ -178,9 +175,9 @@ def tune_with_probes(model: torch.nn.Module, prune: PruneOrder, slices: int | No
 
     done = None
     if slices is not None:
-        done = iterative_prune(model, prune_step(prune), slices, probed_tune, prune.criterion,
+        done = iterative_prune(model, prune.ratio, slices, probed_tune, prune.criterion,
                                batches=calibration if prune.criterion != "magnitude"
-                               else None)
+                               else None, full=full, end=prune.target)
     else:
         tune(model)
     probes["loss-after"] = probe_loss(model, probe)
@@ -209,7 +206,7 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
     prune, frozen = order.prune, dict(global_state) if order.global_mode == "frozen" else {}
     probe = collate(examples[:setup.batch_size], pad)
     probes: dict[str, float] = {}
-    pruning_now = prune is not None and copy is not None and prune_step(prune) > 0
+    pruning_now = prune is not None and copy is not None and prune.ratio > prune.reached
     plan = step_plan(order, prune.slices if pruning_now else 1)
     log(INFO, "Client %d: %d examples, r=%d, %d steps%s", partition_id, len(examples),
         order.lora_r, order.local_steps, f", prune ratio {prune.reached:.3f} -> "
@@ -233,7 +230,7 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
                 0, min(len(examples), prune.calibration * setup.batch_size), setup.batch_size)
                            ] if pruning_now else []
             done = tune_with_probes(model, prune, len(plan) if pruning_now else None, tune,
-                                    probe, probes, calibration)
+                                    probe, probes, calibration, copy.full_costs if copy else {})
         seconds = time.perf_counter() - start
         state = lora_state(model, getattr(torch, setup.wire_dtype))
     if not order.train_lora_a:  # the server already holds A: send B only
@@ -246,7 +243,7 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
     total = dataclasses.replace(total, params_after=parameter_count(base))  # LoRA removed
     reached = units_of(base, total)  # `base` is the pruned model again, its LoRA removed
     keep_copy(key[:-1] + (units_key(reached),), PrunedCopy(base, total, copy.targets,
-                                                           copy.full_prunable))
+                                                           copy.full_costs))
     metrics.update({"params-ratio": total.params_after / total.params_before,
                     "sparsity": 1 - prunable_parameter_count(base) / copy.full_prunable,
                     "pruned-before": float(reused)})

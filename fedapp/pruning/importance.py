@@ -54,6 +54,12 @@ def _costs(model: nn.Module) -> Importance:
     return imp
 
 
+def block_costs(model: nn.Module) -> dict[Block, int]:
+    """The prunable parameters of each live block (what `plan_pruning` calls `full` when
+    taken on the unpruned model)."""
+    return _costs(model).block_cost
+
+
 def magnitude_importance(model: nn.Module) -> Importance:
     """L2 norm of each KV group's and MLP channel's weights (4-bit: dequantised)."""
     imp = _costs(model)

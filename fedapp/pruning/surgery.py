@@ -9,8 +9,11 @@ dequantised, sliced and re-quantised once. A peft LoRA on a sliced Linear is sli
 (lora_A columns, lora_B rows), so training goes on with the same adapter.
 
 Prunable parameters: weights and biases of q/k/v/o/gate/up/down in the decoder layers
-(embeddings, norms, lm_head are never pruned). A plan for `ratio` removes about `ratio` ×
-the prunable parameters present when the model was scored.
+(embeddings, norms, lm_head are never pruned). A plan for `ratio` leaves each layer with
+the units a plan for `ratio` on the unpruned model (its block costs, `full`) would leave
+it, whatever path the model took there (as far as units already removed allow): a device
+pruned to 0.5 in one step or in several ends with the same shapes. Without `full`, the
+model as scored counts as unpruned.
 
 Scoring lives in `fedapp.pruning.importance`, the unit layout in `structure`; this module
 holds the plans (`PrunePlan`,
@@ -31,7 +34,7 @@ from fedapp.llm import memory
 from fedapp.llm.adapters import GLOBAL
 from fedapp.llm.model import disable_bnb_cpu_repack
 from fedapp.llm.scratch import use_scratch
-from fedapp.pruning.importance import Importance, ImportanceTracker, score
+from fedapp.pruning.importance import Importance, ImportanceTracker, block_costs, score
 from fedapp.pruning.structure import (
     UNIT_LINEARS,
     Block,
@@ -228,39 +231,62 @@ def _lowest(scores: torch.Tensor, n: int) -> list[int]:
     return sorted(torch.argsort(scores, stable=True)[:n].tolist())
 
 
-def plan_pruning(importance: Importance, ratio: float) -> PrunePlan:
-    """Remove about `ratio` of the prunable parameters, least important first.
+def plan_pruning(importance: Importance, ratio: float,
+                 full: Mapping[Block, int] | None = None, end: float = 0.0) -> PrunePlan:
+    """What to remove so that `ratio` of the prunable parameters of the unpruned model
+    (`full`: its block costs; default: the model as scored) are gone, least important first.
 
     Block scores (llm-drop): whole blocks in ascending score, each taken if it brings the
     removed count closer to the target, never both blocks of one layer. Unit scores: per
-    layer (magnitudes are not comparable across layers), round(ratio × groups) KV groups (no
-    more than the layer's target pays for), then MLP channels for the rest of the layer's
-    target; at least one KV group and one channel always stay.
+    layer (magnitudes are not comparable across layers) the unpruned layer's counts for
+    `ratio` (`layer_counts`), no kind past its count for `end` (the path's final ratio,
+    when above `ratio`), so a later step to `end` never finds a kind pruned past its
+    one-step count; units already gone count towards them.
     """
-    if not 0 <= ratio < 1:
-        raise ValueError(f"prune ratio={ratio}; allowed: 0 <= ratio < 1")
+    if not 0 <= ratio < 1 or not 0 <= end < 1:
+        raise ValueError(f"prune ratio={ratio}, end={end}; allowed: 0 <= ratio, end < 1")
+    full = dict(importance.block_cost if full is None else full)
     if importance.blocks:
-        return PrunePlan(blocks=_plan_blocks(importance, ratio))
-    plan, removed = PrunePlan(), {}
-    for (i, kind) in sorted(importance.units, key=lambda k: (k[0], k[1] == "mlp")):
-        scores, cost = importance.units[i, kind], importance.unit_cost[i, kind]
-        target = ratio * sum(c for (j, _), c in importance.block_cost.items() if j == i)
-        if kind == "self_attn":
-            n = min(len(scores) - 1, floor(ratio * len(scores) + 0.5), floor(target / cost))
-            plan.kv_groups[i], removed[i] = _lowest(scores, n), n * cost
-        else:
-            n = min(len(scores) - 1, max(0, floor((target - removed.get(i, 0)) / cost + 0.5)))
-            plan.channels[i] = _lowest(scores, n)
+        return PrunePlan(blocks=_plan_blocks(importance, ratio, full))
+    plan = PrunePlan()
+    for i in sorted({i for i, _ in importance.units}):
+        layer = {kind: (full[i, kind], importance.unit_cost[i, kind]) for j, kind in full
+                 if j == i and (i, kind) in importance.unit_cost}
+        now, last = layer_counts(layer, ratio), layer_counts(layer, max(ratio, end))
+        for kind, (cost, unit) in layer.items():
+            gone = cost // unit - len(importance.units[i, kind])
+            n = max(gone, min(now[kind], last[kind])) - gone
+            (plan.kv_groups if kind == "self_attn" else plan.channels)[i] = _lowest(
+                importance.units[i, kind], n)
     return plan
 
 
-def _plan_blocks(importance: Importance, ratio: float) -> list[Block]:
-    target = ratio * sum(importance.block_cost.values())
-    removed, chosen = 0, []
+def layer_counts(layer: Mapping[str, tuple[int, int]], ratio: float) -> dict[str, int]:
+    """Units a one-step prune to `ratio` removes from an unpruned layer, given per kind its
+    (prunable parameters, parameters per unit): n = round(ratio × G) of its G KV groups (no
+    more than ratio × the layer's parameters pays for), then MLP channels for the rest of
+    that, rounded to whole units; at least one unit of each kind stays."""
+    target, counts = ratio * sum(cost for cost, _ in layer.values()), {}
+    if "self_attn" in layer:
+        cost, unit = layer["self_attn"]
+        counts["self_attn"] = min(cost // unit - 1, floor(ratio * (cost // unit) + 0.5),
+                                  floor(target / unit))
+    if "mlp" in layer:
+        cost, unit = layer["mlp"]
+        rest = target - counts.get("self_attn", 0) * layer.get("self_attn", (0, 1))[1]
+        counts["mlp"] = min(cost // unit - 1, max(0, floor(rest / unit + 0.5)))
+    return counts
+
+
+def _plan_blocks(importance: Importance, ratio: float, full: Mapping[Block, int]
+                 ) -> list[Block]:
+    target = ratio * sum(full.values())
+    dropped = [key for key in full if key not in importance.block_cost]
+    removed, chosen = sum(full[key] for key in dropped), []
     for key in sorted(importance.blocks, key=importance.blocks.__getitem__):
         cost, layer = importance.block_cost[key], key[0]
-        if all(i != layer for i, _ in chosen) and abs(removed + cost - target) < abs(
-                removed - target):
+        if all(i != layer for i, _ in chosen + dropped) and abs(
+                removed + cost - target) < abs(removed - target):
             chosen.append(key)
             removed += cost
     return sorted(chosen)
@@ -281,28 +307,35 @@ def _tune(model: nn.Module, tune_fn: Callable[[nn.Module], object], beta: float,
 def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
                     tune_fn: Callable[[nn.Module], object], criterion: str = "taylor",
                     batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
-                    beta: float = 0.9) -> PruneResult:
-    """Prune in `slices` equal steps to `target_ratio` of the prunable parameters, calling
-    `tune_fn(model)` after each. The attached LoRA is sliced with the base, so tune_fn must
-    build its optimizer from the model's parameters on every call.
+                    beta: float = 0.9, full: Mapping[Block, int] | None = None,
+                    end: float = 0.0) -> PruneResult:
+    """Prune in `slices` equal steps to `target_ratio` of the prunable parameters of the
+    unpruned model (`full`: its block costs, as `block_costs` gives them; default: the
+    model as it is now), from the ratio the model stands at, calling `tune_fn(model)` after
+    each. Each slice plans against `full` and towards `end`, the path's final ratio (at
+    least `target_ratio`; `plan_pruning`), so the end point has the shapes a one-step prune
+    of the unpruned model to it would have, whatever steps led there. The attached LoRA
+    is sliced with the base, so tune_fn must build its optimizer from the model's
+    parameters on every call.
 
     Taylor scores come from the previous tune_fn run's gradients; the first slice scores on
     `batches`, or, without batches, on an extra tune_fn run before it. Every peft adapter
     of a wrapped layer (the trainable LoRA and a frozen global one) is sliced with it.
     """
-    if not 0 <= target_ratio < 1 or slices < 1:
-        raise ValueError(f"target_ratio={target_ratio}, slices={slices}; allowed: "
-                         "0 <= target_ratio < 1 and slices >= 1")
+    if not 0 <= target_ratio < 1 or not 0 <= end < 1 or slices < 1:
+        raise ValueError(f"target_ratio={target_ratio}, end={end}, slices={slices}; allowed:"
+                         " 0 <= target_ratio < 1, 0 <= end < 1 and slices >= 1")
     check_prunable(model)
+    full = dict(block_costs(model) if full is None else full)
+    start = 1 - prunable_parameter_count(model) / sum(full.values())
     taylor = criterion == "taylor"
-    reference = prunable_parameter_count(model)
     tracked = _tune(model, tune_fn, beta, track=True) if taylor and not batches else None
     total: PruneResult | None = None
     for s in range(1, slices + 1):
         importance = tracked if tracked is not None else score(model, criterion, batches, beta)
-        done = 1 - prunable_parameter_count(model) / reference
-        step = max(0.0, (target_ratio * s / slices - done) / (1 - done))
-        result = prune_model(model, plan_pruning(importance, step))
+        ratio = start + (target_ratio - start) * s / slices
+        result = prune_model(model, plan_pruning(importance, max(0.0, ratio), full,
+                                                 max(end, target_ratio)))
         total = result if total is None else compose(total, result)
         tracked = _tune(model, tune_fn, beta, track=taylor and s < slices)
     assert total is not None
