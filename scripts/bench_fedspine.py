@@ -25,8 +25,9 @@ seed's targets from that seed's runs, as seeds differ more than methods do), cou
 only in rounds where every device's deployed model stood at its target sparsity, the
 final deployed loss (mean and worst device) and answer-ranking accuracy, the sparsity each
 device reached, the memory estimate of the arms played per device class against its budget,
-MB on the wire, and each method's ratio to FedSpine. Pruning is charged in the round it
-happens (it is inside the client's timed training). Deployed models at equal sparsity have
+MB on the wire, each method's ratio to FedSpine, and how many times sooner FedSpine
+reaches each baseline's final mean deployed loss than the baseline does. Pruning is
+charged in the round it happens (it is inside the client's timed training). Deployed models at equal sparsity have
 equal shapes, so their inference cost is measured once, by `scripts/bench_deployed.py` on
 a run directory this bench leaves.
 
@@ -126,6 +127,16 @@ def measured_sparsity(run: dict, name: str) -> float:
 def time_to(rows: list[dict], target: float) -> float:
     """Simulated seconds at the first of `rows` whose mean deployed loss is <= target."""
     return next((r["sim-seconds"] for r in rows if r[LOSS] <= target + 1e-6), math.inf)
+
+
+def sooner_to_final(ref: dict, run: dict) -> float:
+    """How many times sooner `ref` reaches `run`'s final mean deployed loss (its last row at
+    target sparsity) than `run` itself first does, in simulated seconds: > 1 means `ref` is
+    faster to the quality `run` ends with; 0 when `ref` never reaches it."""
+    rows = at_target(run)
+    final = rows[-1][LOSS]
+    own, mine = time_to(rows, final), time_to(at_target(ref), final)
+    return own / mine if math.isfinite(mine) else 0.0
 
 
 def spread(values: list[float]) -> str:
@@ -241,6 +252,11 @@ def report(out_dir: Path) -> str:
             else:  # a ratio to (or of) a target never reached would read 0.00x or inf
                 ratios.append(f"{key} n/a ({ref if math.isfinite(mine) else method} never "
                               "reached it)")
+        sooner = [sooner_to_final(runs[ref][s], runs[method][s]) for s in common]
+        each = [f"{x:.2f}x" if x else "never" for x in sooner]  # 0: ref never reached it
+        ratios.append(f"{ref} to {method}'s final mean: " + (
+            f"{statistics.mean(sooner):.2f}x sooner" if all(sooner) else "n/a")
+            + (f" (per seed {', '.join(each)})" if len(common) > 1 or not all(sooner) else ""))
         lines.append(f"- {method}: " + ", ".join(ratios))
     lines += ["", "Per seed:", "", ("| seed | method | to worst final | to 95% of best | "
               "final mean loss | final worst loss | MB on the wire | sim s total |"),
