@@ -27,9 +27,9 @@ final deployed loss (mean and worst device) and answer-ranking accuracy, the spa
 device reached, the memory estimate of the arms played per device class against its budget,
 MB on the wire, each method's ratio to FedSpine, and how many times sooner FedSpine
 reaches each baseline's final mean deployed loss than the baseline does. Pruning is
-charged in the round it happens (it is inside the client's timed training). Deployed models at equal sparsity have
-equal shapes, so their inference cost is measured once, by `scripts/bench_deployed.py` on
-a run directory this bench leaves.
+charged in the round it happens (it is inside the client's timed training). Deployed
+models at equal sparsity have equal shapes, so their inference cost is measured once, by
+`scripts/bench_deployed.py` on a run directory this bench leaves.
 
 Writes `<out>/fedspine.md`, `deployed_loss.png` (mean deployed loss vs simulated seconds,
 per method and seed) and `arms.png` (FedSpine's arms and rewards per device and round).

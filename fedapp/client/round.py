@@ -164,8 +164,9 @@ def tune_with_probes(model: torch.nn.Module, prune: PruneOrder, slices: int | No
                      full: Mapping[Block, int]) -> PruneResult | None:
     """A pruning order's training: L_before of the model the device starts from (its
     structure + G, the fresh LoRA still zero), then prune on to `prune.ratio` of the full
-    model (`full`: its block costs) in `slices` slices with `tune` after each (None: no pruning this round, tune once), then L_after; between
-    them L_pruned, the loss just after the last slice (L_before when nothing is pruned).
+    model (`full`: its block costs) in `slices` slices with `tune` after each (None: no
+    pruning this round, tune once), then L_after; between them L_pruned, the loss just
+    after the last slice (L_before when nothing is pruned).
     Returns how the model was pruned this round, if it was."""
     probes["loss-before"] = probes["loss-pruned"] = probe_loss(model, probe)
 

@@ -245,7 +245,7 @@ def plan_pruning(importance: Importance, ratio: float,
     """
     if not 0 <= ratio < 1 or not 0 <= end < 1:
         raise ValueError(f"prune ratio={ratio}, end={end}; allowed: 0 <= ratio, end < 1")
-    full = dict(importance.block_cost if full is None else full)
+    full = importance.block_cost if full is None else full
     if importance.blocks:
         return PrunePlan(blocks=_plan_blocks(importance, ratio, full))
     plan = PrunePlan()
@@ -326,7 +326,7 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
         raise ValueError(f"target_ratio={target_ratio}, end={end}, slices={slices}; allowed:"
                          " 0 <= target_ratio < 1, 0 <= end < 1 and slices >= 1")
     check_prunable(model)
-    full = dict(block_costs(model) if full is None else full)
+    full = block_costs(model) if full is None else full
     start = 1 - prunable_parameter_count(model) / sum(full.values())
     taylor = criterion == "taylor"
     tracked = _tune(model, tune_fn, beta, track=True) if taylor and not batches else None
