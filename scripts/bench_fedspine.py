@@ -348,10 +348,13 @@ def main() -> None:
                         "eval.generate_examples=0", help="evaluation overrides")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-fedspine"))
-    parser.add_argument("--report", help="print the report of an earlier bench folder")
+    parser.add_argument("--report", help="rewrite (and print) the report and plots of an "
+                        "earlier bench folder")
     args = parser.parse_args()
     if args.report:
-        print(report(Path(args.report)))
+        text = report(Path(args.report))
+        (Path(args.report) / "fedspine.md").write_text(text)
+        print(text)
         return
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
