@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from fedapp.client.round import run_round
 from fedapp.client.selection import selection_metrics
 from fedapp.client.zeroth import zo_round
+from fedapp.llm.memory import allocator
 from strategies.flora import receive_global
 from strategies.global_version import GlobalVersion
 from strategies.protocol import (
@@ -122,6 +123,7 @@ def train(msg: Message, context: Context) -> Message:
     # serves many messages and reports 0 after its first).
     metrics["setup-seconds"] = metrics.pop("training-started") - received
     metrics["process-start-seconds"] = 0.0
+    metrics["jemalloc"] = float(allocator() == "jemalloc")  # what its peak-rss-mb ran on
     if not _PROCESS_SEEN_A_MESSAGE:
         metrics["process-start-seconds"] = max(received - psutil.Process().create_time(), 0.0)
         globals()["_PROCESS_SEEN_A_MESSAGE"] = True

@@ -14,7 +14,8 @@
    ratio 0.5 (what pruning buys); a first run (nothing prepared: the partition and the 4-bit
    copy are made by helper processes) and the client quantising in its own process; a
    Gemma-3-270M-shaped model (262k-token vocabulary, random weights) with the chunked and the
-   plain loss.
+   plain loss. Every variant runs on the app's allocator (jemalloc where installed,
+   `fedapp.tools.allocator`); the "glibc" variants repeat four of them on glibc's malloc.
 2. The federation's overhead: a real `flwr run` simulation (K clients, R rounds, FLoRA) vs a
    bare Python loop doing the same client training, aggregation and server evaluation with
    no Flower: start-up and steady per-round seconds apart.
@@ -38,7 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_client_report import print_memory, print_ratios
 from bench_common import run_worker
+
+from fedapp.tools.allocator import allocator_env
 
 MiB = 2**20
 VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release_memory +
@@ -64,6 +68,12 @@ VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release
     "nf4 quantised here": ("nf4", "inproc"),
     "262k vocab": ("nf4", "bigvocab"),
     "262k vocab plain": ("nf4", "bigvocab plain"),
+    # the same clients on glibc's malloc (the others run on the app's allocator, jemalloc
+    # where installed: fedapp/tools/allocator.py)
+    "nf4 glibc": ("nf4", "glibc"),
+    "none glibc": ("none", "glibc"),
+    "nf4-emb+ckpt glibc": ("nf4-embeddings", "ckpt glibc"),
+    "none+ckpt glibc": ("none", "ckpt glibc"),
 }
 # The large-vocabulary variants: a Gemma-3-270M-shaped text model (262,144 tokens, hidden 640,
 # 18 layers) built from its config with random weights (memory and time need the shapes, not
@@ -72,14 +82,6 @@ BIG_VOCAB = {"vocab_size": 262_144, "hidden_size": 640, "intermediate_size": 204
              "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
              "head_dim": 256, "query_pre_attn_scalar": 256, "max_position_embeddings": 2048,
              "sliding_window": 512, "tie_word_embeddings": True}
-PARTS = ("imports", "data", "weights", "lora+optim", "activations", "step rest", "resident rest")
-PART_NAMES = {
-    "imports": "interpreter + imports", "data": "data pipeline (datasets, tokenizer)",
-    "weights": "base weights", "lora+optim": "LoRA + grads + AdamW state",
-    "activations": "activations kept for backward", "step rest": "logits/loss, temporaries",
-    "resident rest": "allocator slack, caches, other"}
-
-
 def tensor_bytes(tensors) -> int:
     """Bytes of distinct storages among `tensors`."""
     seen: dict[int, int] = {}
@@ -192,65 +194,7 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
     return {"quantization": quantization, "options": options, "parts": parts,
             "peak-rss-mb": peak, "seconds-per-step": timed.seconds / steps, "loss": timed.loss,
             "load-seconds": load["seconds"], "load-peak-mb": load["peak"],
-            "params-ratio": params}
-
-
-def print_memory(rows: dict[str, dict], steps: int) -> None:
-    print(f"\nwhere a client's peak RSS goes, MiB (SmolLM2-135M unless the row says 262k "
-          f"vocab; LoRA r8 q/k/v/o, batch 4, seq <= 128, {steps} timed steps); columns:")
-    for part in PARTS:
-        print(f"  {part:>13}: {PART_NAMES[part]}")
-    heads = (*PARTS, "= peak", "s/step", "load s", "load peak")
-    print(f"{'':20}" + "".join(f"{h:>14}" for h in heads))
-    for name, row in rows.items():
-        cells = [f"{row['parts'][part]:>14.0f}" for part in PARTS]
-        cells += [f"{row['peak-rss-mb']:>14.0f}", f"{row['seconds-per-step']:>14.3f}",
-                  f"{row['load-seconds']:>14.1f}", f"{row['load-peak-mb']:>14.0f}"]
-        print(f"{name:20}" + "".join(cells))
-
-
-def print_ratios(rows: dict[str, dict]) -> None:
-    """Every ratio whose two variants ran (`--variants` may pick a few)."""
-    peak, step = "peak-rss-mb", "seconds-per-step"
-    print("\nratios measured above")
-    print("  (peak: the larger of the load and training peaks; loss: the mean training loss "
-          "of the timed steps, same batches, a's minus b's)")
-    for a, b in (("nf4", "none"), ("nf4 lean", "none lean"), ("nf4-emb lean", "none lean"),
-                 ("nf4-emb ckpt+release", "none ckpt+release"), ("nf4-emb+ckpt", "none"),
-                 ("nf4-emb+ckpt", "none+ckpt"),
-                 ("nf4-emb", "none"), ("nf4-emb", "nf4"), ("nf4-emb lean", "nf4 lean"),
-                 ("nf4 lean", "none"), ("nf4+ckpt", "nf4"), ("nf4+release", "nf4"),
-                 ("nf4+fp32", "nf4"),
-                 ("nf4 lean", "nf4"), ("none lean", "none"), ("nf4 plain loss", "nf4"),
-                 ("262k vocab plain", "262k vocab")):
-        if a in rows and b in rows:
-            top = {k: max(rows[k][peak], rows[k]["load-peak-mb"]) for k in (a, b)}
-            print(f"  {a} / {b}: peak RSS {top[a] / top[b]:.3f}x ({top[a]:.0f} / "
-                  f"{top[b]:.0f} MiB), s/step {rows[a][step] / rows[b][step]:.2f}x, "
-                  f"loss {rows[a]['loss'] - rows[b]['loss']:+.4f}")
-    print_pruning_and_loading(rows)
-
-
-def print_pruning_and_loading(rows: dict[str, dict]) -> None:
-    peak, step = "peak-rss-mb", "seconds-per-step"
-
-    def above_floor(row: dict) -> float:
-        return row[peak] - row["parts"]["imports"] - row["parts"]["data"]
-
-    for pruned, full in (("nf4 pruned 0.5", "nf4"), ("nf4 pruned lean", "nf4 lean")):
-        if pruned not in rows or full not in rows:
-            continue
-        p, f = rows[pruned], rows[full]
-        print(f"  {pruned} / {full}: parameters {p['params-ratio']:.3f}x, peak RSS "
-              f"{p[peak] / f[peak]:.2f}x (above the imports + data floor "
-              f"{above_floor(p) / above_floor(f):.2f}x), s/step {p[step] / f[step]:.2f}x")
-    if not {"nf4 quantised here", "nf4 1st run", "nf4"} <= rows.keys():
-        return
-    here, first, full = rows["nf4 quantised here"], rows["nf4 1st run"], rows["nf4"]
-    print(f"  load peak RSS: quantising in the client's process {here['load-peak-mb']:.0f} MiB"
-          f" (training peak {here[peak]:.0f}), first run with a helper process "
-          f"{first['load-peak-mb']:.0f} MiB (training peak {first[peak]:.0f}; load "
-          f"{first['load-seconds']:.1f} s), prepared copy {full['load-peak-mb']:.0f} MiB")
+            "params-ratio": params, "allocator": memory.allocator()}
 
 
 def worker_bare(overrides: str) -> dict:
@@ -381,8 +325,9 @@ def main() -> None:
         rows = {}
         for i, name in enumerate(names, 1):
             print(f"[bench] {i}/{len(names)}: client '{name}', {args.steps} steps", flush=True)
+            glibc = {"FEDAPP_ALLOCATOR": "system"} if "glibc" in VARIANTS[name][1] else {}
             rows[name] = run_worker(__file__, "--steps", str(args.steps), "--worker", "client",
-                                    name)
+                                    name, env=allocator_env({**os.environ, **glibc}))
         print_memory(rows, args.steps)
         print_ratios(rows)
     if args.part in ("all", "overhead"):

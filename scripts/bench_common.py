@@ -4,16 +4,20 @@ reading a bench folder of `<method>-seed<n>` runs, and plotting their held-out l
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 
-def run_worker(script: str, *args: str) -> dict:
-    """Run `script` with `args` in a fresh interpreter (clean peak RSS, cold caches) and
-    return the JSON object its last stdout line holds; exit with its stderr if it failed."""
+def run_worker(script: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Run `script` with `args` in a fresh interpreter (clean peak RSS, cold caches; on the
+    app's allocator, `fedapp.tools.allocator`, unless `env` says otherwise) and return the
+    JSON object its last stdout line holds; exit with its stderr if it failed."""
+    from fedapp.tools.allocator import allocator_env
+
     out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                         check=False)
+                         check=False, env=env if env is not None else allocator_env(dict(os.environ)))
     if out.returncode != 0:
         sys.exit(f"worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -12,3 +12,11 @@ export TOKENIZERS_PARALLELISM=false
 # otherwise every simulation prints a FutureWarning that it will change.
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
 export PATH="$root/.venv/bin:$PATH"
+# Processes started from here run on jemalloc where one is installed (less fragmentation, a
+# lower peak; fedapp/tools/allocator.py). FEDAPP_ALLOCATOR=system keeps glibc's malloc.
+if [ -x "$root/.venv/bin/python" ]; then
+  if ! allocator_line="$(cd "$root" && "$root/.venv/bin/python" -m fedapp.tools.allocator --shell)"; then
+    return 1
+  fi
+  eval "$allocator_line"
+fi

@@ -47,7 +47,7 @@ class ClientOutcome:
     def console_line(self, name: str, r: int | None, steps: int | None) -> str:
         """One readable line of the round log: the client, what it was asked (rank `r`,
         `steps` optimizer steps), how it went (train loss, seconds per step, peak RSS of its
-        process, from its metrics), and the traffic both ways."""
+        process and the malloc it ran on, from its metrics), and the traffic both ways."""
         asked = f"r={r if r is not None else '-'}, {steps if steps is not None else '-'} steps"
         traffic = f"down {self.bytes_down / 2**20:.3f} MB, up {(self.bytes_up or 0) / 2**20:.3f} MB"
         if not self.ok:
@@ -58,8 +58,9 @@ class ClientOutcome:
         loss = f"{m['train-loss']:.4f}" if "train-loss" in m else "-"
         per_step = f"{seconds / steps:.2f}" if seconds is not None and steps else "-"
         rss = f"{m['peak-rss-mb']:.0f}" if "peak-rss-mb" in m else "-"
+        malloc = {1.0: " (jemalloc)", 0.0: " (system malloc)"}.get(m.get("jemalloc"), "")
         return (f"{name}: {asked}, train-loss {loss}, {per_step} s/step, "
-                f"peak RSS {rss} MiB, {traffic}")
+                f"peak RSS {rss} MiB{malloc}, {traffic}")
 
 
 @dataclass

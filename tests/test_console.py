@@ -165,6 +165,9 @@ def test_console_line_of_an_accepted_client_hand_computed():
     # Assert
     assert line == ("partition-1: r=8, 12 steps, train-loss 2.3457, 2.50 s/step, "
                     "peak RSS 2130 MiB, down 1.500 MB, up 0.250 MB")
+    for flag, said in ((1.0, "2130 MiB (jemalloc), down"), (0.0, "2130 MiB (system malloc)")):
+        outcome.metrics["jemalloc"] = flag
+        assert said in outcome.console_line("partition-1", 8, 12)
 
 
 def test_console_line_of_a_pruning_client_times_its_tuning_steps():

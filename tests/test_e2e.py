@@ -60,6 +60,8 @@ def test_flwr_run_fine_tunes_the_tiny_model(strategy, quantization, tiny_model_d
     for row in rows[1:]:
         assert row["accepted"] == 2 and row["bytes-up"] > 0 and row["bytes-down"] > 0
         assert {c["status"] for c in row["clients"].values()} == {"ok"}
+        # Ray's workers inherit flower_env's preload: the clients ran on jemalloc
+        assert {c["jemalloc"] for c in row["clients"].values()} == {1.0}
     if strategy == "flora":
         assert sorted(c["r"] for c in rows[1]["clients"].values()) == [2, 4]
         assert rows[2]["global-rank"] == 12

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from fedapp.console import stale_notice
+from fedapp.tools.allocator import allocator_env
 
 FINAL_OK = "finished:completed"
 
@@ -34,7 +35,8 @@ def flower_env(flwr_home: str | Path, isolated_ports: bool = False) -> dict[str,
     dependency install (it would pull CUDA torch), offline hubs, Ray's coming default for
     actors without GPUs (leave the accelerator variables alone; said explicitly, Ray stops
     warning that the default will change). `isolated_ports` picks free loopback ports for
-    the local SuperLink so that several can coexist (tests, sweeps)."""
+    the local SuperLink so that several can coexist (tests, sweeps). The processes it starts
+    run on jemalloc where one is installed (`fedapp.tools.allocator`)."""
     env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
                FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
@@ -44,7 +46,7 @@ def flower_env(flwr_home: str | Path, isolated_ports: bool = False) -> dict[str,
     if isolated_ports:
         env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
         env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
-    return env
+    return allocator_env(env)
 
 
 def free_port() -> int:
