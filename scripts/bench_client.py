@@ -9,7 +9,8 @@
    without the memory-over-speed options ("lean": gradient checkpointing, release_memory,
    fp32_compute), and each of those alone; 4-bit with the token embedding / output head in
    NF4 too (`nf4-embeddings`, "nf4-emb"), with and without, and with checkpointing alone or
-   checkpointing + release_memory in bf16 (both precisions); 4-bit with the plain loss (what
+   checkpointing + release_memory in bf16 (both precisions), or checkpointing + fp32 compute
+   (4-bit); 4-bit with the plain loss (what
    the chunked loss saves); 4-bit pruned to FedSpine's
    ratio 0.5 (what pruning buys); a first run (nothing prepared: the partition and the 4-bit
    copy are made by helper processes) and the client quantising in its own process; a
@@ -57,6 +58,7 @@ VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release
     "nf4-emb ckpt+release": ("nf4-embeddings", "ckpt pin"),
     "none ckpt+release": ("none", "ckpt pin"),
     "nf4-emb+ckpt": ("nf4-embeddings", "ckpt"),  # checkpointing alone, bf16 where fast
+    "nf4-emb ckpt+fp32": ("nf4-embeddings", "ckpt fp32"),  # lean without release_memory
     "none+ckpt": ("none", "ckpt"),
     "nf4+ckpt": ("nf4", "ckpt"),
     "nf4+release": ("nf4", "pin"),

@@ -34,7 +34,7 @@ def print_ratios(rows: dict[str, dict]) -> None:
           "of the timed steps, same batches, a's minus b's)")
     for a, b in (("nf4", "none"), ("nf4 lean", "none lean"), ("nf4-emb lean", "none lean"),
                  ("nf4-emb ckpt+release", "none ckpt+release"), ("nf4-emb+ckpt", "none"),
-                 ("nf4-emb+ckpt", "none+ckpt"),
+                 ("nf4-emb+ckpt", "none+ckpt"), ("nf4-emb ckpt+fp32", "none+ckpt"),
                  ("nf4-emb", "none"), ("nf4-emb", "nf4"), ("nf4-emb lean", "nf4 lean"),
                  ("nf4 lean", "none"), ("nf4+ckpt", "nf4"), ("nf4+release", "nf4"),
                  ("nf4+fp32", "nf4"),
