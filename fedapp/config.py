@@ -139,6 +139,7 @@ def run_setup(cfg: DictConfig) -> RunSetup:
         gradient_checkpointing=cfg.train.get("gradient_checkpointing", False),
         release_memory=cfg.train.get("release_memory", False),
         fp32_compute=cfg.train.get("fp32_compute", False),
+        pad_multiple=cfg.train.get("pad_multiple", 1),
         data=data_spec(cfg), selection=selection_spec(cfg))
 
 

@@ -16,7 +16,8 @@
    copy are made by helper processes) and the client quantising in its own process; a
    Gemma-3-270M-shaped model (262k-token vocabulary, random weights) with the chunked and the
    plain loss. Every variant runs on the app's allocator (jemalloc where installed,
-   `fedapp.tools.allocator`); the "glibc" variants repeat four of them on glibc's malloc.
+   `fedapp.tools.allocator`); the "glibc" variants repeat four of them on glibc's malloc;
+   the "pad32" ones pad batches to a multiple of 32 tokens (`train.pad_multiple`).
 2. The federation's overhead: a real `flwr run` simulation (K clients, R rounds, FLoRA) vs a
    bare Python loop doing the same client training, aggregation and server evaluation with
    no Flower: start-up and steady per-round seconds apart.
@@ -59,6 +60,11 @@ VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release
     "none ckpt+release": ("none", "ckpt pin"),
     "nf4-emb+ckpt": ("nf4-embeddings", "ckpt"),  # checkpointing alone, bf16 where fast
     "nf4-emb ckpt+fp32": ("nf4-embeddings", "ckpt fp32"),  # lean without release_memory
+    "nf4 ckpt+fp32": ("nf4", "ckpt fp32"),
+    # batches padded to a multiple of 32 tokens (train.pad_multiple): 4 shapes, not ~100
+    "nf4 pad32": ("nf4", "pad32"),
+    "nf4-emb+ckpt pad32": ("nf4-embeddings", "ckpt pad32"),
+    "none+ckpt pad32": ("none", "ckpt pad32"),
     "none+ckpt": ("none", "ckpt"),
     "nf4+ckpt": ("nf4", "ckpt"),
     "nf4+release": ("nf4", "pin"),
@@ -158,8 +164,9 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
         memory.return_freed_memory()
     loss = "plain" if "plain" in options else "chunked"
     model_path = f"model=hf model.path={big_vocab_model()} " if "bigvocab" in options else ""
-    strategy = build_strategy(compose_config(f"{model_path}model.quantization={quantization}"),
-                              {})
+    padding = "train.pad_multiple=32 " if "pad32" in options else ""
+    strategy = build_strategy(
+        compose_config(f"{model_path}{padding}model.quantization={quantization}"), {})
     setup, order = strategy.setup, strategy.make_order(1, 8)
     examples, batches, pad = local_data(setup, order, 0, 4)
     rss["data"] = memory.rss_mb()

@@ -136,6 +136,9 @@ class RunSetup(Record):
     fp32_compute: bool = field(default=False, metadata={
         "config": "train.fp32_compute",
         "help": "4-bit layers compute in fp32, not bf16: no bf16 copies, slower on CPU"})
+    pad_multiple: int = field(default=1, metadata={
+        "config": "train.pad_multiple",
+        "help": "training batches padded to a multiple of this length: fewer shapes"})
     data: DataSpec = field(default_factory=DataSpec, metadata={"record": DataSpec})
     selection: SelectionSpec = field(default_factory=SelectionSpec,
                                      metadata={"record": SelectionSpec})
@@ -167,6 +170,10 @@ class RunSetup(Record):
         require(is_int(self.num_threads) and self.num_threads >= 0, config_key(self, "num_threads"),
                  self.num_threads, "an integer >= 0")
         require(self.loss in LOSSES, config_key(self, "loss"), self.loss, str(list(LOSSES)))
+        require(is_int(self.pad_multiple) and 1 <= self.pad_multiple <= self.max_length,
+                 config_key(self, "pad_multiple"), self.pad_multiple,
+                 f"an integer from 1 (no padding beyond the batch's longest) to "
+                 f"train.max_length ({self.max_length})")
         for name in ("gradient_checkpointing", "release_memory", "fp32_compute"):
             require(isinstance(getattr(self, name), bool), config_key(self, name),
                      getattr(self, name), "true or false")

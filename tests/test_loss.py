@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fedapp.llm.adapters import attach_lora, detach_lora
-from fedapp.llm.data import IGNORE_INDEX
+from fedapp.llm.data import IGNORE_INDEX, collate
 from fedapp.llm.loss import chunkable_head, chunked_cross_entropy, labelled_logprobs, lm_loss
 from fedapp.llm.model import load_base
 from fedapp.llm.train import set_gradient_checkpointing, train_steps
@@ -190,3 +190,29 @@ def test_labelled_logprobs_are_the_full_log_softmax_at_the_labels(tiny_model_dir
     assert torch.equal(keep, labels != IGNORE_INDEX)
     torch.testing.assert_close(picked, logp[keep].gather(1, labels[keep][:, None]).squeeze(1),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_batches_padded_to_a_multiple_give_the_same_loss_and_gradients(tiny_model_dir,
+                                                                       quantization):
+    """train.pad_multiple: the extra positions are masked and unlabelled, so the loss and
+    the LoRA gradients are those of the batch padded to its longest example."""
+    base = load_base(str(tiny_model_dir), quantization, "cpu")
+    model = attach_lora(base, 4, 8, TARGETS, seed=0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    torch.manual_seed(2)
+    examples = [{"input_ids": torch.randint(1, 500, (n,)).tolist(),
+                 "labels": [IGNORE_INDEX] * 4 + torch.randint(1, 500, (n - 4,)).tolist()}
+                for n in (13, 9, 17)]
+    tight, padded = collate(examples, 0), collate(examples, 0, multiple=8)
+    assert tight["input_ids"].shape == (3, 17) and padded["input_ids"].shape == (3, 24)
+    assert not padded["attention_mask"][:, 17:].any()
+    assert (padded["labels"][:, 17:] == IGNORE_INDEX).all()
+    for loss in ("chunked", "plain"):
+        tight_loss, tight_grads = _lora_grads(model, tight, loss)
+        padded_loss, padded_grads = _lora_grads(model, padded, loss)
+        assert padded_loss == pytest.approx(tight_loss, abs=1e-5)
+        assert float((padded_grads - tight_grads).norm() / tight_grads.norm()) < 1e-4
+    detach_lora(model)

@@ -196,6 +196,10 @@ BAD = [
      "train.gradient_checkpointing=1; allowed: true or false"),
     (make_setup, {"release_memory": "yes"}, "train.release_memory='yes'; allowed: true or false"),
     (make_setup, {"fp32_compute": "on"}, "train.fp32_compute='on'; allowed: true or false"),
+    (make_setup, {"pad_multiple": 0},
+     ("train.pad_multiple=0; allowed: an integer from 1 (no padding beyond the batch's "
+      "longest) to train.max_length (128)")),
+    (make_setup, {"pad_multiple": 256}, "train.pad_multiple=256; allowed: an integer from 1"),
     (make_setup, {"partitioner": "natural", "data": DataSpec(label_column="")},
      "dataset.label_column=''; allowed: a column name (partitioner.name='natural'"),
     (prune, {"ratio": 1.0}, "scenario.devices.<class>.sparsity=1.0; allowed: 0 <= ratio < 1"),

@@ -93,7 +93,8 @@ def local_data(setup: RunSetup, order: TrainOrder, partition_id: int, num_partit
         examples = [e for i in range(num_partitions)
                     for e in selected_examples(setup, num_partitions, i)[0]]
     return examples, train_batches(examples, setup.batch_size, pad,
-                                   seed=order.seed + 1000 * partition_id), pad
+                                   seed=order.seed + 1000 * partition_id,
+                                   multiple=setup.pad_multiple), pad
 
 
 def step_plan(order: TrainOrder, slices: int) -> list[int]:

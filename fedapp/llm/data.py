@@ -197,9 +197,12 @@ def tokenize_records(records, spec: DataSpec, tokenizer, max_length: int) -> lis
     return [e for e in examples if any(t != IGNORE_INDEX for t in e["labels"][1:])]
 
 
-def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: (batch, max_len) input_ids, attention_mask, labels."""
-    width = max(len(e["input_ids"]) for e in examples)
+def collate(examples: list[dict], pad_token_id: int, multiple: int = 1
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: (batch, width) input_ids, attention_mask, labels, `width` the
+    longest example's length rounded up to a multiple of `multiple` (padding is masked out
+    and never labelled, so the loss is the same)."""
+    width = -(-max(len(e["input_ids"]) for e in examples) // multiple) * multiple
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -212,8 +215,9 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 
 def train_batches(examples: list[dict], batch_size: int, pad_token_id: int,
-                  seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches: a client's local steps may exceed one epoch."""
+                  seed: int, multiple: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches: a client's local steps may exceed one epoch; each padded
+    to a multiple of `multiple` tokens (`collate`)."""
     if not examples:
         raise ValueError("this client's partition has no usable training examples")
     rng = random.Random(seed)
@@ -221,4 +225,5 @@ def train_batches(examples: list[dict], batch_size: int, pad_token_id: int,
         order = list(range(len(examples)))
         rng.shuffle(order)
         for start in range(0, len(order), batch_size):
-            yield collate([examples[i] for i in order[start:start + batch_size]], pad_token_id)
+            yield collate([examples[i] for i in order[start:start + batch_size]], pad_token_id,
+                          multiple)
