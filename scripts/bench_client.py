@@ -72,6 +72,7 @@ VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release
     "nf4 plain loss": ("nf4", "plain"),
     "nf4 pruned 0.5": ("nf4", "prune"),
     "nf4 pruned lean": ("nf4", "prune ckpt pin fp32"),
+    "nf4-emb pruned 0.5": ("nf4-embeddings", "prune"),
     "nf4 1st run": ("nf4", "fresh"),
     "nf4 quantised here": ("nf4", "inproc"),
     "262k vocab": ("nf4", "bigvocab"),
