@@ -15,9 +15,9 @@ start (`flower_env`: `flwr run`, the SuperLink, the SuperNodes, Ray's workers in
 `scripts/flwr_env.sh` does the same for the shell scripts through this module's CLI.
 
 `FEDAPP_ALLOCATOR` picks: `jemalloc` (the default: Ray's bundled copy, which every
-simulation install has, else the system's libjemalloc.so.2, else glibc with a note on
-stderr), `system` (glibc's malloc), or the path of a malloc library to preload. Linux
-only; elsewhere nothing is preloaded. Each client logs the allocator it runs on.
+simulation install has, else the system's libjemalloc.so.2, else glibc with a logged
+warning), `system` (glibc's malloc), or the path of a malloc library to preload. Linux
+only; elsewhere nothing is preloaded. Each client reports the allocator it ran on (metric `jemalloc`).
 
     python -m fedapp.tools.allocator --shell     # the export line flwr_env.sh evaluates
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import shlex
 import sys
@@ -81,8 +82,9 @@ def allocator_env(env: dict[str, str]) -> dict[str, str]:
         else:
             out.pop("LD_PRELOAD", None)
         if choice == "jemalloc" and sys.platform.startswith("linux"):
-            print("[allocator] no jemalloc found (Ray's bundled copy or libjemalloc.so.2): "
-                  "glibc's malloc, whose fragmentation costs peak memory", file=sys.stderr)
+            logging.getLogger(__name__).warning(
+                "no jemalloc found (Ray's bundled copy or libjemalloc.so.2): glibc's malloc, "
+                "whose fragmentation costs peak memory")
         out[VARIABLE] = "system"
         return out
     if str(library) not in preload:
