@@ -12,7 +12,9 @@
    checkpointing + release_memory in bf16 (both precisions), or checkpointing + fp32 compute
    (4-bit); 4-bit with the plain loss (what
    the chunked loss saves); 4-bit pruned to FedSpine's
-   ratio 0.5 (what pruning buys); a first run (nothing prepared: the partition and the 4-bit
+   ratio 0.5 (what pruning buys): in the client's process (a device's first pruned round,
+   the unpruned model scored and sliced first) and "stored" (a later round: the pruned
+   copy a helper process stored, loaded as `fedapp.client.store` loads it); a first run (nothing prepared: the partition and the 4-bit
    copy are made by helper processes) and the client quantising in its own process; a
    Gemma-3-270M-shaped model (262k-token vocabulary, random weights) with the chunked and the
    plain loss. Every variant runs on the app's allocator (jemalloc where installed,
@@ -73,6 +75,9 @@ VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release
     "nf4 pruned 0.5": ("nf4", "prune"),
     "nf4 pruned lean": ("nf4", "prune ckpt pin fp32"),
     "nf4-emb pruned 0.5": ("nf4-embeddings", "prune"),
+    # a later round: the device loads the copy it stored after pruning (fedapp.client.store)
+    "nf4 pruned 0.5 stored": ("nf4", "prune stored"),
+    "nf4-emb pruned 0.5 stored": ("nf4-embeddings", "prune stored"),
     "nf4 1st run": ("nf4", "fresh"),
     "nf4 quantised here": ("nf4", "inproc"),
     "262k vocab": ("nf4", "bigvocab"),
@@ -138,10 +143,42 @@ def big_vocab_model() -> Path:
     return folder
 
 
+def worker_prune(quantization: str) -> dict:
+    """A device's first pruned round, as far as its base goes: the unpruned base scored on
+    a probe batch (Taylor) and pruned to 0.5 in one slice, then stored on disk as the client
+    stores it (`fedapp.client.store`); its folder and parameter ratio."""
+    from fedapp.client.pruned import PrunedCopy
+    from fedapp.client.round import local_data, target_keys
+    from fedapp.client.store import store_copy, store_dir
+    from fedapp.config import build_strategy, compose_config
+    from fedapp.llm.adapters import with_lora
+    from fedapp.llm.data import collate
+    from fedapp.llm.model import load_base, weights_folder
+    from fedapp.pruning.importance import block_costs
+    from fedapp.pruning.surgery import iterative_prune
+    from fedapp.pruning.units import units_of
+
+    strategy = build_strategy(compose_config(f"model.quantization={quantization}"), {})
+    setup, order = strategy.setup, strategy.make_order(1, 8)
+    examples, _, pad = local_data(setup, order, 0, 4)
+    base = load_base(setup.model_path, quantization, "cpu")
+    full, targets = block_costs(base), target_keys(base, setup.target_modules)
+    with with_lora(base, 8, order.lora_alpha, list(setup.target_modules), 0) as model:
+        done = iterative_prune(model, 0.5, 1, lambda m: None, "taylor",
+                               batches=[collate(examples[:setup.batch_size], pad)])
+    folder = store_dir(setup.model_path, quantization, "cpu", units_of(base, done))
+    if not store_copy(PrunedCopy(base, done, targets, full), folder,
+                      weights_folder(setup.model_path, quantization, "cpu")):
+        sys.exit(f"the pruned copy was not stored at {folder} (FEDAPP_PRUNED_STORE=0?)")
+    return {"folder": str(folder), "params-ratio": done.params_after / done.params_before}
+
+
 def worker_client(quantization: str, options: str, steps: int) -> dict:
     """One client in this fresh process; its peak RSS split into parts (MiB), s/step."""
     from fedapp.llm import memory
 
+    stored = run_worker(__file__, "--worker", "prune", quantization) \
+        if "stored" in options else None  # in its own process: none of it counted here
     if "fresh" in options:  # a first run: nothing prepared yet (the converted model is kept)
         cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
         (cache / "models").symlink_to(Path(os.environ.get(
@@ -153,6 +190,7 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
     import transformers  # noqa: F401
 
     from fedapp.client.round import local_data
+    from fedapp.client.store import load_copy
     from fedapp.config import build_strategy, compose_config
     from fedapp.llm.adapters import attach_lora
     from fedapp.llm.data import collate
@@ -175,11 +213,13 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
         os.environ["FEDAPP_PREPARED"] = "0"
     memory.reset_peak()
     start = time.perf_counter()
-    model = attach_lora(load_base(setup.model_path, quantization, "cpu"), 8, order.lora_alpha,
-                        list(setup.target_modules), seed=0)
+    base = load_copy(Path(stored["folder"]), quantization, "cpu").base if stored \
+        else load_base(setup.model_path, quantization, "cpu")
+    model = attach_lora(base, 8, order.lora_alpha, list(setup.target_modules), seed=0)
     load = {"seconds": time.perf_counter() - start, "peak": memory.peak_rss_mb()}
-    params = 1.0
-    if "prune" in options:  # FedSpine's client: Taylor scores on a probe batch, one slice
+    params = stored["params-ratio"] if stored else 1.0
+    if "prune" in options and not stored:  # FedSpine's first round: Taylor scores on a
+        # probe batch of the unpruned model, one slice, in this process
         done = iterative_prune(model, 0.5, 1, lambda m: None, "taylor",
                                batches=[collate(examples[:setup.batch_size], pad)])
         params = done.params_after / done.params_before
@@ -323,7 +363,7 @@ def main() -> None:
     if args.worker:
         kind, arg = args.worker
         result = (worker_client(*VARIANTS[arg], args.steps) if kind == "client"
-                  else worker_bare(arg))
+                  else worker_prune(arg) if kind == "prune" else worker_bare(arg))
         print(json.dumps(result))
         return
     if args.part in ("all", "memory"):

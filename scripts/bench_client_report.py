@@ -61,7 +61,8 @@ def print_pruning_and_loading(rows: dict[str, dict]) -> None:
         return row[peak] - row["parts"]["imports"] - row["parts"]["data"]
 
     for pruned, full in (("nf4 pruned 0.5", "nf4"), ("nf4 pruned lean", "nf4 lean"),
-                         ("nf4-emb pruned 0.5", "nf4-emb")):
+                         ("nf4-emb pruned 0.5", "nf4-emb"), ("nf4 pruned 0.5 stored", "nf4"),
+                         ("nf4-emb pruned 0.5 stored", "nf4-emb")):
         if pruned not in rows or full not in rows:
             continue
         p, f = rows[pruned], rows[full]

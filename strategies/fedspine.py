@@ -21,9 +21,9 @@ stable name) picks an arm (prune ratio, rank) among the feasible ones (one of ea
 trains alike, `feasible_for`), unplayed arms scored by a predicted reward
 (`strategies.spine_prior`: a cost model, and the pruning round an arm owes when it stops
 short of the target); the order says the ratio to reach and the ratio reached, and the
-message carries the device's structure (`protocol.UNITS`, kept by the server: a device keeps
-nothing between rounds) and the frozen global update G cut to it. The client rebuilds that
-structure from the base, prunes on to the round's ratio, tunes a LoRA of that rank beside G
+message carries the device's structure (`protocol.UNITS`, kept by the server) and the
+frozen global update G cut to it. The client loads that structure (the copy it stored, else
+sliced from the base), prunes on to the round's ratio, tunes a LoRA of that rank beside G
 (`fedapp.client`), and replies with its factors at the pruned shapes, the rows / columns they
 cover and the structure it reached (checked by `strategies.units`: only ever a subset of
 what it had). The server scatters the factors to full shape (zeros at pruned units,
@@ -42,8 +42,8 @@ its links), λ = `time_weight`; `reward_scale: round` divides it by the round's 
 
 The memory a client would need for an arm is `spine_memory.estimated_memory_mb` with this
 strategy's `memory` coefficients (fixed_mb: runtime, embeddings and activations; base_mb:
-the prunable attention / MLP weights and what scales with them; lora_mb_per_rank), at the
-ratio it trains at; a device's first pruning round still loads the unpruned 4-bit model.
+the prunable weights and what scales with them; lora_mb_per_rank) at the ratio it trains
+at. Only a device's first pruning round holds the unpruned base (`fedapp.client.store`).
 
 `arm_policy: random` replaces the bandit by a uniformly random feasible arm of the initial
 grid (seeded by seed, round and client): the ablation the benchmark compares against.

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from peft import AutoPeftModelForCausalLM, PeftModel
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from fedapp.llm.adapters import PEFT_PREFIX, with_lora
 from fedapp.llm.model import disable_bnb_cpu_repack, load_base, load_tokenizer
@@ -31,19 +31,6 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: dense_weight(m) for n, m in model.named_modules() if n.endswith(LINEARS)}
-
-
-@pytest.fixture(scope="module")
-def wide_dir(tmp_path_factory) -> str:
-    """A 2-layer Llama whose MLP has 8 whole 4-bit blocks per down_proj row (channel
-    groups of 64) and 4 query / 2 KV heads of 16."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("wide")
-    LlamaForCausalLM(config).save_pretrained(out)
-    return str(out)
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])

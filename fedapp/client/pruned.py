@@ -3,10 +3,11 @@
 Pruning slices layers in place, so a pruned round works on a copy of the base
 (`load_base`), never on the process's cached one. The server sends each device the
 structure it reached (`fedapp.pruning.units`); a process that still holds a copy at that
-structure (same model, partition and device) reuses it, else the structure is rebuilt from
-a fresh copy of the base by slicing alone (no scoring). The last `FEDAPP_PRUNED_CACHE`
-copies (default 8; SmolLM2-135M: about 0.1 GB each) are kept. A deployed SuperNode starts a
-process per message, so it rebuilds its structure every round.
+structure (same model, partition and device) reuses it, else it loads the copy stored on
+the device's disk after the round that reached it (`fedapp.client.store`: a deployed
+SuperNode starts a process per message), else the structure is rebuilt from a fresh copy of
+the base by slicing alone (no scoring). The last `FEDAPP_PRUNED_CACHE` copies (default 8;
+SmolLM2-135M: about 0.1 GB each) are kept in the process.
 """
 
 from __future__ import annotations

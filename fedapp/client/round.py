@@ -5,8 +5,9 @@
 1. The base: the process's cached 4-bit base when nothing is pruned (a FedBiOT order: its
    emulator, `fedapp.llm.emulator`, only the ordered layers loaded); for a pruning order,
    this device's copy at the structure the server says it reached (`units`,
-   `fedapp.pruning.units`): the process's copy if it holds one, else rebuilt by slicing a
-   fresh copy of the base (`fedapp.client.pruned`).
+   `fedapp.pruning.units`): the process's copy if it holds one, else the copy this device
+   stored on its disk after an earlier round (`fedapp.client.store`), else rebuilt by
+   slicing a fresh copy of the base (`fedapp.client.pruned`).
 2. The LoRA: a fresh trainable LoRA of `order.lora_r` (started from the global arrays when
    `global_mode` is "init"), beside the global update G as a frozen adapter when it is
    "frozen" (`fedapp.llm.adapters`; cut to the pruned copy's layers).
@@ -35,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from logging import INFO
+from pathlib import Path
 
 import torch
 from flwr.common.logger import log
@@ -48,12 +50,19 @@ from fedapp.client.pruned import (
     units_key,
 )
 from fedapp.client.selection import selected_examples
+from fedapp.client.store import load_copy, store_copy, store_dir
 from fedapp.llm.adapters import PEFT_PREFIX, lora_state, target_module_shapes, with_lora
 from fedapp.llm.data import collate, train_batches
 from fedapp.llm.emulator import cached_emulator
 from fedapp.llm.loss import lm_loss
 from fedapp.llm.memory import peak_rss_mb, return_freed_memory
-from fedapp.llm.model import cached_base, compute_in_fp32, default_device, load_base
+from fedapp.llm.model import (
+    cached_base,
+    compute_in_fp32,
+    default_device,
+    load_base,
+    weights_folder,
+)
 from fedapp.llm.train import TrainResult, set_gradient_checkpointing, train_steps
 from fedapp.pruning.importance import block_costs
 from fedapp.pruning.structure import Block
@@ -133,6 +142,22 @@ def structure(base: torch.nn.Module, setup: RunSetup, order: TrainOrder
     return {k: r for k, r in zip(keys, order.pipe.ranks, strict=True) if r}
 
 
+def stored_at(setup: RunSetup, device: str, units: Mapping[str, torch.Tensor]) -> Path:
+    """Where this device keeps its base pruned to `units` (`fedapp.client.store`)."""
+    return store_dir(setup.model_path, setup.quantization, device, units)
+
+
+def keep_reached(setup: RunSetup, device: str, key: tuple, copy: PrunedCopy,
+                 reached: Mapping[str, torch.Tensor]) -> None:
+    """Keep the pruned copy a round ends with: in this process (for the next round here) and
+    on the device's disk (a later round, in any process, loads it instead of the unpruned
+    base)."""
+    keep_copy(key[:-1] + (units_key(reached),), copy)
+    if reached:
+        store_copy(copy, stored_at(setup, device, reached),
+                   weights_folder(setup.model_path, setup.quantization, device))
+
+
 def round_base(setup: RunSetup, order: TrainOrder, partition_id: int, num_partitions: int,
                device: str, units: Mapping[str, torch.Tensor]
                ) -> tuple[tuple, torch.nn.Module, PrunedCopy | None, bool]:
@@ -152,6 +177,9 @@ def round_base(setup: RunSetup, order: TrainOrder, partition_id: int, num_partit
         return key, cached_base(setup.model_path, setup.quantization, device), None, False
     if (copy := take_copy(key)) is not None:
         return key, copy.base, copy, True
+    if units and (copy := load_copy(stored_at(setup, device, units), setup.quantization,
+                                    device)) is not None:
+        return key, copy.base, copy, False
     base = load_base(setup.model_path, setup.quantization, device)
     full, count = block_costs(base), parameter_count(base)
     targets = target_keys(base, setup.target_modules)
@@ -244,8 +272,8 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
     total = compose(copy.result, done) if done is not None else copy.result
     total = dataclasses.replace(total, params_after=parameter_count(base))  # LoRA removed
     reached = units_of(base, total)  # `base` is the pruned model again, its LoRA removed
-    keep_copy(key[:-1] + (units_key(reached),), PrunedCopy(base, total, copy.targets,
-                                                           copy.full_costs))
+    keep_reached(setup, device, key, PrunedCopy(base, total, copy.targets, copy.full_costs),
+                 reached)
     metrics.update({"params-ratio": total.params_after / total.params_before,
                     "sparsity": 1 - prunable_parameter_count(base) / copy.full_prunable,
                     "pruned-before": float(reused)})

@@ -217,16 +217,49 @@ def load_base(path: str, quantization: str, device: str | None = None) -> torch.
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if prepared is not None:
             _save_prepared(model, prepared)
+    loaded = prepared if prepared is not None and (prepared / "config.json").exists() \
+        else Path(source)
+    return _finish(model, quantization, small_embeddings, loaded)
+
+
+def _finish(model: torch.nn.Module, quantization: str, small_embeddings: bool,
+            loaded: Path) -> torch.nn.Module:
+    """What every loaded base gets: 4-bit layers decoding into one scratch buffer and never
+    repacked, the embedding in NF4 for 'nf4-embeddings' (its rows read from the files of
+    the folder `loaded`), every parameter frozen, no KV cache."""
     if quantization == "nf4":
         disable_bnb_cpu_repack(model)
         use_scratch(model)  # CPU 4-bit layers decode into one reused buffer
     if small_embeddings:
-        loaded = prepared if prepared is not None and (prepared / "config.json").exists() \
-            else Path(source)
         quantise_embeddings(model, checkpoint_readers(loaded))
     model.requires_grad_(False)
     model.config.use_cache = False
     return model
+
+
+def weights_folder(path: str, quantization: str, device: str) -> Path | None:
+    """The local folder `load_base(path, quantization, device)` reads its weights from
+    (the prepared 4-bit copy once it exists), None for a Hub id."""
+    source = resolve_model_path(path)
+    prepared = prepared_dir(source, device) if quantization != "none" else None
+    if prepared is not None and (prepared / "config.json").exists():
+        return prepared
+    return Path(source) if Path(source).is_dir() else None
+
+
+def load_saved(folder: Path, quantization: str, device: str | None = None) -> torch.nn.Module:
+    """A base saved as it is held (`fedapp.client.store.save_model`: 4-bit layers with
+    their quantisation state, or plain; e.g. a pruned copy), loaded as `load_base` leaves
+    a base, without quantising anything again."""
+    from transformers import AutoModelForCausalLM
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"model.quantization={quantization!r}; allowed: {list(QUANTIZATIONS)}")
+    device = device or default_device()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map=device)
+    small_embeddings = quantization == "nf4-embeddings"
+    return _finish(model, "nf4" if small_embeddings else quantization, small_embeddings,
+                   folder)
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 from flwr.common.logger import log
-from safetensors.torch import save_file
 
 from fedapp.client.pruned import slice_global
+from fedapp.client.store import save_model
 from fedapp.llm.model import load_base
 from fedapp.pruning.surgery import parameter_count
 from fedapp.pruning.units import apply_units, stock_config
@@ -42,21 +42,6 @@ from fedapp.server.evaluate import export_adapter
 from strategies.lora_math import rank_of, split_factors
 
 Adapter = tuple[Mapping[str, torch.Tensor], int, float]  # (state, r, lora_alpha)
-
-
-def save_model(model: torch.nn.Module, config: object, out_dir: Path) -> None:
-    """The model's weights (4-bit ones with their quantisation state, tied ones once) and
-    `config` as a folder `from_pretrained` loads. transformers 5 cannot re-save a model it
-    loaded pre-quantised (no reverse weight conversion), so the state dict is written here."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tied = getattr(config, "tie_word_embeddings", False)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-             if not (tied and k == "lm_head.weight")}
-    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
-    config.use_cache = True
-    config.save_pretrained(out_dir)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out_dir)
 
 
 def export_device(model_path: str, quantization: str, units: Mapping[str, list[int]],
