@@ -175,3 +175,32 @@ def test_a_restarted_superlink_takes_its_supernodes_back_and_the_run_resumes(
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert all(r["accepted"] == 2 and r["attempts"] == 1 for r in rows[1:])
     assert (run_dir / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_supernodes_load_their_stored_pruned_base_in_later_rounds(tiny_model_dir, tmp_path,
+                                                                   federation):
+    """A SuperNode starts a ClientApp process per message: from round 2 on, each FedSpine
+    device loads the pruned base it stored after round 1 instead of the unpruned one."""
+    cache = tmp_path / "cache"
+    federation.extra_env = {"FEDAPP_PRUNED_STORE": "8", "FEDAPP_CACHE": str(cache)}
+    federation.start_superlink()
+    federation.start_supernodes(2)
+
+    run_dir = tmp_path / "run"
+    federation.submit(
+        f"model.path={tiny_model_dir} scenario=two_clients train.max_length=64 "
+        "eval.max_examples=16 partitioner=iid strategy=fedspine num_rounds=2 "
+        "train.local_steps=2 strategy.bandit.prune_ratios=[0.5] strategy.bandit.ranks=[4] "
+        "strategy.prune.tune_steps=1 +scenario.devices={dev:{sparsity:0.5}} "
+        "+scenario.device_of_client=[dev]", run_dir)
+
+    assert federation.wait("submit", timeout=300) == 0, federation.logs()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(c["status"] == "ok" for r in rows[1:] for c in r["clients"].values())
+    assert all(c["sparsity"] == pytest.approx(0.5, abs=0.1) for c in rows[2]["clients"].values())
+    loaded = [federation.log(f"supernode-{i}").count("Loaded the pruned base from")
+              for i in range(2)]
+    assert loaded == [1, 1]  # round 2 only: round 1 pruned the unpruned base
+    assert 1 <= len(list((cache / "pruned").iterdir())) <= 2
