@@ -220,9 +220,12 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
     params = stored["params-ratio"] if stored else 1.0
     if "prune" in options and not stored:  # FedSpine's first round: Taylor scores on a
         # probe batch of the unpruned model, one slice, in this process
+        start = time.perf_counter()
         done = iterative_prune(model, 0.5, 1, lambda m: None, "taylor",
                                batches=[collate(examples[:setup.batch_size], pad)])
         params = done.params_after / done.params_before
+        load["prune-peak"] = memory.peak_rss_mb()  # since the load: the unpruned model scored
+        load["prune-seconds"] = time.perf_counter() - start
     set_gradient_checkpointing(model.get_base_model(), "ckpt" in options)
     if "fp32" in options:  # train.fp32_compute
         compute_in_fp32(model)
@@ -244,7 +247,8 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
     return {"quantization": quantization, "options": options, "parts": parts,
             "peak-rss-mb": peak, "seconds-per-step": timed.seconds / steps, "loss": timed.loss,
             "load-seconds": load["seconds"], "load-peak-mb": load["peak"],
-            "params-ratio": params, "allocator": memory.allocator()}
+            "params-ratio": params, "allocator": memory.allocator(),
+            "prune-peak-mb": load.get("prune-peak"), "prune-seconds": load.get("prune-seconds")}
 
 
 def worker_bare(overrides: str) -> dict:
