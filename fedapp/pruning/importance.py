@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from fedapp.llm.data import IGNORE_INDEX
+from fedapp.llm.loss import lm_loss
 from fedapp.llm.model import disable_bnb_cpu_repack
 from fedapp.pruning.structure import (
     UNIT_LINEARS,
@@ -154,15 +156,26 @@ def _lm_inputs(batch: Mapping[str, torch.Tensor], labels: bool) -> dict[str, tor
 
 
 def taylor_importance(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
-                      beta: float = 0.9) -> Importance:
+                      beta: float = 0.9, rows: int = 1) -> Importance:
     """Taylor scores from one forward/backward pass per batch (an EMA step each); activations
-    are made to require grad, so no LoRA is needed. Gradients left on parameters are cleared."""
+    are made to require grad, so no LoRA is needed. Gradients left on parameters are cleared.
+
+    A device's first pruning round scores its unpruned model, so this pass is kept small:
+    the chunked loss (`fedapp.llm.loss`: no full-vocabulary logits) and `rows` examples of a
+    batch at a time, each part's loss weighted by its share of the batch's labelled tokens,
+    so that their gradients sum to the whole batch's and the scores are the batch's."""
     embed = model.get_input_embeddings().register_forward_hook(
         lambda _m, _i, out: out.requires_grad_(True))
     try:
         with ImportanceTracker(model, beta) as tracker:
             for batch in batches:
-                model(**_lm_inputs(batch, labels=True)).loss.backward()
+                inputs = _lm_inputs(batch, labels=True)
+                total = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+                for start in range(0, len(inputs["input_ids"]), rows):
+                    part = {k: v[start:start + rows] for k, v in inputs.items()}
+                    count = int((part["labels"][:, 1:] != IGNORE_INDEX).sum())
+                    if count:
+                        (lm_loss(model, part) * (count / total)).backward()
                 tracker.step()
             return tracker.importance()
     finally:
