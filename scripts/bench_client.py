@@ -43,6 +43,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_client_parts import (
+    memory_parts,
+    prune_here,
+    saved_activation_bytes,
+    worker_prune,
+)
 from bench_client_report import print_memory, print_ratios
 from bench_common import run_worker
 
@@ -96,31 +102,6 @@ BIG_VOCAB = {"vocab_size": 262_144, "hidden_size": 640, "intermediate_size": 204
              "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
              "head_dim": 256, "query_pre_attn_scalar": 256, "max_position_embeddings": 2048,
              "sliding_window": 512, "tie_word_embeddings": True}
-def tensor_bytes(tensors) -> int:
-    """Bytes of distinct storages among `tensors`."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-    return sum(seen.values())
-
-
-def saved_activation_bytes(model, batch, loss: str) -> int:
-    """Bytes autograd keeps from one forward for its backward (distinct storages, the
-    frozen weights excluded), then runs that backward."""
-    import torch
-
-    from fedapp.llm.loss import lm_loss
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: list = []
-    with torch.autograd.graph.saved_tensors_hooks(
-            lambda t: kept.append(t) or t, lambda t: t):
-        value = lm_loss(model, batch, loss)
-    value.backward()
-    model.zero_grad(set_to_none=True)
-    return tensor_bytes(t for t in kept if t.untyped_storage().data_ptr() not in params)
-
-
 def big_vocab_model() -> Path:
     """The large-vocabulary model folder, built once under the cache."""
     from fedapp.llm.model import cache_dir, load_tokenizer, resolve_model_path
@@ -143,34 +124,12 @@ def big_vocab_model() -> Path:
     return folder
 
 
-def worker_prune(quantization: str) -> dict:
-    """A device's first pruned round, as far as its base goes: the unpruned base scored on
-    a probe batch (Taylor) and pruned to 0.5 in one slice, then stored on disk as the client
-    stores it (`fedapp.client.store`); its folder and parameter ratio."""
-    from fedapp.client.pruned import PrunedCopy
-    from fedapp.client.round import local_data, target_keys
-    from fedapp.client.store import store_copy, store_dir
-    from fedapp.config import build_strategy, compose_config
-    from fedapp.llm.adapters import with_lora
-    from fedapp.llm.data import collate
-    from fedapp.llm.model import load_base, weights_folder
-    from fedapp.pruning.importance import block_costs
-    from fedapp.pruning.surgery import iterative_prune
-    from fedapp.pruning.units import units_of
-
-    strategy = build_strategy(compose_config(f"model.quantization={quantization}"), {})
-    setup, order = strategy.setup, strategy.make_order(1, 8)
-    examples, _, pad = local_data(setup, order, 0, 4)
-    base = load_base(setup.model_path, quantization, "cpu")
-    full, targets = block_costs(base), target_keys(base, setup.target_modules)
-    with with_lora(base, 8, order.lora_alpha, list(setup.target_modules), 0) as model:
-        done = iterative_prune(model, 0.5, 1, lambda m: None, "taylor",
-                               batches=[collate(examples[:setup.batch_size], pad)])
-    folder = store_dir(setup.model_path, quantization, "cpu", units_of(base, done))
-    if not store_copy(PrunedCopy(base, done, targets, full), folder,
-                      weights_folder(setup.model_path, quantization, "cpu")):
-        sys.exit(f"the pruned copy was not stored at {folder} (FEDAPP_PRUNED_STORE=0?)")
-    return {"folder": str(folder), "params-ratio": done.params_after / done.params_before}
+def fresh_cache() -> None:
+    """Point this process at an empty cache that shares only the converted model."""
+    cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    (cache / "models").symlink_to(Path(os.environ.get(
+        "FEDAPP_CACHE", Path.home() / ".cache" / "fedapp")) / "models")
+    os.environ["FEDAPP_CACHE"] = str(cache)
 
 
 def worker_client(quantization: str, options: str, steps: int) -> dict:
@@ -180,10 +139,7 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
     stored = run_worker(__file__, "--worker", "prune", quantization) \
         if "stored" in options else None  # in its own process: none of it counted here
     if "fresh" in options:  # a first run: nothing prepared yet (the converted model is kept)
-        cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
-        (cache / "models").symlink_to(Path(os.environ.get(
-            "FEDAPP_CACHE", Path.home() / ".cache" / "fedapp")) / "models")
-        os.environ["FEDAPP_CACHE"] = str(cache)
+        fresh_cache()
     interpreter = memory.rss_mb()
     import bitsandbytes  # noqa: F401  the client process imports all of these
     import peft  # noqa: F401
@@ -196,7 +152,6 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
     from fedapp.llm.data import collate
     from fedapp.llm.model import compute_in_fp32, load_base
     from fedapp.llm.train import set_gradient_checkpointing, train_steps
-    from fedapp.pruning.surgery import iterative_prune
 
     rss = {"interpreter": interpreter, "imports": memory.rss_mb()}
     if "pin" in options:  # train.release_memory
@@ -213,19 +168,14 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
         os.environ["FEDAPP_PREPARED"] = "0"
     memory.reset_peak()
     start = time.perf_counter()
-    base = load_copy(Path(stored["folder"]), quantization, "cpu").base if stored \
+    base = load_copy(Path(stored["folder"]), quantization, "cpu", setup.target_modules).base \
+        if stored \
         else load_base(setup.model_path, quantization, "cpu")
     model = attach_lora(base, 8, order.lora_alpha, list(setup.target_modules), seed=0)
     load = {"seconds": time.perf_counter() - start, "peak": memory.peak_rss_mb()}
     params = stored["params-ratio"] if stored else 1.0
-    if "prune" in options and not stored:  # FedSpine's first round: Taylor scores on a
-        # probe batch of the unpruned model, one slice, in this process
-        start = time.perf_counter()
-        done = iterative_prune(model, 0.5, 1, lambda m: None, "taylor",
-                               batches=[collate(examples[:setup.batch_size], pad)])
-        params = done.params_after / done.params_before
-        load["prune-peak"] = memory.peak_rss_mb()  # since the load: the unpruned model scored
-        load["prune-seconds"] = time.perf_counter() - start
+    if "prune" in options and not stored:  # FedSpine's first round, in this process
+        params = prune_here(model, [collate(examples[:setup.batch_size], pad)], load)
     set_gradient_checkpointing(model.get_base_model(), "ckpt" in options)
     if "fp32" in options:  # train.fp32_compute
         compute_in_fp32(model)
@@ -236,14 +186,7 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
     memory.reset_peak()
     timed = train_steps(model, batches, steps, setup.lr, log_every=0, loss=loss)
     peak = memory.peak_rss_mb()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
-    parts = {"imports": rss["imports"], "data": rss["data"] - rss["imports"],
-             "weights": tensor_bytes(frozen) / MiB,
-             "lora+optim": 4 * tensor_bytes(trainable) / MiB,  # param, grad, exp_avg(_sq)
-             "activations": activations}
-    parts["resident rest"] = resident - sum(v for k, v in parts.items() if k != "activations")
-    parts["step rest"] = peak - resident - activations
+    parts = memory_parts(model, rss, activations, resident, peak)
     return {"quantization": quantization, "options": options, "parts": parts,
             "peak-rss-mb": peak, "seconds-per-step": timed.seconds / steps, "loss": timed.loss,
             "load-seconds": load["seconds"], "load-peak-mb": load["peak"],

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Pruned copies stored on disk (fedapp.client.store) live in the user's cache; the tests
 # that exercise the store turn it on with a cache of their own.
-os.environ.setdefault("FEDAPP_PRUNED_STORE", "0")
+os.environ["FEDAPP_PRUNED_STORE"] = "0"
 
 from tests.tiny import FAMILIES, build_tiny_model
 

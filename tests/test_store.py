@@ -5,6 +5,7 @@ the copy that was stored; off, capped and refused where a stock config cannot ho
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def test_a_stored_copy_loads_as_the_copy_that_was_stored(wide_dir, store, quanti
 
     # Execute
     stored = store_copy(copy, folder, weights_folder(wide_dir, quantization, "cpu"))
-    loaded = load_copy(folder, quantization, "cpu")
+    loaded = load_copy(folder, quantization, "cpu", ATTENTION)
 
     # Assert: the same computation (4-bit codes kept, nothing quantised twice), the same
     # bookkeeping, and a folder that plain transformers loads in one call
@@ -84,19 +85,24 @@ def test_a_stored_copy_loads_as_the_copy_that_was_stored(wide_dir, store, quanti
     assert torch.equal(plain.get_input_embeddings().weight, source)
 
 
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_a_later_round_loads_the_stored_structure_and_never_the_full_base(
-        tiny_model_dir, store, monkeypatch):
-    # Prepare: a pruned round, then the rebuild a store-less process does
+        tiny_model_dir, store, monkeypatch, quantization):
+    # Prepare: a pruned round (LoRA on q/v), then the rebuild by slicing a store-less
+    # process does, with LoRA on all four attention projections
     cfg = compose_config(f"model.path={tiny_model_dir} train.local_steps=2 "
                          "train.max_length=48 partitioner=iid")
-    setup = dataclasses.replace(run_setup(cfg), quantization="none")
+    setup = dataclasses.replace(run_setup(cfg), quantization=quantization,
+                                target_modules=("q_proj", "v_proj"))
+    wider = dataclasses.replace(setup, target_modules=ATTENTION)
     order = TrainOrder(server_round=1, lora_r=4, lora_alpha=8.0, local_steps=2, seed=0,
-                       global_mode="frozen", prune=PruneOrder(ratio=0.5, criterion="magnitude"))
+                       global_mode="frozen",  # one slice: the rebuild slices the same once
+                       prune=PruneOrder(ratio=0.5, criterion="magnitude", slices=1))
     first = run_round(setup, order, 1, 2, {}, "cpu")
     stay = dataclasses.replace(order, prune=dataclasses.replace(order.prune, reached=0.5))
     pruned._COPIES.clear()
-    monkeypatch.setenv("FEDAPP_PRUNED_STORE", "0")
-    rebuilt = run_round(setup, stay, 1, 2, {}, "cpu", units=first.units)
+    monkeypatch.setenv("FEDAPP_PRUNED_STORE", "0")  # off: not read either
+    rebuilt = run_round(wider, stay, 1, 2, {}, "cpu", units=first.units)
     monkeypatch.delenv("FEDAPP_PRUNED_STORE")
     pruned._COPIES.clear()
 
@@ -106,10 +112,12 @@ def test_a_later_round_loads_the_stored_structure_and_never_the_full_base(
     monkeypatch.setattr(client_round, "load_base", refused)
 
     # Execute: a fresh process's round at the structure reached
-    loaded = run_round(setup, stay, 1, 2, {}, "cpu", units=first.units)
+    loaded = run_round(wider, stay, 1, 2, {}, "cpu", units=first.units)
 
-    # Assert: stored once, and the round from it equals the one rebuilt by slicing
+    # Assert: stored once, and the round from it equals the one rebuilt by slicing; its
+    # reply names kept indices for the modules this round trained (4 × 2 layers)
     assert len(list(store.iterdir())) == 1
+    assert len(loaded.kept) == 2 * 8 == len(rebuilt.kept)
     assert loaded.metrics["loss-before"] == rebuilt.metrics["loss-before"]
     assert loaded.state.keys() == rebuilt.state.keys()
     assert all(torch.equal(loaded.state[k], rebuilt.state[k]) for k in rebuilt.state)
@@ -138,11 +146,15 @@ def test_the_store_can_be_off_and_keeps_the_most_recently_used(wide_dir, store, 
 
     for units, folder in zip(structures[:2], folders, strict=False):
         assert store_copy(pruned_copy(wide_dir, "none", units), folder, None)
-    assert load_copy(folders[0], "none", "cpu") is not None  # used: now the most recent
+    assert load_copy(folders[0], "none", "cpu", ATTENTION) is not None  # now most recent
+    stale, fresh = store / "x.tmp-dead", store / "y.tmp-writing"  # left by a dead writer;
+    for folder in (stale, fresh):  # being written now
+        folder.mkdir()
+    os.utime(stale, (0, 0))
     assert store_copy(pruned_copy(wide_dir, "none", structures[2]), folders[2], None)
 
-    assert sorted(store.iterdir()) == sorted([folders[0], folders[2]])
-    assert load_copy(folders[1], "none", "cpu") is None
+    assert sorted(store.iterdir()) == sorted([folders[0], folders[2], fresh])
+    assert load_copy(folders[1], "none", "cpu", ATTENTION) is None
     monkeypatch.setenv("FEDAPP_PRUNED_STORE", "many")
     with pytest.raises(ValueError, match=r"FEDAPP_PRUNED_STORE='many'; allowed: an integer"):
         store_size()
@@ -154,9 +166,11 @@ def test_a_damaged_or_unwritable_store_costs_time_never_the_round(wide_dir, stor
     assert store_copy(pruned_copy(wide_dir, "nf4"), folder, None)
     with open(folder / "model.safetensors", "r+b") as handle:
         handle.truncate(1000)  # damaged: cut short
-    assert load_copy(folder, "nf4", "cpu") is None
+    assert load_copy(folder, "nf4", "cpu", ATTENTION) is None
+    assert not folder.exists()  # removed: the next round stores it again
+    assert store_copy(pruned_copy(wide_dir, "nf4"), folder, None)
     (folder / "pruned.json").write_text("{")
-    assert load_copy(folder, "nf4", "cpu") is None
+    assert load_copy(folder, "nf4", "cpu", ATTENTION) is None and not folder.exists()
 
     def full_disk(*args):
         raise OSError(28, "No space left on device")

@@ -53,11 +53,23 @@ def units_key(units: Mapping[str, torch.Tensor]) -> tuple:
 _COPIES: OrderedDict[tuple, PrunedCopy] = OrderedDict()
 
 
-def cache_size() -> int:
-    value = os.environ.get("FEDAPP_PRUNED_CACHE", "8")
+def count_setting(name: str, default: int = 8) -> int:
+    """An environment setting that counts copies kept (0: none); ValueError otherwise."""
+    value = os.environ.get(name, str(default))
     if not value.isdigit():
-        raise ValueError(f"FEDAPP_PRUNED_CACHE={value!r}; allowed: an integer >= 0")
+        raise ValueError(f"{name}={value!r}; allowed: an integer >= 0 (0: none kept)")
     return int(value)
+
+
+def cache_size() -> int:
+    return count_setting("FEDAPP_PRUNED_CACHE")
+
+
+def target_keys(base: torch.nn.Module, target_modules: tuple[str, ...]) -> list[str]:
+    """The peft keys of every LoRA target module of `base` (a pruned base without dropped
+    blocks has the full base's)."""
+    return [PEFT_PREFIX + name for name, module in base.named_modules()
+            if name.rsplit(".", 1)[-1] in target_modules and hasattr(module, "in_features")]
 
 
 def take_copy(key: tuple) -> PrunedCopy | None:

@@ -47,11 +47,12 @@ from fedapp.client.pruned import (
     kept_arrays,
     slice_global,
     take_copy,
+    target_keys,
     units_key,
 )
 from fedapp.client.selection import selected_examples
 from fedapp.client.store import load_copy, store_copy, store_dir
-from fedapp.llm.adapters import PEFT_PREFIX, lora_state, target_module_shapes, with_lora
+from fedapp.llm.adapters import lora_state, target_module_shapes, with_lora
 from fedapp.llm.data import collate, train_batches
 from fedapp.llm.emulator import cached_emulator
 from fedapp.llm.loss import lm_loss
@@ -123,12 +124,6 @@ def probe_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> flo
     return loss
 
 
-def target_keys(base: torch.nn.Module, target_modules: tuple[str, ...]) -> list[str]:
-    """The peft keys of every LoRA target module of the full base."""
-    return [PEFT_PREFIX + name for name, module in base.named_modules()
-            if name.rsplit(".", 1)[-1] in target_modules and hasattr(module, "in_features")]
-
-
 def structure(base: torch.nn.Module, setup: RunSetup, order: TrainOrder
               ) -> dict[str, int] | None:
     """A FedPipe order's {peft module key: rank} (modules at rank 0 left out); None for
@@ -164,8 +159,9 @@ def round_base(setup: RunSetup, order: TrainOrder, partition_id: int, num_partit
     """(pruned-copy key, the base to train on, its pruned copy or None, whether that copy
     was reused from this process): the process's
     cached base when nothing is or will be pruned; else this device's copy at `units` (the
-    structure the server says it reached), reused from the process or rebuilt by slicing a
-    fresh copy of the base."""
+    structure the server says it reached), reused from the process, else loaded from the
+    device's store (`fedapp.client.store`), else rebuilt by slicing a fresh copy of the
+    base."""
     prune = order.prune
     # A copy is reused only by the same run setup (model, targets, data), partition, device
     # and structure.
@@ -178,7 +174,7 @@ def round_base(setup: RunSetup, order: TrainOrder, partition_id: int, num_partit
     if (copy := take_copy(key)) is not None:
         return key, copy.base, copy, True
     if units and (copy := load_copy(stored_at(setup, device, units), setup.quantization,
-                                    device)) is not None:
+                                    device, setup.target_modules)) is not None:
         return key, copy.base, copy, False
     base = load_base(setup.model_path, setup.quantization, device)
     full, count = block_costs(base), parameter_count(base)

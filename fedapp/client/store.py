@@ -1,4 +1,4 @@
-"""A device's pruned bases on its own disk, so that it never loads the unpruned base again.
+"""A device's pruned bases on its own disk, so that it need not load the unpruned base again.
 
 After a round that leaves a device with a pruned copy of the base, the client writes that
 copy (LoRA removed) to `$FEDAPP_CACHE/pruned/<model>-<quantization>-<dtype>-<digest>/`,
@@ -6,36 +6,38 @@ keyed by the model, its quantisation, the compute dtype and the structure reache
 (`fedapp.pruning.units`). A later round at that structure with no copy in its process (a
 deployed SuperNode starts a process per message; a simulation actor that served other
 partitions) loads it directly: its 4-bit codes as they were (nothing is quantised again),
-so the process never holds the unpruned model beside or before its pruned one. Only the
-round that first prunes a device scores the unpruned model.
+so that process never holds the unpruned model. Rounds that still do: a device's first
+pruning round (it scores the unpruned model), and any round whose structure is not stored
+(the store off or full, a structure a stock config cannot hold: unequal layers, dropped
+blocks; `nf4-embeddings` on a Hub model without a local copy).
 
-A folder is a stock transformers model (`save_model`; every layer keeps the same shapes,
-`stock_config`) plus `pruned.json`: how it was cut from the full base (kept rows/columns
-per module, dropped blocks, parameter counts), the full base's LoRA targets and block
-costs. With `nf4-embeddings` the held embedding is the 4-bit stand-in, so the folder takes
-the fp32 embedding byte for byte from the files the base was loaded from, streamed, and the
-load quantises it again exactly as the first load did. Structures a stock config cannot
-hold (unequal layers, dropped blocks) are not stored: those rounds rebuild by slicing.
+A folder is a stock transformers model (`save_model`, `stock_config`) plus `pruned.json`:
+how it was cut from the full base (kept rows / columns per module, dropped blocks,
+parameter counts) and the full base's block costs; the round's LoRA targets are taken from
+the loaded model, not stored. With `nf4-embeddings` the held embedding is the 4-bit
+stand-in, so the folder takes the fp32 embedding byte for byte from the files the base was
+loaded from, streamed, and the load quantises it again exactly as the first load did.
 
-`FEDAPP_PRUNED_STORE` = how many structures are kept (default 8, least recently used go
-first; SmolLM2-135M: ≈0.14 GB each), 0 = off.
+`FEDAPP_PRUNED_STORE` = how many structures are kept per machine (default 8, least recently
+used go first; SmolLM2-135M: ≈0.14 GB each), 0 = off (nothing written or read). A store that
+cannot be written or read costs time, never the round: the round slices the base instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
+import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from logging import DEBUG, INFO, WARNING
 from pathlib import Path
 
 import torch
 from flwr.common.logger import log
-from safetensors.torch import save_file
 
-from fedapp.client.pruned import PrunedCopy, units_key
+from fedapp.client.pruned import PrunedCopy, count_setting, target_keys, units_key
 from fedapp.llm.embedding import Nf4Embedding, Nf4Head
 from fedapp.llm.model import (
     cache_dir,
@@ -43,19 +45,19 @@ from fedapp.llm.model import (
     load_saved,
     prepared_dir,
     resolve_model_path,
+    safetensors_header,
+    save_model,
 )
 from fedapp.pruning.surgery import KeptIndices, PruneResult
 from fedapp.pruning.units import stock_config
 
 META = "pruned.json"
 COPY_CHUNK = 16 * 2**20  # bytes per read while streaming a tensor between files
+STALE_SECONDS = 3600  # a temporary folder this old was left by a process that died writing
 
 
 def store_size() -> int:
-    value = os.environ.get("FEDAPP_PRUNED_STORE", "8")
-    if not value.isdigit():
-        raise ValueError(f"FEDAPP_PRUNED_STORE={value!r}; allowed: an integer >= 0 (0: off)")
-    return int(value)
+    return count_setting("FEDAPP_PRUNED_STORE")
 
 
 def store_dir(model_path: str, quantization: str, device: str,
@@ -69,38 +71,13 @@ def store_dir(model_path: str, quantization: str, device: str,
                                      f"{digest.hexdigest()[:16]}")
 
 
-def save_model(model: torch.nn.Module, config: object, out_dir: Path,
-               state: Mapping[str, torch.Tensor] | None = None,
-               file: str = "model.safetensors") -> None:
-    """The model's weights (4-bit ones with their quantisation state, tied ones once), or
-    `state` in their place, and `config`, as a folder `from_pretrained` loads.
-    transformers 5 cannot re-save a model it loaded pre-quantised (no reverse weight
-    conversion), so the state dict is written here."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tied = getattr(config, "tie_word_embeddings", False)
-    state = model.state_dict() if state is None else state
-    save_file({k: v.detach().contiguous() for k, v in state.items()
-               if not (tied and k == "lm_head.weight")}, out_dir / file,
-              metadata={"format": "pt"})
-    config.use_cache = True
-    config.save_pretrained(out_dir)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out_dir)
-
-
-def _header(file: Path) -> tuple[int, dict]:
-    with open(file, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        return 8 + size, json.loads(handle.read(size))
-
-
 def copy_tensors(folder: Path, names: Iterable[str], target: Path) -> list[str]:
     """Write the tensors `names` found in `folder`'s safetensors files to the safetensors
     file `target`, byte for byte and streamed (never whole in memory); the names found."""
-    found: dict[str, tuple[Path, int, int, dict]] = {}
+    wanted, found = list(names), {}
     for file in sorted(folder.glob("*.safetensors")):
-        start, header = _header(file)
-        for name in names:
+        start, header = safetensors_header(file)
+        for name in wanted:
             if name in header and name not in found:
                 begin, end = header[name]["data_offsets"]
                 found[name] = (file, start + begin, end - begin, header[name])
@@ -118,44 +95,52 @@ def copy_tensors(folder: Path, names: Iterable[str], target: Path) -> list[str]:
                 source.seek(begin)
                 while length:
                     chunk = source.read(min(length, COPY_CHUNK))
+                    if not chunk:
+                        raise OSError(f"{file} ends before its tensor data does")
                     out.write(chunk)
                     length -= len(chunk)
     return list(found)
 
 
-def _write(copy: PrunedCopy, folder: Path, weights: Path | None) -> bool:
-    """Write `copy` into the new folder `folder`; False when it cannot be stored."""
-    from transformers import AutoConfig
+def _write_tables(base: torch.nn.Module, config: object, folder: Path,
+                  weights: Path | None) -> str | None:
+    """nf4-embeddings: the layers' state in one file and the fp32 tables, streamed from
+    the folder the base was loaded from, in another; why not, when they cannot be."""
+    small = {name: m for name, m in base.named_modules() if isinstance(m, Nf4Embedding | Nf4Head)}
+    if weights is None:
+        return "no local folder holds its fp32 embedding (a Hub model without a local copy)"
+    config.tie_word_embeddings = len(small) > 1 and len({m.table for m in small.values()}) == 1
+    state = {k: v for k, v in base.state_dict().items()
+             if not any(k.startswith(name + ".") for name in small)}
+    files = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    save_model(base, config, folder, state, files[0])
+    names = [f"{name}.weight" for name, m in small.items()  # a tied head is the embedding
+             if isinstance(m, Nf4Embedding) or not config.tie_word_embeddings]
+    found = copy_tensors(weights, names, folder / files[1])
+    if len(found) != len(names):
+        return f"{weights} lacks {sorted(set(names) - set(found))}"
+    weight_map = dict.fromkeys(state, files[0]) | dict.fromkeys(found, files[1])
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": weight_map}))
+    return None
 
+
+def _write(copy: PrunedCopy, config: object, folder: Path, weights: Path | None) -> str | None:
+    """Write `copy` into the new folder `folder`; why not, when it cannot be stored."""
     base = copy.base
-    config = stock_config(base)  # ValueError for a structure a stock config cannot hold
-    small = [name for name, m in base.named_modules() if isinstance(m, Nf4Embedding | Nf4Head)]
-    if not small:
+    if any(isinstance(m, Nf4Embedding) for m in base.modules()):
+        if (why := _write_tables(base, config, folder, weights)) is not None:
+            return why
+    else:
         save_model(base, config, folder)
-    else:  # nf4-embeddings: the fp32 tables from the folder the base was loaded from
-        if weights is None:
-            return False
-        config.tie_word_embeddings = AutoConfig.from_pretrained(weights).tie_word_embeddings
-        state = {k: v for k, v in base.state_dict().items()
-                 if not any(k.startswith(name + ".") for name in small)}
-        files = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
-        save_model(base, config, folder, state, files[0])
-        tables = copy_tensors(weights, [f"{name}.weight" for name in small], folder / files[1])
-        if not tables:
-            return False
-        weight_map = {k: files[0] for k in state if not (
-            config.tie_word_embeddings and k == "lm_head.weight")} | dict.fromkeys(tables,
-                                                                             files[1])
-        (folder / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {}, "weight_map": weight_map}))
     result = copy.result
     (folder / META).write_text(json.dumps({
         "kept": {k: [v.out_idx.tolist(), v.in_idx.tolist()] for k, v in result.kept.items()},
         "dropped": result.dropped, "params_before": result.params_before,
-        "params_after": result.params_after, "targets": copy.targets,
+        "params_after": result.params_after,
         "full_costs": [[layer, kind, cost] for (layer, kind), cost in
                        copy.full_costs.items()]}))
-    return True
+    return None
 
 
 def store_copy(copy: PrunedCopy, folder: Path, weights: Path | None) -> bool:
@@ -166,39 +151,68 @@ def store_copy(copy: PrunedCopy, folder: Path, weights: Path | None) -> bool:
         return True
     if store_size() == 0:
         return False
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     try:
-        stored = _write(copy, tmp, weights)
+        config = stock_config(copy.base)
     except ValueError as err:  # not a stock shape: this structure is rebuilt by slicing
         log(DEBUG, "Pruned copy not stored: %s", err)
-        stored = False
-    except OSError as err:  # a full or read-only disk costs later rounds time, not this one
-        log(WARNING, "Pruned copy not stored at %s: %s", folder, err)
-        stored = False
-    if stored:
+        return False
+    stored = False
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
         try:
-            tmp.rename(folder)
-        except OSError:  # another process stored it first
-            stored = (folder / META).exists()
-    shutil.rmtree(tmp, ignore_errors=True)
-    trim(folder.parent, store_size())
+            if (why := _write(copy, config, tmp, weights)) is not None:
+                log(INFO, "Pruned copy not stored: %s", why)
+            else:
+                try:
+                    tmp.rename(folder)
+                except OSError:  # another process stored it first, or left a broken folder
+                    if not (folder / META).exists():
+                        _discard(folder)
+                        tmp.rename(folder)
+                stored = (folder / META).exists()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        trim(folder.parent, store_size())
+    except Exception as err:  # noqa: BLE001  a full or read-only disk, a failed write:
+        # later rounds slice the base again; this round's work is not lost
+        log(WARNING, "Pruned copy not stored at %s: %s", folder, err)
     return stored
 
 
+def _discard(folder: Path) -> None:
+    """Remove a stored copy so that no reader ever sees half of it: renamed aside first."""
+    aside = folder.with_name(f"{folder.name}.tmp-gone-{time.monotonic_ns()}")
+    try:
+        folder.rename(aside)
+    except OSError:
+        return  # gone already
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def trim(root: Path, keep: int) -> None:
-    """Remove all but the `keep` most recently used stored copies under `root`."""
-    if not root.is_dir():
-        return
-    folders = sorted((p for p in root.iterdir() if (p / META).exists()),
-                     key=lambda p: (p / META).stat().st_mtime_ns, reverse=True)
-    for old in folders[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Remove all but the `keep` most recently used stored copies under `root`, and
+    temporary folders left by processes that died writing."""
+    used: list[tuple[int, Path]] = []
+    for path in root.iterdir() if root.is_dir() else []:
+        try:
+            if ".tmp-" in path.name:
+                if time.time() - path.stat().st_mtime > STALE_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+            else:
+                used.append(((path / META).stat().st_mtime_ns, path))
+        except OSError:  # removed meanwhile, or a folder its writer never finished
+            continue
+    for _, old in sorted(used, reverse=True)[keep:]:
+        _discard(old)
 
 
-def load_copy(folder: Path, quantization: str, device: str) -> PrunedCopy | None:
-    """The stored copy at `folder`, loaded (None when there is none, or when it cannot be
-    read: removed meanwhile, damaged; the round then slices the base as without a store)."""
-    if not (folder / META).exists():
+def load_copy(folder: Path, quantization: str, device: str,
+              target_modules: tuple[str, ...]) -> PrunedCopy | None:
+    """The stored copy at `folder`, loaded, its LoRA targets those of `target_modules`; None
+    when the store is off or holds none there, or when it cannot be read (removed
+    meanwhile, damaged: then it is removed, and the round slices the base instead)."""
+    if store_size() == 0 or not (folder / META).exists():
         return None
     try:
         meta = json.loads((folder / META).read_text())
@@ -208,11 +222,17 @@ def load_copy(folder: Path, quantization: str, device: str) -> PrunedCopy | None
                              meta["params_before"], meta["params_after"])
         costs = {(layer, kind): cost for layer, kind, cost in meta["full_costs"]}
         base = load_saved(folder, quantization, device)
-        (folder / META).touch()  # most recently used
-    except Exception as err:  # noqa: BLE001  a cache: whatever is wrong with it (a file
-        # cut short, removed meanwhile, bad JSON, safetensors' own errors) costs time only
-        log(WARNING, "Stored pruned copy %s unreadable (%s); slicing the base instead",
-            folder, err)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # the unpruned base would not fit either
+    except Exception as err:  # noqa: BLE001  a cache: whatever is wrong with it (a file cut
+        # short, bad JSON, safetensors' own errors) costs time only
+        log(WARNING, "Stored pruned copy %s unreadable (%s); removed, slicing the base "
+            "instead", folder, err)
+        _discard(folder)
         return None
+    try:
+        (folder / META).touch()  # most recently used
+    except OSError:
+        pass  # a read-only store still serves its copies
     log(INFO, "Loaded the pruned base from %s", folder)
-    return PrunedCopy(base, result, meta["targets"], costs)
+    return PrunedCopy(base, result, target_keys(base, target_modules), costs)

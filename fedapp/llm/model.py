@@ -192,15 +192,12 @@ def load_base(path: str, quantization: str, device: str | None = None) -> torch.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    if quantization not in QUANTIZATIONS:  # RunSetup checks it; direct callers too
-        raise ValueError(f"model.quantization={quantization!r}; allowed: {list(QUANTIZATIONS)}")
-    device = device or default_device()
+    device = _checked(quantization, device)
     source = resolve_model_path(path)
     small_embeddings = quantization == "nf4-embeddings"
     quantization = "nf4" if small_embeddings else quantization
     kwargs: dict = {"dtype": torch.float32, "device_map": device}
-    use_prepared = quantization == "nf4" and os.environ.get("FEDAPP_PREPARED", "1") != "0"
-    prepared = prepared_dir(source, device) if use_prepared else None
+    prepared = prepared_dir(source, device) if _use_prepared(quantization) else None
     if prepared is not None and not (prepared / "config.json").exists() \
             and checkpoint_bytes(source) > HELPER_PREPARES_ABOVE \
             and os.environ.get("FEDAPP_HELPER_PREPARING") != "1":
@@ -222,6 +219,14 @@ def load_base(path: str, quantization: str, device: str | None = None) -> torch.
     return _finish(model, quantization, small_embeddings, loaded)
 
 
+def _checked(quantization: str, device: str | None) -> str:
+    """The device to load on; ValueError for an unknown quantization (RunSetup checks it;
+    direct callers too)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"model.quantization={quantization!r}; allowed: {list(QUANTIZATIONS)}")
+    return device or default_device()
+
+
 def _finish(model: torch.nn.Module, quantization: str, small_embeddings: bool,
             loaded: Path) -> torch.nn.Module:
     """What every loaded base gets: 4-bit layers decoding into one scratch buffer and never
@@ -241,21 +246,24 @@ def weights_folder(path: str, quantization: str, device: str) -> Path | None:
     """The local folder `load_base(path, quantization, device)` reads its weights from
     (the prepared 4-bit copy once it exists), None for a Hub id."""
     source = resolve_model_path(path)
-    prepared = prepared_dir(source, device) if quantization != "none" else None
+    prepared = prepared_dir(source, device) if _use_prepared(quantization) else None
     if prepared is not None and (prepared / "config.json").exists():
         return prepared
     return Path(source) if Path(source).is_dir() else None
 
 
+def _use_prepared(quantization: str) -> bool:
+    return quantization in ("nf4", "nf4-embeddings") \
+        and os.environ.get("FEDAPP_PREPARED", "1") != "0"
+
+
 def load_saved(folder: Path, quantization: str, device: str | None = None) -> torch.nn.Module:
-    """A base saved as it is held (`fedapp.client.store.save_model`: 4-bit layers with
+    """A base saved as it is held (`save_model`: 4-bit layers with
     their quantisation state, or plain; e.g. a pruned copy), loaded as `load_base` leaves
     a base, without quantising anything again."""
     from transformers import AutoModelForCausalLM
 
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"model.quantization={quantization!r}; allowed: {list(QUANTIZATIONS)}")
-    device = device or default_device()
+    device = _checked(quantization, device)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map=device)
     small_embeddings = quantization == "nf4-embeddings"
     return _finish(model, "nf4" if small_embeddings else quantization, small_embeddings,
@@ -271,7 +279,6 @@ def checkpoint_readers(folder: Path) -> dict[str, Callable[[int, int], torch.Ten
     memory and every page of the mapping that is read stays in this process's resident set
     while any tensor points into the file; read this way, the fp32 embedding that
     `nf4-embeddings` replaces is never paged in (measured: 108 MiB less at the peak)."""
-    import json
 
     def reader(file: Path, offset: int, shape: list[int], dtype: torch.dtype
                ) -> Callable[[int, int], torch.Tensor]:
@@ -286,15 +293,43 @@ def checkpoint_readers(folder: Path) -> dict[str, Callable[[int, int], torch.Ten
 
     readers = {}
     for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-        with open(file, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
+        start, header = safetensors_header(file)
         for name, info in header.items():
             if name != "__metadata__" and info["dtype"] in SAFETENSORS_DTYPES \
                     and len(info["shape"]) == 2:
-                readers[name] = reader(file, 8 + size + info["data_offsets"][0], info["shape"],
+                readers[name] = reader(file, start + info["data_offsets"][0], info["shape"],
                                        SAFETENSORS_DTYPES[info["dtype"]])
     return readers
+
+
+def safetensors_header(file: Path) -> tuple[int, dict]:
+    """(where the file's tensor data starts, its header: name -> dtype, shape, offsets)."""
+    import json
+
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return 8 + size, json.loads(handle.read(size))
+
+
+def save_model(model: torch.nn.Module, config: object, out_dir: Path,
+               state: dict[str, torch.Tensor] | None = None,
+               file: str = "model.safetensors") -> None:
+    """The model's weights (4-bit ones with their quantisation state, tied ones once), or
+    `state` in their place, and `config`, as a folder `from_pretrained` loads (`load_saved`
+    too). transformers 5 cannot re-save a model it loaded pre-quantised (no reverse weight
+    conversion), so the state dict is written here."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tied = getattr(config, "tie_word_embeddings", False)
+    state = model.state_dict() if state is None else state
+    save_file({k: v.detach().contiguous() for k, v in state.items()
+               if not (tied and k == "lm_head.weight")}, out_dir / file,
+              metadata={"format": "pt"})
+    config.use_cache = True
+    config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
 
 
 HELPER_PREPARES_ABOVE = 64 * 2**20  # bytes of weights; tiny test models quantise in-process

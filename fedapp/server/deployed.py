@@ -34,8 +34,7 @@ import torch
 from flwr.common.logger import log
 
 from fedapp.client.pruned import slice_global
-from fedapp.client.store import save_model
-from fedapp.llm.model import load_base
+from fedapp.llm.model import load_base, save_model
 from fedapp.pruning.surgery import parameter_count
 from fedapp.pruning.units import apply_units, stock_config
 from fedapp.server.evaluate import export_adapter
