@@ -43,7 +43,7 @@ its links), λ = `time_weight`; `reward_scale: round` divides it by the round's 
 The memory a client would need for an arm is `spine_memory.estimated_memory_mb` with this
 strategy's `memory` coefficients (fixed_mb: runtime, embeddings and activations; base_mb:
 the prunable weights and what scales with them; lora_mb_per_rank) at the ratio it trains
-at; a device's first pruning round holds the unpruned base (later ones: `fedapp.client.store`).
+at, which bounds a first pruning round too (scoring the unpruned base peaks lower: bench_client).
 
 `arm_policy: random` replaces the bandit by a uniformly random feasible arm of the initial
 grid (seeded by seed, round and client): the ablation the benchmark compares against.
