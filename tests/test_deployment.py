@@ -200,6 +200,8 @@ def test_supernodes_load_their_stored_pruned_base_in_later_rounds(tiny_model_dir
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(c["status"] == "ok" for r in rows[1:] for c in r["clients"].values())
     assert all(c["sparsity"] == pytest.approx(0.5, abs=0.1) for c in rows[2]["clients"].values())
+    assert [[c["pruned-stored"] for c in r["clients"].values()] for r in rows[1:]] == [
+        [0.0, 0.0], [1.0, 1.0]]
     loaded = [federation.log(f"supernode-{i}").count("Loaded the pruned base from")
               for i in range(2)]
     assert loaded == [1, 1]  # round 2 only: round 1 pruned the unpruned base

@@ -118,6 +118,8 @@ def test_a_later_round_loads_the_stored_structure_and_never_the_full_base(
     # reply names kept indices for the modules this round trained (4 × 2 layers)
     assert len(list(store.iterdir())) == 1
     assert len(loaded.kept) == 2 * 8 == len(rebuilt.kept)
+    assert (loaded.metrics["pruned-stored"], rebuilt.metrics["pruned-stored"]) == (1.0, 0.0)
+    assert first.metrics["pruned-stored"] == loaded.metrics["pruned-before"] == 0.0
     assert loaded.metrics["loss-before"] == rebuilt.metrics["loss-before"]
     assert loaded.state.keys() == rebuilt.state.keys()
     assert all(torch.equal(loaded.state[k], rebuilt.state[k]) for k in rebuilt.state)

@@ -155,9 +155,9 @@ def keep_reached(setup: RunSetup, device: str, key: tuple, copy: PrunedCopy,
 
 def round_base(setup: RunSetup, order: TrainOrder, partition_id: int, num_partitions: int,
                device: str, units: Mapping[str, torch.Tensor]
-               ) -> tuple[tuple, torch.nn.Module, PrunedCopy | None, bool]:
-    """(pruned-copy key, the base to train on, its pruned copy or None, whether that copy
-    was reused from this process): the process's
+               ) -> tuple[tuple, torch.nn.Module, PrunedCopy | None, str]:
+    """(pruned-copy key, the base to train on, its pruned copy or None, where that copy
+    came from: "process", "store" or "" for neither): the process's
     cached base when nothing is or will be pruned; else this device's copy at `units` (the
     structure the server says it reached), reused from the process, else loaded from the
     device's store (`fedapp.client.store`), else rebuilt by slicing a fresh copy of the
@@ -168,19 +168,19 @@ def round_base(setup: RunSetup, order: TrainOrder, partition_id: int, num_partit
     key = (setup, num_partitions, partition_id, device, units_key(units))
     if order.pipe is not None and order.pipe.layers:  # FedBiOT: the emulator, never the base
         return key, cached_emulator(setup.model_path, setup.quantization, device,
-                                    order.pipe.layers), None, False
+                                    order.pipe.layers), None, ""
     if prune is None or (prune.ratio == 0 and not units):
-        return key, cached_base(setup.model_path, setup.quantization, device), None, False
+        return key, cached_base(setup.model_path, setup.quantization, device), None, ""
     if (copy := take_copy(key)) is not None:
-        return key, copy.base, copy, True
+        return key, copy.base, copy, "process"
     if units and (copy := load_copy(stored_at(setup, device, units), setup.quantization,
                                     device, setup.target_modules)) is not None:
-        return key, copy.base, copy, False
+        return key, copy.base, copy, "store"
     base = load_base(setup.model_path, setup.quantization, device)
     full, count = block_costs(base), parameter_count(base)
     targets = target_keys(base, setup.target_modules)
     result = apply_units(base, units) if units else PruneResult({}, [], count, count)
-    return key, base, PrunedCopy(base, result, targets, full), False
+    return key, base, PrunedCopy(base, result, targets, full), ""
 
 
 def tune_with_probes(model: torch.nn.Module, prune: PruneOrder, slices: int | None,
@@ -226,7 +226,7 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
     if setup.release_memory:
         return_freed_memory()  # once per process: see fedapp.llm.memory
     examples, batches, pad = local_data(setup, order, partition_id, num_partitions)
-    key, base, copy, reused = round_base(setup, order, partition_id, num_partitions, device,
+    key, base, copy, origin = round_base(setup, order, partition_id, num_partitions, device,
                                          units or {})
     memory_options(setup, base)
     prune, frozen = order.prune, dict(global_state) if order.global_mode == "frozen" else {}
@@ -272,7 +272,8 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
                  reached)
     metrics.update({"params-ratio": total.params_after / total.params_before,
                     "sparsity": 1 - prunable_parameter_count(base) / copy.full_prunable,
-                    "pruned-before": float(reused)})
+                    "pruned-before": float(origin == "process"),
+                    "pruned-stored": float(origin == "store")})
     log(INFO, "Probe loss %.4f -> %.4f, sparsity %.3f, parameters kept %.3f, %.1f s",
         probes["loss-before"], probes["loss-after"], metrics["sparsity"],
         metrics["params-ratio"], seconds)
@@ -299,6 +300,6 @@ def round_metrics(num_examples: int, results: list[TrainResult], seconds: float,
             "loss-pruned": probes["loss-pruned"],
             "tune-seconds": sum(r.seconds for r in results),
             "prune-ratio": float(order.prune.ratio),
-            "params-ratio": 1.0, "sparsity": 0.0, "pruned-before": 0.0,
+            "params-ratio": 1.0, "sparsity": 0.0, "pruned-before": 0.0, "pruned-stored": 0.0,
         })
     return metrics
