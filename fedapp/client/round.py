@@ -270,14 +270,20 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
     reached = units_of(base, total)  # `base` is the pruned model again, its LoRA removed
     keep_reached(setup, device, key, PrunedCopy(base, total, copy.targets, copy.full_costs),
                  reached)
-    metrics.update({"params-ratio": total.params_after / total.params_before,
-                    "sparsity": 1 - prunable_parameter_count(base) / copy.full_prunable,
-                    "pruned-before": float(origin == "process"),
-                    "pruned-stored": float(origin == "store")})
+    metrics.update(pruned_metrics(base, total, copy, origin))
     log(INFO, "Probe loss %.4f -> %.4f, sparsity %.3f, parameters kept %.3f, %.1f s",
         probes["loss-before"], probes["loss-after"], metrics["sparsity"],
         metrics["params-ratio"], seconds)
     return RoundResult(state, metrics, kept_arrays(total, copy.targets), reached)
+
+
+def pruned_metrics(base: torch.nn.Module, total: PruneResult, copy: PrunedCopy,
+                   origin: str) -> dict[str, float]:
+    """A pruned round's figures: parameters kept, sparsity reached, where its copy came from
+    (`round_base`)."""
+    return {"params-ratio": total.params_after / total.params_before,
+            "sparsity": 1 - prunable_parameter_count(base) / copy.full_prunable,
+            "pruned-before": float(origin == "process"), "pruned-stored": float(origin == "store")}
 
 
 def round_metrics(num_examples: int, results: list[TrainResult], seconds: float,
