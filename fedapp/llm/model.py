@@ -214,9 +214,8 @@ def load_base(path: str, quantization: str, device: str | None = None) -> torch.
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if prepared is not None:
             _save_prepared(model, prepared)
-    loaded = prepared if prepared is not None and (prepared / "config.json").exists() \
-        else Path(source)
-    return _finish(model, quantization, small_embeddings, loaded)
+    return _finish(model, quantization, small_embeddings,
+                   _loaded_from(source, prepared) or Path(source))
 
 
 def _checked(quantization: str, device: str | None) -> str:
@@ -246,7 +245,12 @@ def weights_folder(path: str, quantization: str, device: str) -> Path | None:
     """The local folder `load_base(path, quantization, device)` reads its weights from
     (the prepared 4-bit copy once it exists), None for a Hub id."""
     source = resolve_model_path(path)
-    prepared = prepared_dir(source, device) if _use_prepared(quantization) else None
+    return _loaded_from(source,
+                        prepared_dir(source, device) if _use_prepared(quantization) else None)
+
+
+def _loaded_from(source: str, prepared: Path | None) -> Path | None:
+    """The prepared 4-bit copy when it exists, else the source folder (None: a Hub id)."""
     if prepared is not None and (prepared / "config.json").exists():
         return prepared
     return Path(source) if Path(source).is_dir() else None
