@@ -56,7 +56,7 @@ def worker_prune(quantization: str) -> dict:
     base = load_base(setup.model_path, quantization, "cpu")
     full, targets = block_costs(base), target_keys(base, setup.target_modules)
     with with_lora(base, 8, order.lora_alpha, list(setup.target_modules), 0) as model:
-        done = iterative_prune(model, 0.5, 1, lambda m: None, "taylor",
+        done = iterative_prune(model, 0.5, 1, lambda m: None, "fisher",
                                batches=[collate(examples[:setup.batch_size], pad)])
     folder = store_dir(setup.model_path, quantization, "cpu", units_of(base, done))
     if not store_copy(PrunedCopy(base, done, targets, full), folder,
@@ -73,7 +73,7 @@ def prune_here(model, batches: list, load: dict) -> float:
     from fedapp.pruning.surgery import iterative_prune
 
     start = time.perf_counter()
-    done = iterative_prune(model, 0.5, 1, lambda m: None, "taylor", batches=batches)
+    done = iterative_prune(model, 0.5, 1, lambda m: None, "fisher", batches=batches)
     load["prune-peak"] = memory.peak_rss_mb()
     load["prune-seconds"] = time.perf_counter() - start
     return done.params_after / done.params_before

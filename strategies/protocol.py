@@ -30,7 +30,8 @@ LOSSES = ("chunked", "plain")  # fedapp.llm.loss: the same value, chunked withou
 # How a client uses the arrays of a train message: ignore them ("none"), keep them as a
 # frozen low-rank term beside the base ("frozen", FLoRA), or start its LoRA from them ("init").
 GLOBAL_MODES = ("none", "frozen", "init")
-CRITERIA = ("magnitude", "taylor", "llm-drop")  # structured-pruning importance criteria
+# structured-pruning importance criteria (fedapp.pruning.importance)
+CRITERIA = ("magnitude", "taylor", "fisher", "llm-drop")
 ZO_SAMPLINGS = ("uniform", "pro")  # FedKSeed: how a client draws its seeds (kseed_math)
 DEFAULT_DATASET = "zaragoza-faq"
 
@@ -188,13 +189,13 @@ class PruneOrder(Record):
     """FedSpine: the device's copy, at the structure it `reached` (sent as "units", pruned to
     `reached` of the full model's attention / MLP parameters), is pruned on to `ratio` in
     `slices` slices, tuning LoRA `tune_steps` steps after each slice (within the round's
-    `local_steps`), scoring units by `criterion` (Taylor: the first slice on `calibration`
+    `local_steps`), scoring units by `criterion` (Taylor / Fisher: the first slice on `calibration`
     batches of its data, later ones on the tuning steps' gradients); the client then
     measures its loss on a probe batch before and after, for the server's bandit. No step
     prunes past the device's final ratio `target` (`fedapp.pruning.surgery.plan_pruning`)."""
 
     ratio: float = field(metadata={"config": "scenario.devices.<class>.sparsity"})
-    criterion: str = field(default="taylor", metadata={"config": "strategy.prune.criterion"})
+    criterion: str = field(default="fisher", metadata={"config": "strategy.prune.criterion"})
     slices: int = field(default=2, metadata={"config": "strategy.prune.slices"})
     tune_steps: int = field(default=20, metadata={"config": "strategy.prune.tune_steps"})
     reached: float = field(default=0.0, metadata={"help": "the ratio of the structure sent"})

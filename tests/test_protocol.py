@@ -207,7 +207,7 @@ BAD = [
     (prune, {"reached": 0.75}, "reached=0.75; allowed: 0 <= reached <= ratio (0.5)"),
     (prune, {"calibration": 0}, "strategy.prune.calibration=0; allowed: an int >= 1"),
     (prune, {"criterion": "random"},
-     "strategy.prune.criterion='random'; allowed: ['magnitude', 'taylor', 'llm-drop']"),
+     "strategy.prune.criterion='random'; allowed: ['magnitude', 'taylor', 'fisher', 'llm-drop']"),
     (prune, {"slices": 0}, "strategy.prune.slices=0; allowed: an int >= 1"),
     (prune, {"tune_steps": 0}, "strategy.prune.tune_steps=0; allowed: an int >= 1"),
     (make_order, {"server_round": 0}, "server-round=0; allowed: an int >= 1"),

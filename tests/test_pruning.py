@@ -182,7 +182,7 @@ def test_requantised_slice_matches_the_dequantised_slice(tiny_model_dir):
     assert both.weight.quant_state.blocksize == layer.weight.quant_state.blocksize
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor", "fisher"])
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
 def test_unit_criteria_score_every_unit_and_plan_the_share(tiny_model_dir, criterion, ratio):
     base = load_base(str(tiny_model_dir), "none", "cpu")
@@ -306,7 +306,8 @@ def test_pruning_unimportant_channels_hurts_less(tiny_model_dir):
 
 
 @pytest.mark.parametrize(("criterion", "calibrate"), [
-    ("taylor", True), ("taylor", False), ("magnitude", False), ("llm-drop", True)])
+    ("taylor", True), ("taylor", False), ("fisher", False), ("magnitude", False),
+    ("llm-drop", True)])
 def test_iterative_prune_reaches_the_target_with_lora(tiny_model_dir, criterion, calibrate):
     model = attach_lora(load_base(str(tiny_model_dir), "nf4", "cpu"), 4, 8, TARGETS, seed=0)
     full = {n: (m.out_features, m.in_features) for n, m in
@@ -321,7 +322,7 @@ def test_iterative_prune_reaches_the_target_with_lora(tiny_model_dir, criterion,
     result = iterative_prune(model, 0.5, 3, tune, criterion, batches=batches)
 
     # without calibration batches, Taylor scores its first slice on an extra tune_fn run
-    calls = calls if calibrate or criterion != "taylor" else calls[1:]
+    calls = calls if calibrate or criterion not in ("taylor", "fisher") else calls[1:]
     assert len(calls) == 3 and calls == sorted(calls, reverse=True)
     removed = 1 - prunable_parameter_count(model) / (2 * LAYER)
     # llm-drop moves in whole blocks (an attention block is 1/6 of the prunable parameters)
@@ -358,7 +359,10 @@ def test_bad_arguments_name_the_value(tiny_model_dir):
         plan_pruning(magnitude_importance(base), 1.0)
     with pytest.raises(ValueError, match="removing all 2"):
         prune_model(base, PrunePlan(kv_groups={0: [0, 1]}))
-    with pytest.raises(ValueError, match="criterion='fisher'"):
+    with pytest.raises(ValueError, match=r"criterion='wanda'; allowed: \['magnitude', 'taylor', "
+                       r"'fisher', 'llm-drop'\]"):
+        score(base, "wanda")
+    with pytest.raises(ValueError, match="criterion='fisher' needs calibration batches"):
         score(base, "fisher")
     with pytest.raises(ValueError, match=r"layer 5 mlp is out of range"):
         prune_model(base, PrunePlan(channels={5: [0]}))

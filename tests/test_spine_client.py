@@ -197,7 +197,7 @@ def structure_oracle(setup: RunSetup, units: dict[str, torch.Tensor],
         return probe_loss(model, probe)
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor", "fisher"])
 def test_a_device_goes_on_from_the_structure_the_server_sends(tiny_model_dir, criterion,
                                                              empty_pruned_cache):
     # Prepare: plain weights, so that a rebuilt structure is bit-identical to a reused one

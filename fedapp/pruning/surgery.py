@@ -34,7 +34,13 @@ from fedapp.llm import memory
 from fedapp.llm.adapters import GLOBAL
 from fedapp.llm.model import disable_bnb_cpu_repack
 from fedapp.llm.scratch import use_scratch
-from fedapp.pruning.importance import Importance, ImportanceTracker, block_costs, score
+from fedapp.pruning.importance import (
+    GRADIENT_CRITERIA,
+    Importance,
+    ImportanceTracker,
+    block_costs,
+    score,
+)
 from fedapp.pruning.structure import (
     UNIT_LINEARS,
     Block,
@@ -293,9 +299,10 @@ def _plan_blocks(importance: Importance, ratio: float, full: Mapping[Block, int]
 
 
 def _tune(model: nn.Module, tune_fn: Callable[[nn.Module], object], beta: float,
-          track: bool) -> Importance | None:
-    """Run tune_fn; with `track`, return the Taylor scores its backward passes gave."""
-    tracker = ImportanceTracker(model, beta) if track else None
+          track: str | None) -> Importance | None:
+    """Run tune_fn; with `track` (a gradient criterion's name), return the scores its
+    backward passes gave."""
+    tracker = ImportanceTracker(model, beta, track == "fisher") if track else None
     try:
         tune_fn(model)
     finally:
@@ -305,7 +312,7 @@ def _tune(model: nn.Module, tune_fn: Callable[[nn.Module], object], beta: float,
 
 
 def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
-                    tune_fn: Callable[[nn.Module], object], criterion: str = "taylor",
+                    tune_fn: Callable[[nn.Module], object], criterion: str = "fisher",
                     batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
                     beta: float = 0.9, full: Mapping[Block, int] | None = None,
                     end: float = 0.0) -> PruneResult:
@@ -318,7 +325,7 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
     is sliced with the base, so tune_fn must build its optimizer from the model's
     parameters on every call.
 
-    Taylor scores come from the previous tune_fn run's gradients; the first slice scores on
+    Taylor / Fisher scores come from the previous tune_fn run's gradients; the first slice scores on
     `batches`, or, without batches, on an extra tune_fn run before it. Every peft adapter
     of a wrapped layer (the trainable LoRA and a frozen global one) is sliced with it.
     """
@@ -328,8 +335,8 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
     check_prunable(model)
     full = block_costs(model) if full is None else full
     start = 1 - prunable_parameter_count(model) / sum(full.values())
-    taylor = criterion == "taylor"
-    tracked = _tune(model, tune_fn, beta, track=True) if taylor and not batches else None
+    taylor = criterion if criterion in GRADIENT_CRITERIA else None
+    tracked = _tune(model, tune_fn, beta, track=taylor) if taylor and not batches else None
     total: PruneResult | None = None
     for s in range(1, slices + 1):
         importance = tracked if tracked is not None else score(model, criterion, batches, beta)
@@ -337,6 +344,6 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
         result = prune_model(model, plan_pruning(importance, max(0.0, ratio), full,
                                                  max(end, target_ratio)))
         total = result if total is None else compose(total, result)
-        tracked = _tune(model, tune_fn, beta, track=taylor and s < slices)
+        tracked = _tune(model, tune_fn, beta, track=taylor if s < slices else None)
     assert total is not None
     return total

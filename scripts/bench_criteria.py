@@ -1,0 +1,143 @@
+"""Which pruning criterion leaves the best model after recovery, measured in one run.
+
+For each device partition, ratio and criterion (`strategy.prune.criterion`), SmolLM2-135M
+4-bit with a fresh LoRA is scored on `--calibration` batches of the partition (as a
+FedSpine round's first slice is), pruned to the ratio in one step (`iterative_prune`, the
+app's planning: KV groups and MLP channel groups per layer), then its LoRA is trained on
+the partition for `--steps` steps; its held-out loss is printed right after pruning and
+every `--every` steps. The unpruned model trained the same steps on the same batches is
+the reference. Printed per ratio: each criterion's mean over partitions and its gap to the
+unpruned reference (what recovery has still to close), and the ratio of each criterion's
+gap to the first-order Taylor criterion's.
+
+    .venv/bin/python scripts/bench_criteria.py                  # 0.25, 0.5 x 2 partitions
+    .venv/bin/python scripts/bench_criteria.py --ratios 0.5 --partitions 0 --steps 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+REFERENCE = "unpruned"
+
+
+def measure(setup, partition: int, partitions: int, criterion: str, ratio: float,
+            steps: int, every: int, calibration: int, held: list[dict]) -> dict[str, float]:
+    """Held-out losses of one (partition, criterion, ratio): after pruning and every `every`
+    recovery steps (keys "pruned", "step 12", ...); the criterion REFERENCE does not prune."""
+    import torch
+
+    from fedapp.client.selection import selected_examples
+    from fedapp.llm.adapters import with_lora
+    from fedapp.llm.data import collate, train_batches
+    from fedapp.llm.model import load_base
+    from fedapp.llm.train import eval_loss, train_steps
+    from fedapp.pruning.surgery import iterative_prune
+
+    examples, pad = selected_examples(setup, partitions, partition)
+    batches = train_batches(examples, setup.batch_size, pad, seed=1000 * partition)
+    calib = [collate(examples[i:i + setup.batch_size], pad) for i in range(
+        0, min(len(examples), calibration * setup.batch_size), setup.batch_size)]
+    base = load_base(setup.model_path, setup.quantization, "cpu")
+    losses = {}
+    with with_lora(base, 8, 16, list(setup.target_modules), seed=0) as model:
+        if criterion != REFERENCE:
+            iterative_prune(model, ratio, 1, lambda _m: None, criterion,
+                            batches=calib if criterion != "magnitude" else None)
+        losses["pruned"] = eval_loss(model, held, setup.batch_size, pad)
+        for done in range(every, steps + 1, every):
+            train_steps(model, batches, every, setup.lr, log_every=0)
+            losses[f"step {done}"] = eval_loss(model, held, setup.batch_size, pad)
+    del base
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return losses
+
+
+def table(results: dict[tuple, dict[str, float]], ratio: float, criteria: list[str],
+          partitions: list[int]) -> list[str]:
+    """Markdown rows for one ratio: mean held-out loss over partitions per column, the
+    gap to the unpruned reference at the last step, and that gap's ratio to taylor's."""
+    columns = list(next(iter(results.values())))
+    last = columns[-1]
+
+    def mean(criterion: str, column: str, r: float) -> float:
+        return statistics.mean(results[p, criterion, r][column] for p in partitions)
+
+    reference = mean(REFERENCE, last, 0.0)
+    rows = [f"### ratio {ratio} (held-out loss, mean over partitions {partitions})", "",
+            "| criterion | " + " | ".join(columns) + f" | gap to unpruned at {last} | "
+            "gap / taylor's |", "|---" * (len(columns) + 3) + "|"]
+    taylor_gap = mean("taylor", last, ratio) - reference if "taylor" in criteria else None
+    for criterion in criteria:
+        gap = mean(criterion, last, ratio) - reference
+        share = f"{gap / taylor_gap:.2f}x" if taylor_gap else "n/a"
+        rows.append(f"| {criterion} | " + " | ".join(
+            f"{mean(criterion, c, ratio):.3f}" for c in columns) + f" | {gap:.3f} | {share} |")
+    rows.append(f"| {REFERENCE} | " + " | ".join(
+        f"{mean(REFERENCE, c, 0.0):.3f}" for c in columns) + " | 0 | |")
+    per = ", ".join(f"{c} " + " / ".join(f"{results[p, c, ratio][last]:.3f}"
+                                         for p in partitions) for c in criteria)
+    return rows + ["", f"Per partition at {last}: {per}; {REFERENCE} " + " / ".join(
+        f"{results[p, REFERENCE, 0.0][last]:.3f}" for p in partitions), ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--criteria", default="magnitude,taylor,fisher")
+    parser.add_argument("--ratios", default="0.25,0.5")
+    parser.add_argument("--partitions", default="0,1", help="which of --num-partitions")
+    parser.add_argument("--num-partitions", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--every", type=int, default=12)
+    parser.add_argument("--calibration", type=int, default=8)
+    parser.add_argument("--eval-examples", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    criteria = args.criteria.split(",")
+    ratios = [float(r) for r in args.ratios.split(",")]
+    partitions = [int(p) for p in args.partitions.split(",")]
+    if args.steps < args.every or args.every < 1:
+        parser.error(f"--steps={args.steps}, --every={args.every}; allowed: 1 <= every <= steps")
+    from strategies.protocol import CRITERIA
+    for criterion in criteria:
+        if criterion not in CRITERIA or criterion == "llm-drop":
+            parser.error(f"criterion {criterion!r}; allowed: "
+                         f"{[c for c in CRITERIA if c != 'llm-drop']}")
+
+    import torch
+
+    from fedapp.config import compose_config, run_setup
+    from fedapp.llm.model import load_tokenizer
+    from fedapp.server.evaluate import heldout_examples
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup = run_setup(compose_config(""))
+    held = heldout_examples(setup.data, load_tokenizer(setup.model_path), setup.max_length,
+                            args.eval_examples)
+    runs = [(p, REFERENCE, 0.0) for p in partitions] + [
+        (p, c, r) for r in ratios for c in criteria for p in partitions]
+    results, start = {}, time.perf_counter()
+    for n, (partition, criterion, ratio) in enumerate(runs, 1):
+        results[partition, criterion, ratio] = losses = measure(
+            setup, partition, args.num_partitions, criterion, ratio, args.steps, args.every,
+            args.calibration, held)
+        print(f"[{n}/{len(runs)} {time.perf_counter() - start:.0f} s] partition {partition} "
+              f"{criterion} {ratio}: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()),
+              flush=True)
+    print(f"\n{setup.model_path}, {setup.quantization}, LoRA r8 on "
+          f"{list(setup.target_modules)}, lr {setup.lr}, batch {setup.batch_size}, "
+          f"{args.calibration} calibration batches, {len(held)} held-out examples\n")
+    for ratio in ratios:
+        print("\n".join(table(results, ratio, criteria, partitions)))
+
+
+if __name__ == "__main__":
+    main()
