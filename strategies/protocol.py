@@ -189,8 +189,8 @@ class PruneOrder(Record):
     """FedSpine: the device's copy, at the structure it `reached` (sent as "units", pruned to
     `reached` of the full model's attention / MLP parameters), is pruned on to `ratio` in
     `slices` slices, tuning LoRA `tune_steps` steps after each slice (within the round's
-    `local_steps`), scoring units by `criterion` (Taylor / Fisher: the first slice on `calibration`
-    batches of its data, later ones on the tuning steps' gradients); the client then
+    `local_steps`), scoring units by `criterion` (fisher / taylor: the first slice on
+    `calibration` batches of its data, later ones on the tuning steps' gradients); the client then
     measures its loss on a probe batch before and after, for the server's bandit. No step
     prunes past the device's final ratio `target` (`fedapp.pruning.surgery.plan_pruning`)."""
 

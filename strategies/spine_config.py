@@ -40,7 +40,7 @@ def prune_template(prune: Mapping | None) -> PruneOrder:
     if order.criterion == "llm-drop":
         raise ValueError("strategy.prune.criterion='llm-drop' drops whole blocks, which no "
                          "stock architecture loads, and each device's deployed model is "
-                         "exported as one; allowed: taylor, magnitude")
+                         "exported as one; allowed: fisher, taylor, magnitude")
     return order
 
 
