@@ -37,8 +37,8 @@ def saved_activation_bytes(model, batch, loss: str) -> int:
 
 def worker_prune(quantization: str) -> dict:
     """A device's first pruned round, as far as its base goes: the unpruned base scored on
-    a probe batch (Taylor) and pruned to 0.5 in one slice, then stored on disk as the client
-    stores it (`fedapp.client.store`); its folder and parameter ratio."""
+    a probe batch (Fisher, the default criterion) and pruned to 0.5 in one slice, then stored
+    on disk as the client stores it (`fedapp.client.store`); its folder and parameter ratio."""
     from fedapp.client.pruned import PrunedCopy, target_keys
     from fedapp.client.round import local_data
     from fedapp.client.store import store_copy, store_dir
@@ -66,7 +66,7 @@ def worker_prune(quantization: str) -> dict:
 
 
 def prune_here(model, batches: list, load: dict) -> float:
-    """A device's first pruned round: Taylor scores of the unpruned model on `batches`,
+    """A device's first pruned round: Fisher scores of the unpruned model on `batches`,
     pruned to 0.5 in one slice; the peak since the load and the seconds go into `load`.
     The parameter ratio."""
     from fedapp.llm import memory

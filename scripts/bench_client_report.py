@@ -70,7 +70,7 @@ def print_pruning_and_loading(rows: dict[str, dict]) -> None:
               f"{p[peak] / f[peak]:.2f}x (above the imports + data floor "
               f"{above_floor(p) / above_floor(f):.2f}x), s/step {p[step] / f[step]:.2f}x")
         if p.get("prune-peak-mb"):  # a device's first pruned round: the unpruned model first
-            print(f"    its first pruned round: peak through loading and the Taylor pass on "
+            print(f"    its first pruned round: peak through loading and the scoring pass on "
                   f"the unpruned model {p['prune-peak-mb']:.0f} MiB "
                   f"({p['prune-peak-mb'] / f[peak]:.2f}x the unpruned client's training peak; "
                   f"scoring and slicing {p['prune-seconds']:.1f} s)")

@@ -4,8 +4,9 @@ For each device partition, ratio and criterion (`strategy.prune.criterion`), Smo
 4-bit with a fresh LoRA is scored on `--calibration` batches of the partition (as a
 FedSpine round's first slice is), pruned to the ratio in one step (`iterative_prune`, the
 app's planning: KV groups and MLP channel groups per layer), then its LoRA is trained on
-the partition for `--steps` steps; its held-out loss is printed right after pruning and
-every `--every` steps. The unpruned model trained the same steps on the same batches is
+the partition for `--steps` steps, `--every` at a time, each with a fresh AdamW as a
+client's round has (so `--every` is the round's local steps); its held-out loss is printed
+right after pruning and after each of those. The unpruned model trained the same steps on the same batches is
 the reference. Printed per ratio: each criterion's mean over partitions and its gap to the
 unpruned reference (what recovery has still to close), and the ratio of each criterion's
 gap to the first-order Taylor criterion's.
@@ -32,8 +33,6 @@ def measure(setup, partition: int, partitions: int, criterion: str, ratio: float
             steps: int, every: int, calibration: int, held: list[dict]) -> dict[str, float]:
     """Held-out losses of one (partition, criterion, ratio): after pruning and every `every`
     recovery steps (keys "pruned", "step 12", ...); the criterion REFERENCE does not prune."""
-    import torch
-
     from fedapp.client.selection import selected_examples
     from fedapp.llm.adapters import with_lora
     from fedapp.llm.data import collate, train_batches
@@ -55,8 +54,6 @@ def measure(setup, partition: int, partitions: int, criterion: str, ratio: float
         for done in range(every, steps + 1, every):
             train_steps(model, batches, every, setup.lr, log_every=0)
             losses[f"step {done}"] = eval_loss(model, held, setup.batch_size, pad)
-    del base
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return losses
 
 
@@ -105,6 +102,10 @@ def main() -> None:
     partitions = [int(p) for p in args.partitions.split(",")]
     if args.steps < args.every or args.every < 1:
         parser.error(f"--steps={args.steps}, --every={args.every}; allowed: 1 <= every <= steps")
+    if bad := [r for r in ratios if not 0 < r < 1]:
+        parser.error(f"--ratios {bad}; allowed: 0 < ratio < 1")
+    if bad := [p for p in partitions if not 0 <= p < args.num_partitions]:
+        parser.error(f"--partitions {bad}; allowed: 0 .. {args.num_partitions - 1}")
     from strategies.protocol import CRITERIA
     for criterion in criteria:
         if criterion not in CRITERIA or criterion == "llm-drop":

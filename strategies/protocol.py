@@ -32,6 +32,7 @@ LOSSES = ("chunked", "plain")  # fedapp.llm.loss: the same value, chunked withou
 GLOBAL_MODES = ("none", "frozen", "init")
 # structured-pruning importance criteria (fedapp.pruning.importance)
 CRITERIA = ("magnitude", "taylor", "fisher", "llm-drop")
+UNIT_CRITERIA = ("fisher", "taylor", "magnitude")  # those that keep every block: a stock shape
 ZO_SAMPLINGS = ("uniform", "pro")  # FedKSeed: how a client draws its seeds (kseed_math)
 DEFAULT_DATASET = "zaragoza-faq"
 

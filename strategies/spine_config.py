@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 
 from strategies.bandit import BanditConfig
-from strategies.protocol import PruneOrder
+from strategies.protocol import UNIT_CRITERIA, PruneOrder
 
 POLICIES = ("bandit", "random")
 # strategy.reward_from -> the client metric the reward's L_before is read from
@@ -40,7 +40,7 @@ def prune_template(prune: Mapping | None) -> PruneOrder:
     if order.criterion == "llm-drop":
         raise ValueError("strategy.prune.criterion='llm-drop' drops whole blocks, which no "
                          "stock architecture loads, and each device's deployed model is "
-                         "exported as one; allowed: fisher, taylor, magnitude")
+                         f"exported as one; allowed: {', '.join(UNIT_CRITERIA)}")
     return order
 
 

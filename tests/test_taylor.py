@@ -6,8 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedapp.llm.adapters import attach_lora
 from fedapp.llm.model import load_base
-from fedapp.pruning.importance import taylor_importance
+from fedapp.pruning import surgery
+from fedapp.pruning.importance import ImportanceTracker, score, taylor_importance
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3])
@@ -45,23 +49,81 @@ def test_fisher_scores_are_the_summed_squared_gradients_of_per_position_gates(ti
              "labels": ids.masked_fill(mask == 0, -100)}
     importance = taylor_importance(base, [whole], rows=rows, second_order=True)
 
-    layer = base.model.layers[1]
-    gates, handles = {}, []
-    for kind, linear in (("self_attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
-        n = importance.units[1, kind].numel()
-        gates[kind] = torch.ones(3, 16, n, requires_grad=True)
-
-        def gated(_m, args, gate=gates[kind], n=n):
-            return (args[0] * gate.repeat_interleave(args[0].shape[-1] // n, dim=-1),)
-        handles.append(linear.register_forward_pre_hook(gated))
-    base.zero_grad()
-    base(**whole).loss.backward()
-    for handle in handles:
-        handle.remove()
-
+    gates = gated_backward(base, whole, importance.units, layer=1)
     for kind, gate in gates.items():
         oracle = gate.grad.square().sum((0, 1))
         assert oracle.min() > 0
         torch.testing.assert_close(importance.units[1, kind], oracle, rtol=1e-4, atol=1e-12)
     first = taylor_importance(base, [whole], rows=rows).units[1, "mlp"]
     assert not torch.allclose(first, importance.units[1, "mlp"])  # not the first-order score
+
+
+def gated_backward(model: torch.nn.Module, batch: dict, units: dict, layer: int) -> dict:
+    """The oracle's gates of `layer` ({kind: (batch, seq, units) ones}) after one backward
+    pass of `batch`'s loss through `model` (a base or a peft model)."""
+    block = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = block.model.layers[layer]
+    gates, handles = {}, []
+    for kind, linear in (("self_attn", decoder.self_attn.o_proj),
+                         ("mlp", decoder.mlp.down_proj)):
+        n = units[layer, kind].numel()
+        gates[kind] = torch.ones(*batch["input_ids"].shape, n, requires_grad=True)
+
+        def gated(_m, args, gate=gates[kind], n=n):
+            return (args[0] * gate.repeat_interleave(args[0].shape[-1] // n, dim=-1),)
+        handles.append(linear.register_forward_pre_hook(gated))
+    model.zero_grad()
+    try:
+        model(**batch).loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return gates
+
+
+def test_the_fisher_tracker_scores_4bit_lora_training_as_the_gates_do(tiny_model_dir):
+    """During training (4-bit base, LoRA): the tracker's second-order score is the summed
+    squared gradients of per-position gates, the oracle's."""
+    model = attach_lora(load_base(str(tiny_model_dir), "nf4", "cpu"), 4, 8, TARGETS, seed=0)
+    model.train()
+    ids = torch.randint(1, 1024, (2, 12), generator=torch.Generator().manual_seed(7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with ImportanceTracker(model, second_order=True) as tracker:
+        model(**batch).loss.backward()
+        tracker.step()
+    scores = tracker.importance().units
+    gates = gated_backward(model, batch, scores, layer=0)
+    for kind, gate in gates.items():
+        assert gate.grad.square().sum((0, 1)).min() > 0  # every unit scored
+        torch.testing.assert_close(scores[0, kind], gate.grad.square().sum((0, 1)),
+                                   rtol=1e-3, atol=1e-12)
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "fisher"])
+def test_the_criterion_name_picks_the_order_in_scoring_and_in_training(
+        tiny_model_dir, monkeypatch, criterion):
+    base = load_base(str(tiny_model_dir), "none", "cpu").requires_grad_(True)
+    ids = torch.randint(1, 1024, (2, 12), generator=torch.Generator().manual_seed(9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    fisher = criterion == "fisher"
+    expected = taylor_importance(base, [batch], second_order=fisher).units
+    other = taylor_importance(base, [batch], second_order=not fisher).units
+    scored = score(base, criterion, [batch]).units
+    for key, scores in scored.items():
+        torch.testing.assert_close(scores, expected[key])
+    assert not torch.allclose(scored[0, "mlp"], other[0, "mlp"])
+
+    orders = []  # the order of every tracker iterative_prune builds for the tuning runs
+
+    class Recording(ImportanceTracker):
+        def __init__(self, model, beta=0.9, second_order=False):
+            orders.append(second_order)
+            super().__init__(model, beta, second_order)
+    monkeypatch.setattr(surgery, "ImportanceTracker", Recording)
+    model = attach_lora(base.requires_grad_(False), 4, 8, TARGETS, seed=0)
+
+    def tune(m: torch.nn.Module) -> None:
+        m(input_ids=ids, labels=ids).loss.backward()
+        m.zero_grad()
+    surgery.iterative_prune(model, 0.5, 2, tune, criterion)  # no batches: tuning scores
+    assert orders == [fisher, fisher]  # the extra run before slice 1, the run after it

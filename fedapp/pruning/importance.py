@@ -1,9 +1,9 @@
 """Importance of prunable units and blocks (higher score = keep).
 
 Criteria: `magnitude_importance` (L2 norm of a KV group's / MLP channel's weights),
-`taylor_importance` and the training-time `ImportanceTracker` (EMA of |Σ activation ×
-gradient| per unit, `taylor`; or of Σ over token positions of (activation × gradient)²,
-`fisher`), `llm_drop_importance` (per whole block, how much it turns the residual
+`taylor_importance` and the training-time `ImportanceTracker` (EMA per unit of
+|Σ_positions Σ_unit a·∂L/∂a|, `taylor`, or of Σ_positions (Σ_unit a·∂L/∂a)², `fisher`,
+with a the unit's activations), `llm_drop_importance` (per whole block, how much it turns the residual
 stream), and `score`, which picks one by name (`strategies.protocol.CRITERIA`). Each returns
 an `Importance`: the scores plus what removing each unit / block saves in parameters.
 """
@@ -34,7 +34,8 @@ from fedapp.pruning.structure import (
 )
 from strategies.protocol import CRITERIA
 
-GRADIENT_CRITERIA = ("taylor", "fisher")  # scored from activation × gradient, also in training
+# the criteria scored from activation × gradient (also during training): name -> second order
+GRADIENT_CRITERIA = {"taylor": False, "fisher": True}
 
 
 @dataclass
@@ -88,8 +89,9 @@ class ImportanceTracker:
     - first order (`taylor`): |Σ_tokens a·∂L/∂a|, the first-order loss change, which equals
       |Σ g·w| over the unit's o_proj / down_proj weights;
     - second order (`fisher`, `second_order=True`): Σ_tokens (Σ_unit a·∂L/∂a)², the
-      squared gradient of the loss with respect to a gate on the unit at each token position,
-      summed: the empirical-Fisher estimate of the loss change. At a trained model the
+      squared gradient of the batch's loss with respect to a gate on the unit at each token
+      position, summed: a Fisher-style second-order estimate of the loss change (the
+      gradient at a position is the whole batch loss's, not one token's). At a trained model the
       gradient's mean is near zero, so the first-order sum cancels across tokens and ranks
       units by noise; the squares do not cancel. Measured on SmolLM2-135M pruned to 0.5
       (`scripts/bench_criteria.py`), the held-out loss after recovery is lower with it.
@@ -179,7 +181,7 @@ def taylor_importance(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
     the chunked loss (`fedapp.llm.loss`: no full-vocabulary logits) and `rows` examples of a
     batch at a time, each part's loss weighted by its share of the batch's labelled tokens,
     so that their gradients sum to the whole batch's and the scores are the batch's (rows
-do not interact, so each token position's gradient is the whole batch's too)."""
+    do not interact, so each token position's gradient is the whole batch's too)."""
     embed = model.get_input_embeddings().register_forward_hook(
         lambda _m, _i, out: out.requires_grad_(True))
     try:
@@ -265,5 +267,6 @@ def score(model: nn.Module, criterion: str,
     if not batches:
         raise ValueError(f"pruning criterion={criterion!r} needs calibration batches; got none")
     if criterion in GRADIENT_CRITERIA:
-        return taylor_importance(model, batches, beta, second_order=criterion == "fisher")
+        return taylor_importance(model, batches, beta,
+                                 second_order=GRADIENT_CRITERIA[criterion])
     return llm_drop_importance(model, batches)

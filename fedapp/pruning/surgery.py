@@ -302,7 +302,7 @@ def _tune(model: nn.Module, tune_fn: Callable[[nn.Module], object], beta: float,
           track: str | None) -> Importance | None:
     """Run tune_fn; with `track` (a gradient criterion's name), return the scores its
     backward passes gave."""
-    tracker = ImportanceTracker(model, beta, track == "fisher") if track else None
+    tracker = ImportanceTracker(model, beta, GRADIENT_CRITERIA[track]) if track else None
     try:
         tune_fn(model)
     finally:
@@ -335,8 +335,8 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
     check_prunable(model)
     full = block_costs(model) if full is None else full
     start = 1 - prunable_parameter_count(model) / sum(full.values())
-    taylor = criterion if criterion in GRADIENT_CRITERIA else None
-    tracked = _tune(model, tune_fn, beta, track=taylor) if taylor and not batches else None
+    gradient = criterion if criterion in GRADIENT_CRITERIA else None
+    tracked = _tune(model, tune_fn, beta, track=gradient) if gradient and not batches else None
     total: PruneResult | None = None
     for s in range(1, slices + 1):
         importance = tracked if tracked is not None else score(model, criterion, batches, beta)
@@ -344,6 +344,6 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
         result = prune_model(model, plan_pruning(importance, max(0.0, ratio), full,
                                                  max(end, target_ratio)))
         total = result if total is None else compose(total, result)
-        tracked = _tune(model, tune_fn, beta, track=taylor if s < slices else None)
+        tracked = _tune(model, tune_fn, beta, track=gradient if s < slices else None)
     assert total is not None
     return total

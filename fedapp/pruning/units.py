@@ -28,6 +28,7 @@ from fedapp.pruning.structure import (
     num_units,
 )
 from fedapp.pruning.surgery import PrunePlan, PruneResult, prune_model
+from strategies.protocol import UNIT_CRITERIA
 
 Units = dict[str, torch.Tensor]
 _BLOCK = re.compile(r"^(?:.*\.)?(\d+)\.(self_attn|mlp)$")
@@ -89,7 +90,8 @@ def stock_config(model: nn.Module) -> object:
     if dropped := [f"{i}.{kind}" for i, layer in enumerate(layers) for kind in
                    ("self_attn", "mlp") if isinstance(getattr(layer, kind), DroppedBlock)]:
         raise ValueError(f"blocks {dropped[:4]} were dropped whole; a stock architecture "
-                         "needs every layer's attention and MLP (criterion taylor or magnitude)")
+                         "needs every layer's attention and MLP (criterion "
+                         f"{' or '.join(UNIT_CRITERIA)})")
     shapes = {(layer.self_attn.k_proj.out_features, layer.self_attn.q_proj.out_features,
                layer.mlp.up_proj.out_features) for layer in layers}
     if len(shapes) != 1:
