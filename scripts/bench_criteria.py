@@ -13,6 +13,7 @@ gap to the first-order Taylor criterion's.
 
     .venv/bin/python scripts/bench_criteria.py                  # 0.25, 0.5 x 2 partitions
     .venv/bin/python scripts/bench_criteria.py --ratios 0.5 --partitions 0 --steps 24
+    .venv/bin/python scripts/bench_criteria.py --overrides "lora.target_modules=[...]"
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=8)
     parser.add_argument("--eval-examples", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--overrides", default="", help="Hydra overrides of the run's config, "
+                        "e.g. 'lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                        "up_proj,down_proj]'")
     args = parser.parse_args()
     criteria = args.criteria.split(",")
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -120,7 +124,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    setup = run_setup(compose_config(""))
+    setup = run_setup(compose_config(args.overrides))
     held = heldout_examples(setup.data, load_tokenizer(setup.model_path), setup.max_length,
                             args.eval_examples)
     runs = [(p, REFERENCE, 0.0) for p in partitions] + [
