@@ -36,15 +36,14 @@ def measure(setup, partition: int, partitions: int, criterion: str, ratio: float
     recovery steps (keys "pruned", "step 12", ...); the criterion REFERENCE does not prune."""
     from fedapp.client.selection import selected_examples
     from fedapp.llm.adapters import with_lora
-    from fedapp.llm.data import collate, train_batches
+    from fedapp.llm.data import first_batches, train_batches
     from fedapp.llm.model import load_base
     from fedapp.llm.train import eval_loss, train_steps
     from fedapp.pruning.surgery import iterative_prune
 
     examples, pad = selected_examples(setup, partitions, partition)
     batches = train_batches(examples, setup.batch_size, pad, seed=1000 * partition)
-    calib = [collate(examples[i:i + setup.batch_size], pad) for i in range(
-        0, min(len(examples), calibration * setup.batch_size), setup.batch_size)]
+    calib = first_batches(examples, setup.batch_size, pad, calibration)
     base = load_base(setup.model_path, setup.quantization, "cpu")
     losses = {}
     with with_lora(base, 8, 16, list(setup.target_modules), seed=0) as model:

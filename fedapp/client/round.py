@@ -53,7 +53,7 @@ from fedapp.client.pruned import (
 from fedapp.client.selection import selected_examples
 from fedapp.client.store import load_copy, store_copy, store_dir
 from fedapp.llm.adapters import lora_state, target_module_shapes, with_lora
-from fedapp.llm.data import collate, train_batches
+from fedapp.llm.data import collate, first_batches, train_batches
 from fedapp.llm.emulator import cached_emulator
 from fedapp.llm.loss import lm_loss
 from fedapp.llm.memory import peak_rss_mb, return_freed_memory
@@ -252,9 +252,8 @@ def run_round(setup: RunSetup, order: TrainOrder, partition_id: int, num_partiti
         if prune is None:
             tune(model)
         else:
-            calibration = [collate(examples[i:i + setup.batch_size], pad) for i in range(
-                0, min(len(examples), prune.calibration * setup.batch_size), setup.batch_size)
-                           ] if pruning_now else []
+            calibration = first_batches(examples, setup.batch_size, pad,
+                                        prune.calibration) if pruning_now else []
             done = tune_with_probes(model, prune, len(plan) if pruning_now else None, tune,
                                     probe, probes, calibration, copy.full_costs if copy else {})
         seconds = time.perf_counter() - start

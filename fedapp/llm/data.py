@@ -197,6 +197,14 @@ def tokenize_records(records, spec: DataSpec, tokenizer, max_length: int) -> lis
     return [e for e in examples if any(t != IGNORE_INDEX for t in e["labels"][1:])]
 
 
+def first_batches(examples: list[dict], batch_size: int, pad_token_id: int, count: int
+                  ) -> list[dict[str, torch.Tensor]]:
+    """The first `count` batches of `examples` in order (fewer when they run out): a
+    pruning round's calibration batches."""
+    return [collate(examples[i:i + batch_size], pad_token_id)
+            for i in range(0, min(len(examples), count * batch_size), batch_size)]
+
+
 def collate(examples: list[dict], pad_token_id: int, multiple: int = 1
             ) -> dict[str, torch.Tensor]:
     """Right-pad a batch: (batch, width) input_ids, attention_mask, labels, `width` the
