@@ -5,9 +5,11 @@ cut of the global adapter) and the unpruned one (the 4-bit base + `<run>/adapter
 loaded in turn, each in a fresh process, the way a user loads them
 (`AutoModelForCausalLM.from_pretrained` + `PeftModel.from_pretrained`, bitsandbytes' CPU
 inference path), and generate greedily `--tokens` new tokens for each of `--prompts`
-held-out prompts of the run's dataset. Printed per model, with its ratio to the unpruned:
-parameters, MB on disk, inference peak RSS (and above the interpreter + imports every
-process pays), generated tokens/s, and the held-out loss / answer ranking the run measured.
+held-out prompts of the run's dataset (batch 1), then process a `--prefill`-token prompt
+in one forward. Printed per model, with its ratio to the unpruned: parameters, MB on disk,
+peak RSS while generating (and above the interpreter + imports every process pays),
+decoding and prefill tokens/s, the held-out loss of the model as loaded (the run's
+held-out examples) and the loss / answer ranking the run measured.
 Each model is measured `--repeats` times, alternating, and the mean is shown.
 
     .venv/bin/python scripts/bench_deployed.py runs/<fedspine run>
@@ -31,7 +33,7 @@ UNPRUNED = "unpruned"
 
 
 def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, prompts: int,
-           tokens: int) -> dict:
+           tokens: int, prefill: int) -> dict:
     """Load one model and generate; the figures as a JSON-able dict."""
     import bitsandbytes as bnb
     import torch
@@ -42,7 +44,9 @@ def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, p
     from fedapp.llm.data import encode_prompt, load_split
     from fedapp.llm.memory import peak_rss_mb
     from fedapp.llm.model import disable_bnb_cpu_repack, load_tokenizer
+    from fedapp.llm.train import eval_loss
     from fedapp.pruning.surgery import parameter_count
+    from fedapp.server.evaluate import heldout_examples
     from fedapp.server.generate import heldout_prompts
 
     floor = peak_rss_mb()
@@ -77,11 +81,59 @@ def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, p
                                  do_sample=False, pad_token_id=pad)
             generated += out.shape[1] - ids.shape[1]
         seconds = time.perf_counter() - start
+    peak = peak_rss_mb()  # of generation: the prefill and loss below hold longer inputs
+    parts = decode_parts(model, encoded[0], tokens, pad)
+    prompt = torch.cat(encoded, dim=1)  # the held-out prompts, repeated to `prefill` tokens
+    prompt = prompt.repeat(1, -(-prefill // prompt.shape[1]))[:, :prefill]
+    prefill_s = prefill_seconds(model, prompt)
+    examples = heldout_examples(spec, tokenizer, cfg.train.max_length, cfg.eval.max_examples)
+    loss = eval_loss(model, examples, cfg.eval.batch_size, pad)
     disk = sum(p.stat().st_size for folder in (Path(model_dir), Path(adapter_dir))
                for p in folder.glob("*.safetensors"))
     return {"params": params, "disk_mb": disk / 2**20, "load_s": load_seconds,
-            "tok_s": generated / seconds, "peak_mb": peak_rss_mb(), "floor_mb": floor,
-            "repacked": float(not odd)}
+            "tok_s": generated / seconds, "peak_mb": peak, "floor_mb": floor,
+            "prefill_tok_s": prefill / prefill_s,
+            "loss": loss, "repacked": float(not odd)} | parts
+
+
+def decode_parts(model, ids, tokens: int, pad: int) -> dict[str, float]:
+    """Where a decoding step's time goes, for one prompt: the seconds per token with the
+    adapter and without it (peft's `disable_adapter`: the LoRA's share), and, under the
+    torch profiler, the 4-bit layers' kernels (bitsandbytes ops: calls and self time per
+    token)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    def generate() -> float:
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                       max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=pad)
+        return (time.perf_counter() - start) / tokens
+
+    with torch.no_grad():
+        with_adapter = generate()
+        with model.disable_adapter():
+            without = generate()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate()
+    kernels = [e for e in prof.key_averages() if e.key.startswith("bitsandbytes::")]
+    return {"step_ms": 1e3 * with_adapter, "no_lora_ms": 1e3 * without,
+            "kernel_ms": sum(e.self_cpu_time_total for e in kernels) / 1e3 / tokens,
+            "kernel_calls": sum(e.count for e in kernels) / tokens}
+
+
+def prefill_seconds(model, ids, repeats: int = 3) -> float:
+    """Seconds of one forward over the prompt `ids` (the fastest of `repeats`, after a
+    warm-up), keeping only the last position's logits, as generation's first step does."""
+    import torch
+
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+            times.append(time.perf_counter() - start)
+    return min(times[1:])
 
 
 def models(run_dir: Path) -> dict[str, tuple[str, str, str, dict]]:
@@ -118,6 +170,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--prefill", type=int, default=256,
+                        help="prompt tokens of the prefill (prompt processing) measurement")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     found = models(args.run_dir.resolve())
@@ -128,14 +182,32 @@ def main() -> None:
             runs[name].append(run_worker(__file__, "--worker", model_dir, adapter_dir,
                                          tokenizer_dir, str(args.run_dir.resolve()),
                                          str(args.prompts),
-                                         str(args.tokens)))
+                                         str(args.tokens), str(args.prefill)))
     mean = {n: {k: statistics.mean(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
-    ref = mean[UNPRUNED]
     print(f"Deployed models of {args.run_dir} ({args.prompts} prompts x {args.tokens} tokens, "
-          f"greedy, CPU, mean of {args.repeats}); ratios to the unpruned fine-tuned model")
+          f"greedy, batch 1; prefill of {args.prefill} prompt tokens; CPU, mean of "
+          f"{args.repeats}); ratios to the unpruned fine-tuned model")
+    print_table(mean, found)
+    print("\nDecoding, per generated token (one prompt; the 4-bit kernels' time under the "
+          "torch profiler, which adds its own overhead per call):")
+    print(f"{'model':<14}{'ms/token':>15}{'without LoRA':>15}{'4-bit kernel ms':>17}"
+          f"{'kernel calls':>13}{'us per call':>12}{'rest ms':>15}")
+    ref = mean[UNPRUNED]
+    for name, m in mean.items():
+        rest, ref_rest = (m["no_lora_ms"] - m["kernel_ms"], ref["no_lora_ms"] - ref["kernel_ms"])
+        print(f"{name:<14}{fmt(m['step_ms'], ref['step_ms'], 2):>15}"
+              f"{fmt(m['no_lora_ms'], ref['no_lora_ms'], 2):>15}"
+              f"{fmt(m['kernel_ms'], ref['kernel_ms'], 2):>17}{m['kernel_calls']:>13.0f}"
+              f"{1e3 * m['kernel_ms'] / m['kernel_calls']:>12.1f}{fmt(rest, ref_rest, 2):>15}")
+
+
+def print_table(mean: dict[str, dict], found: dict[str, tuple]) -> None:
+    """One row per model: its figures and their ratio to the unpruned model's; `loss` is
+    the held-out loss of the model as loaded here, `run loss` what the run measured."""
+    ref = mean[UNPRUNED]
     print(f"{'model':<14}{'device':<8}{'sparsity':>9}{'params (M)':>16}{'disk MB':>16}"
-          f"{'peak RSS MiB':>17}{'above imports':>16}{'tokens/s':>15}{'eval loss':>10}"
-          f"{'rank acc':>9}")
+          f"{'peak RSS MiB':>17}{'above imports':>16}{'decode tok/s':>15}"
+          f"{'prefill tok/s':>17}{'loss':>8}{'run loss':>9}{'rank acc':>9}")
     for name, m in mean.items():
         info = found[name][3]
         above, ref_above = m["peak_mb"] - m["floor_mb"], ref["peak_mb"] - ref["floor_mb"]
@@ -143,15 +215,15 @@ def main() -> None:
               f"{fmt(m['params'] / 1e6, ref['params'] / 1e6):>16}"
               f"{fmt(m['disk_mb'], ref['disk_mb']):>16}{fmt(m['peak_mb'], ref['peak_mb'], 0):>17}"
               f"{fmt(above, ref_above, 0):>16}{fmt(m['tok_s'], ref['tok_s']):>15}"
-              f"{info.get('eval-loss', float('nan')):>10.4f}"
+              f"{fmt(m['prefill_tok_s'], ref['prefill_tok_s'], 0):>17}{m['loss']:>8.4f}"
+              f"{info.get('eval-loss', float('nan')):>9.4f}"
               f"{info.get('eval-rank-accuracy', float('nan')):>9.3f}"
               f"{'' if m['repacked'] else '  (no CPU repack: a layer width is not a multiple of 32)'}")
 
-
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, model_dir, adapter_dir, tokenizer_dir, run_dir, prompts, tokens = sys.argv
+        _, _, model_dir, adapter_dir, tokenizer_dir, run_dir, prompts, tokens, prefill = sys.argv
         print(json.dumps(worker(model_dir, adapter_dir, tokenizer_dir, run_dir, int(prompts),
-                                int(tokens))))
+                                int(tokens), int(prefill))))
     else:
         main()
