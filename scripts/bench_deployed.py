@@ -9,7 +9,9 @@ held-out prompts of the run's dataset (batch 1), then process a `--prefill`-toke
 in one forward. Printed per model, with its ratio to the unpruned: parameters, MB on disk,
 peak RSS while generating (and above the interpreter + imports every process pays),
 decoding and prefill tokens/s, the held-out loss of the model as loaded (the run's
-held-out examples) and the loss / answer ranking the run measured.
+held-out examples) and the loss / answer ranking the run measured. A second table splits
+a decoding step: ms per decoded token with and without the LoRA, the 4-bit layers' ops
+(calls, ms, µs per call) and the rest (layer calls, norms, attention, the head, generate).
 Each model is measured `--repeats` times, alternating, and the mean is shown.
 
     .venv/bin/python scripts/bench_deployed.py runs/<fedspine run>
@@ -24,19 +26,22 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import run_worker
 
 UNPRUNED = "unpruned"
+NO_REPACK = "  (no CPU repack: a layer width is not a multiple of 32)"
 
 
 def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, prompts: int,
            tokens: int, prefill: int) -> dict:
-    """Load one model and generate; the figures as a JSON-able dict."""
+    """Load one model, generate, time its prefill and parts of a decoding step and
+    evaluate its held-out loss; the figures as a JSON-able dict."""
     import bitsandbytes as bnb
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -82,51 +87,61 @@ def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, p
             generated += out.shape[1] - ids.shape[1]
         seconds = time.perf_counter() - start
     peak = peak_rss_mb()  # of generation: the prefill and loss below hold longer inputs
-    parts = decode_parts(model, encoded[0], tokens, pad)
+    figures = {"params": params, "disk_mb": disk_mb(model_dir, adapter_dir),
+               "load_s": load_seconds, "tok_s": generated / seconds, "peak_mb": peak,
+               "floor_mb": floor, "repacked": float(not odd)}
     prompt = torch.cat(encoded, dim=1)  # the held-out prompts, repeated to `prefill` tokens
     prompt = prompt.repeat(1, -(-prefill // prompt.shape[1]))[:, :prefill]
-    prefill_s = prefill_seconds(model, prompt)
     examples = heldout_examples(spec, tokenizer, cfg.train.max_length, cfg.eval.max_examples)
-    loss = eval_loss(model, examples, cfg.eval.batch_size, pad)
-    disk = sum(p.stat().st_size for folder in (Path(model_dir), Path(adapter_dir))
-               for p in folder.glob("*.safetensors"))
-    return {"params": params, "disk_mb": disk / 2**20, "load_s": load_seconds,
-            "tok_s": generated / seconds, "peak_mb": peak, "floor_mb": floor,
-            "prefill_tok_s": prefill / prefill_s,
-            "loss": loss, "repacked": float(not odd)} | parts
+    return figures | decode_parts(model, encoded[0], tokens, pad) | {
+        "prefill_tok_s": prefill / prefill_seconds(model, prompt),
+        "loss": eval_loss(model, examples, cfg.eval.batch_size, pad)}
 
 
-def decode_parts(model, ids, tokens: int, pad: int) -> dict[str, float]:
-    """Where a decoding step's time goes, for one prompt: the seconds per token with the
-    adapter and without it (peft's `disable_adapter`: the LoRA's share), and, under the
-    torch profiler, the 4-bit layers' kernels (bitsandbytes ops: calls and self time per
-    token)."""
-    import torch
+def disk_mb(*folders: str) -> float:
+    return sum(p.stat().st_size for folder in folders
+               for p in Path(folder).glob("*.safetensors")) / 2**20
+
+
+def decode_parts(model: torch.nn.Module, ids: torch.Tensor, tokens: int, pad: int,
+                 repeats: int = 3) -> dict[str, float]:
+    """Where a decoding step's time goes, for one prompt: ms per decoded token with the
+    adapter and without it (peft's `disable_adapter`: the LoRA's share), and under the torch
+    profiler, the 4-bit layers' ops (outermost bitsandbytes ops, their children included:
+    calls and ms per token). Each is a generation of `tokens` minus one of 1 token, so the
+    prompt's own forward is left out; times are the median of `repeats`."""
     from torch.profiler import ProfilerActivity, profile
 
-    def generate() -> float:
+    def seconds(n: int) -> float:
         start = time.perf_counter()
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                       max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=pad)
-        return (time.perf_counter() - start) / tokens
+                       max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)
+        return time.perf_counter() - start
+
+    def per_token() -> float:
+        return 1e3 * statistics.median(seconds(tokens) - seconds(1)
+                                       for _ in range(repeats)) / (tokens - 1)
+
+    def kernels(n: int) -> tuple[float, int]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            seconds(n)
+        outer = [e for e in prof.events() if e.name.startswith("bitsandbytes::") and not (
+            e.cpu_parent is not None and e.cpu_parent.name.startswith("bitsandbytes::"))]
+        return sum(e.cpu_time_total for e in outer) / 1e3, len(outer)
 
     with torch.no_grad():
-        with_adapter = generate()
+        with_adapter = per_token()
         with model.disable_adapter():
-            without = generate()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            generate()
-    kernels = [e for e in prof.key_averages() if e.key.startswith("bitsandbytes::")]
-    return {"step_ms": 1e3 * with_adapter, "no_lora_ms": 1e3 * without,
-            "kernel_ms": sum(e.self_cpu_time_total for e in kernels) / 1e3 / tokens,
-            "kernel_calls": sum(e.count for e in kernels) / tokens}
+            without = per_token()
+        (ms, calls), (ms_1, calls_1) = kernels(tokens), kernels(1)
+    return {"step_ms": with_adapter, "no_lora_ms": without,
+            "kernel_ms": (ms - ms_1) / (tokens - 1),
+            "kernel_calls": (calls - calls_1) / (tokens - 1)}
 
 
-def prefill_seconds(model, ids, repeats: int = 3) -> float:
+def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 3) -> float:
     """Seconds of one forward over the prompt `ids` (the fastest of `repeats`, after a
     warm-up), keeping only the last position's logits, as generation's first step does."""
-    import torch
-
     times = []
     with torch.no_grad():
         for _ in range(repeats + 1):
@@ -162,7 +177,8 @@ def models(run_dir: Path) -> dict[str, tuple[str, str, str, dict]]:
 
 
 def fmt(value: float, ref: float, digits: int = 1) -> str:
-    return f"{value:.{digits}f} ({value / ref:.2f}x)"
+    ratio = f"{value / ref:.2f}x" if ref else "-"
+    return f"{value:.{digits}f} ({ratio})"
 
 
 def main() -> None:
@@ -174,6 +190,7 @@ def main() -> None:
                         help="prompt tokens of the prefill (prompt processing) measurement")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    check_args(args)
     found = models(args.run_dir.resolve())
     runs: dict[str, list[dict]] = {name: [] for name in found}
     for repeat in range(args.repeats):
@@ -188,17 +205,32 @@ def main() -> None:
           f"greedy, batch 1; prefill of {args.prefill} prompt tokens; CPU, mean of "
           f"{args.repeats}); ratios to the unpruned fine-tuned model")
     print_table(mean, found)
-    print("\nDecoding, per generated token (one prompt; the 4-bit kernels' time under the "
-          "torch profiler, which adds its own overhead per call):")
-    print(f"{'model':<14}{'ms/token':>15}{'without LoRA':>15}{'4-bit kernel ms':>17}"
-          f"{'kernel calls':>13}{'us per call':>12}{'rest ms':>15}")
+    print_decoding(mean)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Exit naming the first argument outside what the measurements allow."""
+    for name, least in (("prompts", 1), ("tokens", 2), ("prefill", 1), ("repeats", 1)):
+        if getattr(args, name) < least:
+            sys.exit(f"--{name}={getattr(args, name)}; allowed: an integer >= {least}")
+
+
+def print_decoding(mean: dict[str, dict]) -> None:
+    """Where a decoding step's time goes, per model, with ratios to the unpruned model."""
+    print("\nDecoding, per decoded token (one prompt, the prompt's forward left out, median "
+          "of 3; the 4-bit layers' ops timed under the torch profiler, which adds its own "
+          "cost per call; rest = without LoRA minus 4-bit ops):")
+    print(f"{'model':<14}{'ms/token':>15}{'without LoRA':>15}{'4-bit ops ms':>15}"
+          f"{'calls':>7}{'us per call':>12}{'rest ms':>15}")
     ref = mean[UNPRUNED]
+    ref_rest = ref["no_lora_ms"] - ref["kernel_ms"]
     for name, m in mean.items():
-        rest, ref_rest = (m["no_lora_ms"] - m["kernel_ms"], ref["no_lora_ms"] - ref["kernel_ms"])
+        rest = m["no_lora_ms"] - m["kernel_ms"]
+        per_call = f"{1e3 * m['kernel_ms'] / m['kernel_calls']:.1f}" if m["kernel_calls"] else "-"
         print(f"{name:<14}{fmt(m['step_ms'], ref['step_ms'], 2):>15}"
               f"{fmt(m['no_lora_ms'], ref['no_lora_ms'], 2):>15}"
-              f"{fmt(m['kernel_ms'], ref['kernel_ms'], 2):>17}{m['kernel_calls']:>13.0f}"
-              f"{1e3 * m['kernel_ms'] / m['kernel_calls']:>12.1f}{fmt(rest, ref_rest, 2):>15}")
+              f"{fmt(m['kernel_ms'], ref['kernel_ms'], 2):>15}{m['kernel_calls']:>7.0f}"
+              f"{per_call:>12}{fmt(rest, ref_rest, 2):>15}")
 
 
 def print_table(mean: dict[str, dict], found: dict[str, tuple]) -> None:
@@ -218,7 +250,8 @@ def print_table(mean: dict[str, dict], found: dict[str, tuple]) -> None:
               f"{fmt(m['prefill_tok_s'], ref['prefill_tok_s'], 0):>17}{m['loss']:>8.4f}"
               f"{info.get('eval-loss', float('nan')):>9.4f}"
               f"{info.get('eval-rank-accuracy', float('nan')):>9.3f}"
-              f"{'' if m['repacked'] else '  (no CPU repack: a layer width is not a multiple of 32)'}")
+              f"{'' if m['repacked'] else NO_REPACK}")
+
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
