@@ -14,6 +14,7 @@ gap to the first-order Taylor criterion's.
     .venv/bin/python scripts/bench_criteria.py                  # 0.25, 0.5 x 2 partitions
     .venv/bin/python scripts/bench_criteria.py --ratios 0.5 --partitions 0 --steps 24
     .venv/bin/python scripts/bench_criteria.py --overrides "lora.target_modules=[...]"
+    .venv/bin/python scripts/bench_criteria.py --criteria fisher,fisher+ls --ratios 0.5
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 REFERENCE = "unpruned"
+REFITTED = "+ls"  # criterion name suffix: with least-squares refit (iterative_prune(refit=True))
 
 
 def measure(setup, partition: int, partitions: int, criterion: str, ratio: float,
@@ -46,10 +48,11 @@ def measure(setup, partition: int, partitions: int, criterion: str, ratio: float
     calib = first_batches(examples, setup.batch_size, pad, calibration)
     base = load_base(setup.model_path, setup.quantization, "cpu")
     losses = {}
+    name, refit = criterion.removesuffix(REFITTED), criterion.endswith(REFITTED)
     with with_lora(base, 8, 16, list(setup.target_modules), seed=0) as model:
         if criterion != REFERENCE:
-            iterative_prune(model, ratio, 1, lambda _m: None, criterion,
-                            batches=calib if criterion != "magnitude" else None)
+            iterative_prune(model, ratio, 1, lambda _m: None, name, refit=refit,
+                            batches=calib if name != "magnitude" or refit else None)
         losses["pruned"] = eval_loss(model, held, setup.batch_size, pad)
         for done in range(every, steps + 1, every):
             train_steps(model, batches, every, setup.lr, log_every=0)
@@ -111,9 +114,10 @@ def main() -> None:
         parser.error(f"--partitions {bad}; allowed: 0 .. {args.num_partitions - 1}")
     from strategies.protocol import CRITERIA
     for criterion in criteria:
-        if criterion not in CRITERIA or criterion == "llm-drop":
+        if (name := criterion.removesuffix(REFITTED)) not in CRITERIA or name == "llm-drop":
             parser.error(f"criterion {criterion!r}; allowed: "
-                         f"{[c for c in CRITERIA if c != 'llm-drop']}")
+                         f"{[c for c in CRITERIA if c != 'llm-drop']}, each optionally with "
+                         f"{REFITTED!r} (least-squares refit of the pruned blocks' outputs)")
 
     import torch
 

@@ -347,6 +347,9 @@ def main() -> None:
     parser.add_argument("--eval", default="eval.max_examples=50 eval.ranking_examples=24 "
                         "eval.generate_examples=0", help="evaluation overrides")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--overrides", default="", help="Hydra overrides for every method, "
+                        "e.g. 'lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                        "down_proj]'")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-fedspine"))
     parser.add_argument("--report", help="rewrite (and print) the report and plots of an "
                         "earlier bench folder")
@@ -364,7 +367,7 @@ def main() -> None:
     out_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     common = (f"scenario=phones_laptops_edge num_rounds={args.rounds} "
               f"train.local_steps={args.local_steps} eval.deployed_every={args.deployed_every} "
-              f"{args.eval} {sparsity}")
+              f"{args.eval} {sparsity} {args.overrides}")
     for seed in args.seeds.split(","):
         for method in args.methods.split(","):
             print(f"[bench] {method}, seed {seed}: {args.rounds} rounds x {args.local_steps} "

@@ -15,10 +15,12 @@ it, whatever path the model took there (as far as units already removed allow): 
 pruned to 0.5 in one step or in several ends with the same shapes. Without `full`, the
 model as scored counts as unpruned.
 
-Scoring lives in `fedapp.pruning.importance`, the unit layout in `structure`; this module
-holds the plans (`PrunePlan`,
-`plan_pruning`), the structural surgery (`slice_linear`, `prune_model`, `compose`),
-parameter counts and `iterative_prune`.
+Scoring lives in `fedapp.pruning.importance`, the unit layout in `structure`, the
+least-squares refit of a pruned block's output Linear in `refit` (`refit_plan`; a bench
+option only: a refitted base is no longer the base sliced to its kept indices, which is
+how the server and a device's later rounds rebuild it); this module holds the plans
+(`PrunePlan`, `plan_pruning`), the structural surgery (`slice_linear`, `prune_model`,
+`compose`), parameter counts and `iterative_prune`.
 """
 
 from __future__ import annotations
@@ -110,10 +112,17 @@ def expected_parameter_count(config: object, plan: PrunePlan, channel_group: int
     return total - sum(attn if kind == "self_attn" else mlp for _, kind in plan.blocks)
 
 
-def slice_linear(linear: nn.Module, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Module:
-    """A new Linear holding weight[out_idx][:, in_idx]: plain, or re-quantised once in 4-bit
-    with the original quant type, blocksize, storage and compute dtype."""
-    weight = dense_weight(linear)[out_idx][:, in_idx]  # (out', in')
+def slice_linear(linear: nn.Module, out_idx: torch.Tensor, in_idx: torch.Tensor,
+                 refit: torch.Tensor | None = None) -> nn.Module:
+    """A new Linear holding weight[out_idx][:, in_idx] (or refit[out_idx], `refit` an
+    (out, in') weight fitted to the kept columns, `fedapp.pruning.refit`): plain, or
+    re-quantised once in 4-bit with the original quant type, blocksize, storage and
+    compute dtype."""
+    if refit is not None and tuple(refit.shape) != (linear.out_features, len(in_idx)):
+        raise ValueError(f"refit weight {tuple(refit.shape)}; allowed: (out, kept inputs) = "
+                         f"({linear.out_features}, {len(in_idx)})")
+    weight = dense_weight(linear)[out_idx][:, in_idx] if refit is None \
+        else refit.float()[out_idx]  # (out', in')
     bias = None if linear.bias is None else linear.bias.detach()[out_idx]  # (out',)
     if getattr(linear.weight, "quant_state", None) is not None:
         return _requantize(linear, weight, bias)
@@ -146,16 +155,17 @@ def _requantize(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 def _slice_module(parent: nn.Module, attr: str, out_idx: torch.Tensor,
-                  in_idx: torch.Tensor) -> None:
-    """Slice `parent.attr` in place; a peft LoRA wrapper keeps its slice of lora_A / lora_B."""
+                  in_idx: torch.Tensor, refit: torch.Tensor | None = None) -> None:
+    """Slice `parent.attr` in place (its base weight `refit` where given, see
+    `slice_linear`); a peft LoRA wrapper keeps its slice of lora_A / lora_B."""
     module = getattr(parent, attr)
     if not hasattr(module, "lora_A"):
-        setattr(parent, attr, slice_linear(module, out_idx, in_idx))
+        setattr(parent, attr, slice_linear(module, out_idx, in_idx, refit))
         return
     if module.merged or getattr(module, "lora_variant", None):
         raise ValueError(f"{attr}: a merged or DoRA-style LoRA cannot be sliced; allowed: "
                          "plain unmerged LoRA")
-    module.base_layer = slice_linear(module.base_layer, out_idx, in_idx)
+    module.base_layer = slice_linear(module.base_layer, out_idx, in_idx, refit)
     for name in module.lora_A:
         rank = torch.arange(module.lora_A[name].out_features)
         module.lora_A[name] = slice_linear(module.lora_A[name], rank, in_idx)  # (r, in')
@@ -169,8 +179,8 @@ def _units(keep: list[int], size: int) -> torch.Tensor:
     return (starts + torch.arange(size)).flatten()  # (units·size,)
 
 
-def _prune_block(block: nn.Module, kind: str, removed: list[int], name: str
-                 ) -> dict[str, KeptIndices]:
+def _prune_block(block: nn.Module, kind: str, removed: list[int], name: str,
+                 refits: Mapping[str, torch.Tensor]) -> dict[str, KeptIndices]:
     n, gone = num_units(block, kind), set(removed)
     what = f"{name} {'KV groups' if kind == 'self_attn' else 'channels'}"
     if bad := sorted(u for u in gone if not 0 <= u < n):
@@ -185,7 +195,7 @@ def _prune_block(block: nn.Module, kind: str, removed: list[int], name: str
         cuts[attr] = ((_units(keep, m.out_features // n), torch.arange(m.in_features))
                       if attr in rows else
                       (torch.arange(m.out_features), _units(keep, m.in_features // n)))
-        _slice_module(block, attr, *cuts[attr])
+        _slice_module(block, attr, *cuts[attr], refits.get(f"{name}.{attr}"))
     sizes = {"num_key_value_heads": len(keep), "num_heads": len(keep) * getattr(
         block, "num_key_value_groups", 1)} if kind == "self_attn" else {
         "intermediate_size": block.up_proj.out_features}
@@ -195,9 +205,11 @@ def _prune_block(block: nn.Module, kind: str, removed: list[int], name: str
     return {f"{name}.{attr}": KeptIndices(o, i) for attr, (o, i) in cuts.items()}
 
 
-def prune_model(model: nn.Module, plan: PrunePlan) -> PruneResult:
-    """Apply `plan` in place: slice KV groups and MLP channels, drop blocks whole. An empty
-    plan touches nothing (no re-quantisation), so ratio 0 is the identity."""
+def prune_model(model: nn.Module, plan: PrunePlan,
+                refits: Mapping[str, torch.Tensor] | None = None) -> PruneResult:
+    """Apply `plan` in place: slice KV groups and MLP channels, drop blocks whole; an output
+    Linear named in `refits` takes that weight for its kept columns (`refit_plan`). An
+    empty plan touches nothing (no re-quantisation), so ratio 0 is the identity."""
     before, spans = parameter_count(model), memory.tensor_spans(model)
     prefix, layers = decoder_layers(model)
     live = live_blocks(model)
@@ -211,10 +223,32 @@ def prune_model(model: nn.Module, plan: PrunePlan) -> PruneResult:
         if units is None:
             setattr(layers[i], kind, DroppedBlock(kind))
         elif units:
-            kept |= _prune_block(live[i, kind], kind, units, f"{prefix}.{i}.{kind}")
+            kept |= _prune_block(live[i, kind], kind, units, f"{prefix}.{i}.{kind}",
+                                 refits or {})
     dropped = [f"{prefix}.{i}.{kind}" for i, kind in plan.blocks]
     memory.release_file_pages(spans, memory.tensor_spans(model))
     return PruneResult(_outside(kept, dropped), dropped, before, parameter_count(model))
+
+
+def refit_plan(model: nn.Module, plan: PrunePlan,
+               batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Least-squares refits (`fedapp.pruning.refit`) of the output Linear (o_proj,
+    down_proj) of every block `plan` slices, fitted on `batches`; keyed as `prune_model`
+    takes them."""
+    from fedapp.pruning.refit import refitted_weights
+
+    prefix, _ = decoder_layers(model)
+    live, targets = live_blocks(model), {}
+    for kind, removed in (("self_attn", plan.kv_groups), ("mlp", plan.channels)):
+        for i, units in removed.items():
+            if units and (i, kind) in live:
+                block, n = live[i, kind], num_units(live[i, kind], kind)
+                (col,) = UNIT_LINEARS[kind][1]
+                module = getattr(block, col)
+                keep = [u for u in range(n) if u not in set(units)]
+                targets[f"{prefix}.{i}.{kind}.{col}"] = (
+                    module, _units(keep, module.in_features // n))
+    return refitted_weights(model, targets, batches) if targets else {}
 
 
 def _outside(kept: dict[str, KeptIndices], dropped: list[str]) -> dict[str, KeptIndices]:
@@ -315,7 +349,7 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
                     tune_fn: Callable[[nn.Module], object], criterion: str = "fisher",
                     batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
                     beta: float = 0.9, full: Mapping[Block, int] | None = None,
-                    end: float = 0.0) -> PruneResult:
+                    end: float = 0.0, refit: bool = False) -> PruneResult:
     """Prune in `slices` equal steps to `target_ratio` of the prunable parameters of the
     unpruned model (`full`: its block costs, as `block_costs` gives them; default: the
     model as it is now), from the ratio the model stands at, calling `tune_fn(model)` after
@@ -328,10 +362,16 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
     Taylor / Fisher scores come from the previous tune_fn run's gradients; the first slice scores on
     `batches`, or, without batches, on an extra tune_fn run before it. Every peft adapter
     of a wrapped layer (the trainable LoRA and a frozen global one) is sliced with it.
+    `refit`: each slice's o_proj / down_proj keep least-squares refits of their kept
+    columns, fitted on `batches` (`refit_plan`); the result's kept indices then no longer
+    rebuild the model (`fedapp.pruning.refit`), and a plan that drops whole blocks has
+    nothing to refit.
     """
     if not 0 <= target_ratio < 1 or not 0 <= end < 1 or slices < 1:
         raise ValueError(f"target_ratio={target_ratio}, end={end}, slices={slices}; allowed:"
                          " 0 <= target_ratio < 1, 0 <= end < 1 and slices >= 1")
+    if refit and not batches:
+        raise ValueError("refit=True needs calibration batches; allowed: refit with batches")
     check_prunable(model)
     full = block_costs(model) if full is None else full
     start = 1 - prunable_parameter_count(model) / sum(full.values())
@@ -341,8 +381,8 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
     for s in range(1, slices + 1):
         importance = tracked if tracked is not None else score(model, criterion, batches, beta)
         ratio = start + (target_ratio - start) * s / slices
-        result = prune_model(model, plan_pruning(importance, max(0.0, ratio), full,
-                                                 max(end, target_ratio)))
+        plan = plan_pruning(importance, max(0.0, ratio), full, max(end, target_ratio))
+        result = prune_model(model, plan, refit_plan(model, plan, batches) if refit else None)
         total = result if total is None else compose(total, result)
         tracked = _tune(model, tune_fn, beta, track=gradient if s < slices else None)
     assert total is not None
