@@ -14,7 +14,10 @@
    the chunked loss saves); 4-bit pruned to FedSpine's
    ratio 0.5 (what pruning buys): in the client's process (a device's first pruned round,
    the unpruned model scored and sliced first) and "stored" (a later round: the pruned
-   copy a helper process stored, loaded as `fedapp.client.store` loads it); a first run (nothing prepared: the partition and the 4-bit
+   copy a helper process stored, loaded as `fedapp.client.store` loads it), each printed
+   beside the unpruned one overall, above the imports + data floor, above the "runtime
+   floor" (the same client training a one-layer, 64-wide model: what any training process
+   holds) and part by part; a first run (nothing prepared: the partition and the 4-bit
    copy are made by helper processes) and the client quantising in its own process; a
    Gemma-3-270M-shaped model (262k-token vocabulary, random weights) with the chunked and the
    plain loss. Every variant runs on the app's allocator (jemalloc where installed,
@@ -86,6 +89,10 @@ VARIANTS = {  # name -> (quantization, options); "lean": checkpointing + release
     "nf4-emb pruned 0.5 stored": ("nf4-embeddings", "prune stored"),
     "nf4 1st run": ("nf4", "fresh"),
     "nf4 quantised here": ("nf4", "inproc"),
+    # the floor of any training process: the same client with a one-layer, 64-wide model
+    # (SmolLM2's vocabulary): imports, data, and what autograd, oneDNN and the allocator
+    # hold once a step has run, with next to no model
+    "runtime floor": ("nf4-embeddings", "tiny"),
     "262k vocab": ("nf4", "bigvocab"),
     "262k vocab plain": ("nf4", "bigvocab plain"),
     # the same clients on glibc's malloc (the others run on the app's allocator, jemalloc
@@ -102,26 +109,50 @@ BIG_VOCAB = {"vocab_size": 262_144, "hidden_size": 640, "intermediate_size": 204
              "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
              "head_dim": 256, "query_pre_attn_scalar": 256, "max_position_embeddings": 2048,
              "sliding_window": 512, "tie_word_embeddings": True}
-def big_vocab_model() -> Path:
-    """The large-vocabulary model folder, built once under the cache."""
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
+
+
+def random_model(name: str, family: str, shape: dict) -> Path:
+    """A model folder of `family` ("gemma3": Gemma3ForCausalLM, else Llama) with `shape`
+    and random weights, SmolLM2's tokenizer (and its vocabulary unless `shape` says),
+    built once under the cache as `bench/<name>`."""
     from fedapp.llm.model import cache_dir, load_tokenizer, resolve_model_path
 
-    folder = cache_dir() / "bench" / "gemma3-262k-random"
+    folder = cache_dir() / "bench" / name
     if (folder / "config.json").exists():
         return folder
     import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
+    config_class, model_class = (Gemma3TextConfig, Gemma3ForCausalLM) if family == "gemma3" \
+        else (LlamaConfig, LlamaForCausalLM)
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
     torch.manual_seed(0)
-    config = Gemma3TextConfig(**BIG_VOCAB, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id,
-                              bos_token_id=tokenizer.eos_token_id)
+    config = config_class(**{"vocab_size": len(tokenizer), **shape},
+                          pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id,
+                          bos_token_id=tokenizer.eos_token_id)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    Gemma3ForCausalLM(config).save_pretrained(tmp)
+    model_class(config).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(folder)
     return folder
+
+
+def big_vocab_model() -> Path:
+    """The large-vocabulary model folder (Gemma-3-270M-shaped, random weights)."""
+    return random_model("gemma3-262k-random", "gemma3", BIG_VOCAB)
+
+
+def tiny_model() -> Path:
+    """The runtime-floor model folder (one layer, hidden 64, SmolLM2's vocabulary)."""
+    return random_model("llama-1x64-random", "llama", TINY)
 
 
 def fresh_cache() -> None:
@@ -157,7 +188,8 @@ def worker_client(quantization: str, options: str, steps: int) -> dict:
     if "pin" in options:  # train.release_memory
         memory.return_freed_memory()
     loss = "plain" if "plain" in options else "chunked"
-    model_path = f"model=hf model.path={big_vocab_model()} " if "bigvocab" in options else ""
+    model_path = f"model=hf model.path={big_vocab_model()} " if "bigvocab" in options else \
+        f"model=hf model.path={tiny_model()} " if "tiny" in options else ""
     padding = "train.pad_multiple=32 " if "pad32" in options else ""
     strategy = build_strategy(
         compose_config(f"{model_path}{padding}model.quantization={quantization}"), {})
@@ -319,6 +351,8 @@ def main() -> None:
             sys.exit(f"--variants: {unknown} unknown; allowed: {list(VARIANTS)}")
         if any("bigvocab" in VARIANTS[v][1] for v in names):
             print(f"[bench] large-vocabulary model: {big_vocab_model()}", flush=True)
+        if any("tiny" in VARIANTS[v][1] for v in names):
+            print(f"[bench] runtime-floor model: {tiny_model()}", flush=True)
         rows = {}
         for i, name in enumerate(names, 1):
             print(f"[bench] {i}/{len(names)}: client '{name}', {args.steps} steps", flush=True)

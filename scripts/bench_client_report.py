@@ -13,7 +13,8 @@ PART_NAMES = {
 
 def print_memory(rows: dict[str, dict], steps: int) -> None:
     print(f"\nwhere a client's peak RSS goes, MiB (SmolLM2-135M unless the row says 262k "
-          f"vocab; LoRA r8 q/k/v/o, batch 4, seq <= 128, {steps} timed steps); columns:")
+          f"vocab or runtime floor; LoRA r8 q/k/v/o, batch 4, seq <= 128, {steps} timed "
+          f"steps); columns:")
     for part in PARTS:
         print(f"  {part:>13}: {PART_NAMES[part]}")
     heads = (*PARTS, "= peak", "s/step", "load s", "load peak", "malloc")
@@ -54,11 +55,27 @@ def print_ratios(rows: dict[str, dict]) -> None:
     print_pruning_and_loading(rows)
 
 
+def rest(row: dict) -> float:
+    """What the named parts leave of a client's peak: temporaries, slack, runtime."""
+    return row["parts"]["step rest"] + row["parts"]["resident rest"]
+
+
+def by_part(a: dict, b: dict) -> str:
+    """a's parts over b's: weights, LoRA + optimizer, activations, the rest."""
+    ratios = [f"{part} {a['parts'][part] / b['parts'][part]:.2f}x"
+              for part in ("weights", "lora+optim", "activations") if b["parts"][part] > 0]
+    if rest(b) > 0:
+        ratios.append(f"step + resident rest {rest(a) / rest(b):.2f}x")
+    return ", ".join(ratios)
+
+
 def print_pruning_and_loading(rows: dict[str, dict]) -> None:
     peak, step = "peak-rss-mb", "seconds-per-step"
 
     def above_floor(row: dict) -> float:
         return row[peak] - row["parts"]["imports"] - row["parts"]["data"]
+
+    floor = rows.get("runtime floor", {}).get(peak)
 
     for pruned, full in (("nf4 pruned 0.5", "nf4"), ("nf4 pruned lean", "nf4 lean"),
                          ("nf4-emb pruned 0.5", "nf4-emb"), ("nf4 pruned 0.5 stored", "nf4"),
@@ -69,6 +86,10 @@ def print_pruning_and_loading(rows: dict[str, dict]) -> None:
         print(f"  {pruned} / {full}: parameters {p['params-ratio']:.3f}x, peak RSS "
               f"{p[peak] / f[peak]:.2f}x (above the imports + data floor "
               f"{above_floor(p) / above_floor(f):.2f}x), s/step {p[step] / f[step]:.2f}x")
+        if floor is not None:
+            print(f"    above the runtime floor ({floor:.0f} MiB, the 'runtime floor' variant's"
+                  f" peak) {(p[peak] - floor) / (f[peak] - floor):.2f}x; by part: "
+                  f"{by_part(p, f)}")
         if p.get("prune-peak-mb"):  # a device's first pruned round: the unpruned model first
             print(f"    its first pruned round: peak through loading and the scoring pass on "
                   f"the unpruned model {p['prune-peak-mb']:.0f} MiB "
