@@ -11,10 +11,13 @@ peak RSS while generating (and above the interpreter + imports every process pay
 decoding and prefill tokens/s, the held-out loss of the model as loaded (the run's
 held-out examples) and the loss / answer ranking the run measured. A second table splits
 a decoding step: ms per decoded token with and without the LoRA, the 4-bit layers' ops
-(calls, ms, µs per call) and the rest (layer calls, norms, attention, the head, generate).
-Each model is measured `--repeats` times, alternating, and the mean is shown.
+(calls, ms, µs per call) and the rest (layer calls, norms, attention, the head, generate),
+and the decoding throughput of `--batch` prompts generated together (left-padded), where
+the per-call costs are shared by the batch. Each model is measured `--repeats` times,
+alternating, and the mean is shown; `--models` picks some of the devices.
 
     .venv/bin/python scripts/bench_deployed.py runs/<fedspine run>
+    .venv/bin/python scripts/bench_deployed.py runs/<fedspine run> --models partition-0 --batch 16
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ NO_REPACK = "  (no CPU repack: a layer width is not a multiple of 32)"
 
 
 def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, prompts: int,
-           tokens: int, prefill: int) -> dict:
+           tokens: int, prefill: int, batch: int) -> dict:
     """Load one model, generate, time its prefill and parts of a decoding step and
     evaluate its held-out loss; the figures as a JSON-able dict."""
     import bitsandbytes as bnb
@@ -94,6 +97,7 @@ def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, p
     prompt = prompt.repeat(1, -(-prefill // prompt.shape[1]))[:, :prefill]
     examples = heldout_examples(spec, tokenizer, cfg.train.max_length, cfg.eval.max_examples)
     return figures | decode_parts(model, encoded[0], tokens, pad) | {
+        "batch_tok_s": batched_tok_s(model, encoded, tokens, pad, batch),
         "prefill_tok_s": prefill / prefill_seconds(model, prompt),
         "loss": eval_loss(model, examples, cfg.eval.batch_size, pad)}
 
@@ -137,6 +141,30 @@ def decode_parts(model: torch.nn.Module, ids: torch.Tensor, tokens: int, pad: in
     return {"step_ms": with_adapter, "no_lora_ms": without,
             "kernel_ms": (ms - ms_1) / (tokens - 1),
             "kernel_calls": (calls - calls_1) / (tokens - 1)}
+
+
+def batched_tok_s(model: torch.nn.Module, encoded: list[torch.Tensor], tokens: int, pad: int,
+                  batch: int, repeats: int = 3) -> float:
+    """Decoded tokens per second of `batch` prompts (the held-out ones, cycled) generated
+    together, left-padded: batch · (tokens - 1) over a generation of `tokens` minus one of 1
+    (the prompts' forward left out), the median of `repeats`."""
+    rows = [encoded[i % len(encoded)][0] for i in range(batch)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((batch, width), pad, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+
+    def seconds(n: int) -> float:
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                       min_new_tokens=n, pad_token_id=pad)
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        seconds(2)  # warm-up at this batch's shapes
+        return batch * (tokens - 1) / statistics.median(
+            seconds(tokens) - seconds(1) for _ in range(repeats))
 
 
 def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 3) -> float:
@@ -189,30 +217,46 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=256,
                         help="prompt tokens of the prefill (prompt processing) measurement")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8,
+                        help="prompts decoded together for the batched throughput")
+    parser.add_argument("--models", help="comma-separated devices (default: all); the "
+                        "unpruned model is always measured")
     args = parser.parse_args()
     check_args(args)
-    found = models(args.run_dir.resolve())
+    found = pick(models(args.run_dir.resolve()), args.models)
     runs: dict[str, list[dict]] = {name: [] for name in found}
     for repeat in range(args.repeats):
         for name, (model_dir, adapter_dir, tokenizer_dir, _) in found.items():
             print(f"[{repeat + 1}/{args.repeats}] {name} ...", file=sys.stderr, flush=True)
             runs[name].append(run_worker(__file__, "--worker", model_dir, adapter_dir,
                                          tokenizer_dir, str(args.run_dir.resolve()),
-                                         str(args.prompts),
-                                         str(args.tokens), str(args.prefill)))
+                                         str(args.prompts), str(args.tokens),
+                                         str(args.prefill), str(args.batch)))
     mean = {n: {k: statistics.mean(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
     print(f"Deployed models of {args.run_dir} ({args.prompts} prompts x {args.tokens} tokens, "
-          f"greedy, batch 1; prefill of {args.prefill} prompt tokens; CPU, mean of "
-          f"{args.repeats}); ratios to the unpruned fine-tuned model")
+          f"greedy, batch 1; batched: {args.batch} prompts together; prefill of "
+          f"{args.prefill} prompt tokens; CPU, mean of {args.repeats}); ratios to the "
+          "unpruned fine-tuned model")
     print_table(mean, found)
     print_decoding(mean)
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Exit naming the first argument outside what the measurements allow."""
-    for name, least in (("prompts", 1), ("tokens", 2), ("prefill", 1), ("repeats", 1)):
+    for name, least in (("prompts", 1), ("tokens", 2), ("prefill", 1), ("repeats", 1),
+                        ("batch", 1)):
         if getattr(args, name) < least:
             sys.exit(f"--{name}={getattr(args, name)}; allowed: an integer >= {least}")
+
+
+def pick(found: dict[str, tuple], names: str | None) -> dict[str, tuple]:
+    """The unpruned model and the devices `names` (comma-separated; None: all)."""
+    if names is None:
+        return found
+    wanted = [n.strip() for n in names.split(",")]
+    if unknown := [n for n in wanted if n not in found or n == UNPRUNED]:
+        sys.exit(f"--models {unknown}; allowed: {[n for n in found if n != UNPRUNED]}")
+    return {n: v for n, v in found.items() if n == UNPRUNED or n in wanted}
 
 
 def print_decoding(mean: dict[str, dict]) -> None:
@@ -239,7 +283,7 @@ def print_table(mean: dict[str, dict], found: dict[str, tuple]) -> None:
     ref = mean[UNPRUNED]
     print(f"{'model':<14}{'device':<8}{'sparsity':>9}{'params (M)':>16}{'disk MB':>16}"
           f"{'peak RSS MiB':>17}{'above imports':>16}{'decode tok/s':>15}"
-          f"{'prefill tok/s':>17}{'loss':>8}{'run loss':>9}{'rank acc':>9}")
+          f"{'batched tok/s':>17}{'prefill tok/s':>17}{'loss':>8}{'run loss':>9}{'rank acc':>9}")
     for name, m in mean.items():
         info = found[name][3]
         above, ref_above = m["peak_mb"] - m["floor_mb"], ref["peak_mb"] - ref["floor_mb"]
@@ -247,6 +291,7 @@ def print_table(mean: dict[str, dict], found: dict[str, tuple]) -> None:
               f"{fmt(m['params'] / 1e6, ref['params'] / 1e6):>16}"
               f"{fmt(m['disk_mb'], ref['disk_mb']):>16}{fmt(m['peak_mb'], ref['peak_mb'], 0):>17}"
               f"{fmt(above, ref_above, 0):>16}{fmt(m['tok_s'], ref['tok_s']):>15}"
+              f"{fmt(m['batch_tok_s'], ref['batch_tok_s']):>17}"
               f"{fmt(m['prefill_tok_s'], ref['prefill_tok_s'], 0):>17}{m['loss']:>8.4f}"
               f"{info.get('eval-loss', float('nan')):>9.4f}"
               f"{info.get('eval-rank-accuracy', float('nan')):>9.3f}"
@@ -255,8 +300,9 @@ def print_table(mean: dict[str, dict], found: dict[str, tuple]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, model_dir, adapter_dir, tokenizer_dir, run_dir, prompts, tokens, prefill = sys.argv
-        print(json.dumps(worker(model_dir, adapter_dir, tokenizer_dir, run_dir, int(prompts),
-                                int(tokens), int(prefill))))
+        _, _, model_dir, adapter_dir, tokenizer_dir, run_dir, *sizes = sys.argv
+        prompts, tokens, prefill, batch = map(int, sizes)
+        print(json.dumps(worker(model_dir, adapter_dir, tokenizer_dir, run_dir, prompts,
+                                tokens, prefill, batch)))
     else:
         main()
