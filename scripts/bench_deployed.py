@@ -116,19 +116,14 @@ def decode_parts(model: torch.nn.Module, ids: torch.Tensor, tokens: int, pad: in
     prompt's own forward is left out; times are the median of `repeats`."""
     from torch.profiler import ProfilerActivity, profile
 
-    def seconds(n: int) -> float:
-        start = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                       max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)
-        return time.perf_counter() - start
+    mask = torch.ones_like(ids)
 
     def per_token() -> float:
-        return 1e3 * statistics.median(seconds(tokens) - seconds(1)
-                                       for _ in range(repeats)) / (tokens - 1)
+        return 1e3 * decode_seconds(model, ids, mask, tokens, pad, repeats) / (tokens - 1)
 
     def kernels(n: int) -> tuple[float, int]:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            seconds(n)
+            generate_seconds(model, ids, mask, n, pad)
         outer = [e for e in prof.events() if e.name.startswith("bitsandbytes::") and not (
             e.cpu_parent is not None and e.cpu_parent.name.startswith("bitsandbytes::"))]
         return sum(e.cpu_time_total for e in outer) / 1e3, len(outer)
@@ -155,16 +150,27 @@ def batched_tok_s(model: torch.nn.Module, encoded: list[torch.Tensor], tokens: i
     for i, row in enumerate(rows):
         ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
 
-    def seconds(n: int) -> float:
-        start = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                       min_new_tokens=n, pad_token_id=pad)
-        return time.perf_counter() - start
-
     with torch.no_grad():
-        seconds(2)  # warm-up at this batch's shapes
-        return batch * (tokens - 1) / statistics.median(
-            seconds(tokens) - seconds(1) for _ in range(repeats))
+        generate_seconds(model, ids, mask, 2, pad)  # warm-up at this batch's shapes
+        return batch * (tokens - 1) / decode_seconds(model, ids, mask, tokens, pad, repeats)
+
+
+def generate_seconds(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int,
+                     pad: int) -> float:
+    """Seconds of a greedy generation of exactly `n` new tokens after `ids`."""
+    start = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                   min_new_tokens=n, pad_token_id=pad)
+    return time.perf_counter() - start
+
+
+def decode_seconds(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                   tokens: int, pad: int, repeats: int) -> float:
+    """Seconds of decoding `tokens` - 1 tokens: a generation of `tokens` minus one of 1
+    (the prompt's forward left out), the median of `repeats`."""
+    return statistics.median(generate_seconds(model, ids, mask, tokens, pad)
+                             - generate_seconds(model, ids, mask, 1, pad)
+                             for _ in range(repeats))
 
 
 def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 3) -> float:

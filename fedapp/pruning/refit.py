@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from fedapp.pruning.structure import dense_weight
+
 DAMP = 0.01
 
 
@@ -68,8 +70,6 @@ def refitted_weights(model: nn.Module, targets: Mapping[str, tuple[nn.Module, to
     `model` runs over `batches` (one forward, no gradients, logits of one position per
     row); each in the dtype the layer's weight is quantised from (its own dtype for a plain
     Linear)."""
-    from fedapp.pruning.structure import dense_weight
-
     if not batches:
         raise ValueError("a least-squares refit needs calibration batches; got none")
     batch = joined(batches)

@@ -25,7 +25,7 @@ how the server and a device's later rounds rebuild it); this module holds the pl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import floor
 
@@ -43,6 +43,7 @@ from fedapp.pruning.importance import (
     block_costs,
     score,
 )
+from fedapp.pruning.refit import refitted_weights
 from fedapp.pruning.structure import (
     UNIT_LINEARS,
     Block,
@@ -173,6 +174,12 @@ def _slice_module(parent: nn.Module, attr: str, out_idx: torch.Tensor,
     module.in_features, module.out_features = len(in_idx), len(out_idx)
 
 
+def _kept(n: int, removed: Iterable[int]) -> list[int]:
+    """The units of 0..n-1 not in `removed`, in order."""
+    gone = set(removed)
+    return [u for u in range(n) if u not in gone]
+
+
 def _units(keep: list[int], size: int) -> torch.Tensor:
     """Flat indices of units `keep`, each `size` wide: [k·size, (k+1)·size) for k in keep."""
     starts = torch.tensor(keep, dtype=torch.long)[:, None] * size  # (units, 1)
@@ -187,7 +194,7 @@ def _prune_block(block: nn.Module, kind: str, removed: list[int], name: str,
         raise ValueError(f"{what} {bad} out of range; allowed: 0..{n - 1}")
     if len(gone) >= n:
         raise ValueError(f"removing all {n} {what}; allowed: at most {n - 1}")
-    keep = [u for u in range(n) if u not in gone]
+    keep = _kept(n, gone)
     rows, cols = UNIT_LINEARS[kind]
     cuts = {}
     for attr in rows + cols:
@@ -235,8 +242,6 @@ def refit_plan(model: nn.Module, plan: PrunePlan,
     """Least-squares refits (`fedapp.pruning.refit`) of the output Linear (o_proj,
     down_proj) of every block `plan` slices, fitted on `batches`; keyed as `prune_model`
     takes them."""
-    from fedapp.pruning.refit import refitted_weights
-
     prefix, _ = decoder_layers(model)
     live, targets = live_blocks(model), {}
     for kind, removed in (("self_attn", plan.kv_groups), ("mlp", plan.channels)):
@@ -245,9 +250,8 @@ def refit_plan(model: nn.Module, plan: PrunePlan,
                 block, n = live[i, kind], num_units(live[i, kind], kind)
                 (col,) = UNIT_LINEARS[kind][1]
                 module = getattr(block, col)
-                keep = [u for u in range(n) if u not in set(units)]
                 targets[f"{prefix}.{i}.{kind}.{col}"] = (
-                    module, _units(keep, module.in_features // n))
+                    module, _units(_kept(n, units), module.in_features // n))
     return refitted_weights(model, targets, batches) if targets else {}
 
 
