@@ -3,7 +3,8 @@
 For each device partition, ratio and criterion (`strategy.prune.criterion`), SmolLM2-135M
 4-bit with a fresh LoRA is scored on `--calibration` batches of the partition (as a
 FedSpine round's first slice is), pruned to the ratio in one step (`iterative_prune`, the
-app's planning: KV groups and MLP channel groups per layer), then its LoRA is trained on
+app's planning: KV groups and MLP channel groups per layer; a criterion suffixed `+global`
+ranks them across layers, `fedapp.pruning.allocation`), then its LoRA is trained on
 the partition for `--steps` steps, `--every` at a time, each with a fresh AdamW as a
 client's round has (so `--every` is the round's local steps); its held-out loss is printed
 right after pruning and after each of those. The unpruned model trained the same steps on the same batches is
@@ -15,6 +16,7 @@ gap to the first-order Taylor criterion's.
     .venv/bin/python scripts/bench_criteria.py --ratios 0.5 --partitions 0 --steps 24
     .venv/bin/python scripts/bench_criteria.py --overrides "lora.target_modules=[...]"
     .venv/bin/python scripts/bench_criteria.py --criteria fisher,fisher+ls --ratios 0.5
+    .venv/bin/python scripts/bench_criteria.py --criteria fisher,fisher+global --ratios 0.5
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 REFERENCE = "unpruned"
 REFITTED = "+ls"  # criterion name suffix: with least-squares refit (iterative_prune(refit=True))
+GLOBAL = "+global"  # criterion name suffix: units ranked across layers (allocation="global")
 
 
 def measure(setup, partition: int, partitions: int, criterion: str, ratio: float,
@@ -48,16 +51,25 @@ def measure(setup, partition: int, partitions: int, criterion: str, ratio: float
     calib = first_batches(examples, setup.batch_size, pad, calibration)
     base = load_base(setup.model_path, setup.quantization, "cpu")
     losses = {}
-    name, refit = criterion.removesuffix(REFITTED), criterion.endswith(REFITTED)
+    name, refit, allocation = parse_criterion(criterion)
     with with_lora(base, 8, 16, list(setup.target_modules), seed=0) as model:
         if criterion != REFERENCE:
             iterative_prune(model, ratio, 1, lambda _m: None, name, refit=refit,
+                            allocation=allocation,
                             batches=calib if name != "magnitude" or refit else None)
         losses["pruned"] = eval_loss(model, held, setup.batch_size, pad)
         for done in range(every, steps + 1, every):
             train_steps(model, batches, every, setup.lr, log_every=0)
             losses[f"step {done}"] = eval_loss(model, held, setup.batch_size, pad)
     return losses
+
+
+def parse_criterion(criterion: str) -> tuple[str, bool, str]:
+    """"fisher+global+ls" -> ("fisher", True, "global"): the criterion, whether refitted,
+    the allocation."""
+    allocation = "global" if GLOBAL in criterion else "uniform"
+    name = criterion.replace(GLOBAL, "")
+    return name.removesuffix(REFITTED), name.endswith(REFITTED), allocation
 
 
 def table(results: dict[tuple, dict[str, float]], ratio: float, criteria: list[str],
@@ -114,10 +126,14 @@ def main() -> None:
         parser.error(f"--partitions {bad}; allowed: 0 .. {args.num_partitions - 1}")
     from strategies.protocol import CRITERIA
     for criterion in criteria:
-        if (name := criterion.removesuffix(REFITTED)) not in CRITERIA or name == "llm-drop":
+        name, _, allocation = parse_criterion(criterion)
+        if name not in CRITERIA or name == "llm-drop" or (
+                allocation == "global" and name == "magnitude"):
             parser.error(f"criterion {criterion!r}; allowed: "
                          f"{[c for c in CRITERIA if c != 'llm-drop']}, each optionally with "
-                         f"{REFITTED!r} (least-squares refit of the pruned blocks' outputs)")
+                         f"{GLOBAL!r} (units ranked across layers; not magnitude, whose "
+                         f"scores do not compare across layers) and {REFITTED!r} "
+                         "(least-squares refit of the pruned blocks' outputs)")
 
     import torch
 

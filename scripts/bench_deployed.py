@@ -3,7 +3,8 @@
 For a finished FedSpine run, each `<run>/devices/<client>/` model (pruned 4-bit base + its
 cut of the global adapter) and the unpruned one (the 4-bit base + `<run>/adapter`) are
 loaded in turn, each in a fresh process, the way a user loads them
-(`AutoModelForCausalLM.from_pretrained` + `PeftModel.from_pretrained`, bitsandbytes' CPU
+(`AutoModelForCausalLM.from_pretrained`, or `fedapp.llm.unequal` for a global prune's unequal
+layers, + `PeftModel.from_pretrained`, bitsandbytes' CPU
 inference path), and generate greedily `--tokens` new tokens for each of `--prompts`
 held-out prompts of the run's dataset (batch 1), then process a `--prefill`-token prompt
 in one forward. Printed per model, with its ratio to the unpruned: parameters, MB on disk,
@@ -53,6 +54,7 @@ def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, p
     from fedapp.llm.memory import peak_rss_mb
     from fedapp.llm.model import disable_bnb_cpu_repack, load_tokenizer
     from fedapp.llm.train import eval_loss
+    from fedapp.llm.unequal import load_unequal, unequal_config
     from fedapp.pruning.surgery import parameter_count
     from fedapp.server.evaluate import heldout_examples
     from fedapp.server.generate import heldout_prompts
@@ -65,7 +67,9 @@ def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, p
     texts, _ = heldout_prompts(test, spec, tokenizer, prompts)
     floor = max(floor, peak_rss_mb())
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    unequal = unequal_config(Path(model_dir))  # a global prune's layers: no stock config
+    model = AutoModelForCausalLM.from_pretrained(model_dir) if unequal is None else \
+        load_unequal(Path(model_dir), unequal)
     params = parameter_count(model)
     model = PeftModel.from_pretrained(model, adapter_dir).eval()
     load_seconds = time.perf_counter() - start

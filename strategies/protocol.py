@@ -33,6 +33,10 @@ GLOBAL_MODES = ("none", "frozen", "init")
 # structured-pruning importance criteria (fedapp.pruning.importance)
 CRITERIA = ("magnitude", "taylor", "fisher", "llm-drop")
 UNIT_CRITERIA = ("fisher", "taylor", "magnitude")  # those that keep every block: a stock shape
+# how a prune spreads over the layers (fedapp.pruning.allocation): the same share of every
+# layer (a stock shape), or units ranked across layers (scores that estimate a loss change)
+ALLOCATIONS = ("uniform", "global")
+GLOBAL_CRITERIA = ("fisher", "taylor")
 ZO_SAMPLINGS = ("uniform", "pro")  # FedKSeed: how a client draws its seeds (kseed_math)
 DEFAULT_DATASET = "zaragoza-faq"
 
@@ -193,7 +197,9 @@ class PruneOrder(Record):
     `local_steps`), scoring units by `criterion` (fisher / taylor: the first slice on
     `calibration` batches of its data, later ones on the tuning steps' gradients); the client then
     measures its loss on a probe batch before and after, for the server's bandit. No step
-    prunes past the device's final ratio `target` (`fedapp.pruning.surgery.plan_pruning`)."""
+    prunes past the device's final ratio `target` (`fedapp.pruning.surgery.plan_pruning`).
+    `allocation`: the same share of every layer ("uniform": a stock shape) or units ranked
+    across layers ("global", fisher / taylor only)."""
 
     ratio: float = field(metadata={"config": "scenario.devices.<class>.sparsity"})
     criterion: str = field(default="fisher", metadata={"config": "strategy.prune.criterion"})
@@ -202,8 +208,15 @@ class PruneOrder(Record):
     reached: float = field(default=0.0, metadata={"help": "the ratio of the structure sent"})
     calibration: int = field(default=8, metadata={"config": "strategy.prune.calibration"})
     target: float = field(default=0.0, metadata={"help": "the device's final ratio"})
+    allocation: str = field(default="uniform", metadata={"config": "strategy.prune.allocation"})
 
     def __post_init__(self) -> None:
+        require(self.allocation in ALLOCATIONS, config_key(self, "allocation"),
+                 self.allocation, str(list(ALLOCATIONS)))
+        require(self.allocation != "global" or self.criterion in GLOBAL_CRITERIA,
+                 config_key(self, "criterion"), self.criterion, f"{list(GLOBAL_CRITERIA)} with "
+                 "allocation 'global' (their scores estimate a loss change, so they compare "
+                 "across layers)")
         for name in ("ratio", "target"):
             value = getattr(self, name)
             require(is_number(value) and 0 <= value < 1, config_key(self, name), value,

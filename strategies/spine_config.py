@@ -14,7 +14,7 @@ POLICIES = ("bandit", "random")
 # strategy.reward_from -> the client metric the reward's L_before is read from
 REWARD_FROM = {"start": "loss-before", "pruned": "loss-pruned"}
 REWARD_SCALES = ("round", "none")  # strategy.reward_scale: / the round's median gain, or not
-PRUNE_KEYS = ("criterion", "slices", "tune_steps", "calibration")
+PRUNE_KEYS = ("criterion", "slices", "tune_steps", "calibration", "allocation")
 MEMORY_KEYS = ("fixed_mb", "base_mb", "lora_mb_per_rank")
 
 

@@ -18,6 +18,7 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from fedapp.config import compose_config, data_spec
 from fedapp.llm.model import disable_bnb_cpu_repack, load_base, load_tokenizer
 from fedapp.llm.train import eval_loss
+from fedapp.llm.unequal import load_pretrained
 from fedapp.pruning.surgery import parameter_count
 from fedapp.server.evaluate import heldout_examples
 from fedapp.server.report import read_metrics
@@ -198,6 +199,34 @@ def test_flwr_run_on_other_model_families(family, strategy, tmp_path, flwr_env):
                                       tmp_path / "run" / "adapter")
     # the stacked global rank: 2 + 4 (FLoRA's ranks), 4 + 4 (FedSpine's single arm)
     assert model.peft_config["default"].r == (8 if strategy == "fedspine" else 6)
+
+
+def test_flwr_run_fedspine_with_a_global_allocation_exports_unequal_layers(
+        tiny_model_dir, tmp_path, flwr_env):
+    """FedSpine whose devices rank units across layers (strategy.prune.allocation=global):
+    the run completes, each device reaches its sparsity, and its deployed model, whose
+    layers may differ in shape, loads with fedapp.llm.unequal.load_pretrained as what the
+    server evaluated."""
+    overrides = (f"strategy=fedspine model.path={tiny_model_dir} scenario=two_clients "
+                 "num_rounds=1 train.local_steps=4 train.lr=0.01 train.max_length=64 "
+                 "eval.max_examples=8 partitioner=iid strategy.prune.tune_steps=1 "
+                 "strategy.prune.allocation=global strategy.bandit.prune_ratios=[0.5] "
+                 "strategy.bandit.ranks=[4] +scenario.devices={dev:{sparsity:0.5}} "
+                 "+scenario.device_of_client=[dev]")
+
+    proc = submit(flwr_env, overrides, tmp_path / "run")
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    deployed = json.loads((tmp_path / "run" / "devices" / "summary.json").read_text())
+    cfg = compose_config(overrides)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = heldout_examples(data_spec(cfg), tokenizer, 64, 8)
+    for name, info in deployed.items():
+        assert info["reached"] == info["target"] == 0.5 and info["params-ratio"] < 0.9, name
+        model = load_pretrained(tmp_path / "run" / "devices" / name)
+        disable_bnb_cpu_repack(model)  # the training path's numerics (see README)
+        loss = eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
+        assert loss == pytest.approx(info["eval-loss"], rel=1e-4), name
 
 
 def test_a_failed_run_makes_the_wrapper_exit_non_zero(tiny_model_dir, tmp_path, flwr_env):

@@ -70,7 +70,7 @@ def test_train_order_wire_format():
                       "pooled": False,
                       "prune-ratio": 0.5, "prune-criterion": "magnitude", "prune-slices": 2,
                       "prune-tune-steps": 4, "prune-reached": 0.25, "prune-calibration": 8,
-                          "prune-target": 0.75}
+                          "prune-target": 0.75, "prune-allocation": "uniform"}
 
 
 def test_order_without_prune_sends_no_prune_keys():

@@ -22,6 +22,7 @@ from fedapp.client.store import copy_tensors, load_copy, store_copy, store_dir, 
 from fedapp.config import compose_config, run_setup
 from fedapp.llm.embedding import Nf4Embedding
 from fedapp.llm.model import load_base, weights_folder
+from fedapp.llm.unequal import load_pretrained
 from fedapp.pruning.importance import block_costs
 from fedapp.pruning.surgery import PrunePlan, parameter_count, prune_model
 from fedapp.pruning.units import apply_units
@@ -31,6 +32,8 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # one KV group and two whole 4-bit channel groups kept in each layer: a stock shape
 UNITS = {"0.self_attn": torch.tensor([1]), "1.self_attn": torch.tensor([0]),
          "0.mlp": torch.arange(64, 192), "1.mlp": torch.arange(0, 128)}
+# layer 0 pruned, layer 1 whole (a global allocation's kind of result): no stock config
+UNEQUAL = {"0.self_attn": torch.tensor([1]), "0.mlp": torch.arange(64, 192)}
 
 
 @pytest.fixture()
@@ -54,18 +57,20 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+@pytest.mark.parametrize("units", [UNITS, UNEQUAL], ids=["stock", "unequal"])
 @pytest.mark.parametrize("quantization", ["none", "nf4", "nf4-embeddings"])
-def test_a_stored_copy_loads_as_the_copy_that_was_stored(wide_dir, store, quantization):
+def test_a_stored_copy_loads_as_the_copy_that_was_stored(wide_dir, store, quantization, units):
     # Prepare
-    copy = pruned_copy(wide_dir, quantization)
-    folder = store_dir(wide_dir, quantization, "cpu", UNITS)
+    copy = pruned_copy(wide_dir, quantization, units)
+    folder = store_dir(wide_dir, quantization, "cpu", units)
 
     # Execute
     stored = store_copy(copy, folder, weights_folder(wide_dir, quantization, "cpu"))
     loaded = load_copy(folder, quantization, "cpu", ATTENTION)
 
     # Assert: the same computation (4-bit codes kept, nothing quantised twice), the same
-    # bookkeeping, and a folder that plain transformers loads in one call
+    # bookkeeping, and a folder that plain transformers (unequal layers:
+    # fedapp.llm.unequal) loads in one call
     assert stored and loaded is not None and folder.parent == store
     torch.testing.assert_close(logits(loaded.base), logits(copy.base), rtol=0, atol=0)
     assert parameter_count(loaded.base) == parameter_count(copy.base)
@@ -78,8 +83,18 @@ def test_a_stored_copy_loads_as_the_copy_that_was_stored(wide_dir, store, quanti
     assert (loaded.targets, loaded.full_costs) == (copy.targets, copy.full_costs)
     assert isinstance(loaded.base.get_input_embeddings(), Nf4Embedding) \
         == (quantization == "nf4-embeddings")
-    plain = AutoModelForCausalLM.from_pretrained(folder)
-    assert plain.config.intermediate_size == 128 and plain.config.num_key_value_heads == 1
+    if units is UNEQUAL:
+        plain = load_pretrained(folder)
+        layers = plain.model.layers
+        assert [layer.mlp.up_proj.out_features for layer in layers] == [128, 512]
+        assert [layer.self_attn.k_proj.out_features for layer in layers] == [16, 32]
+        assert [layer.self_attn.q_proj.out_features for layer in layers] == [32, 64]
+        if quantization != "nf4-embeddings":  # which it loads with its fp32 embedding
+            torch.testing.assert_close(logits(plain), logits(copy.base), rtol=0, atol=1e-5
+                                       if quantization == "none" else 0.05)
+    else:
+        plain = AutoModelForCausalLM.from_pretrained(folder)
+        assert plain.config.intermediate_size == 128 and plain.config.num_key_value_heads == 1
     assert plain.config.tie_word_embeddings
     source = load_base(wide_dir, "none", "cpu").get_input_embeddings().weight
     assert torch.equal(plain.get_input_embeddings().weight, source)
@@ -127,12 +142,10 @@ def test_a_later_round_loads_the_stored_structure_and_never_the_full_base(
     assert loaded.metrics["sparsity"] == rebuilt.metrics["sparsity"]
 
 
-def test_shapes_no_stock_config_holds_are_not_stored(wide_dir, store):
-    for plan in (PrunePlan(blocks=[(1, "mlp")]), PrunePlan(channels={0: [0]})):
-        base = load_base(wide_dir, "none", "cpu")
-        copy = PrunedCopy(base, prune_model(base, plan), [], {})
-        assert not store_copy(copy, store_dir(wide_dir, "none", "cpu", {"x": torch.zeros(1)}),
-                              None)
+def test_dropped_blocks_are_not_stored(wide_dir, store):
+    base = load_base(wide_dir, "none", "cpu")
+    copy = PrunedCopy(base, prune_model(base, PrunePlan(blocks=[(1, "mlp")])), [], {})
+    assert not store_copy(copy, store_dir(wide_dir, "none", "cpu", {"x": torch.zeros(1)}), None)
     assert not store.exists() or not any(store.iterdir())  # nor a temporary folder left
 
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from fedapp.llm.adapters import PEFT_PREFIX, with_lora
 from fedapp.llm.model import disable_bnb_cpu_repack, load_base, load_tokenizer
+from fedapp.llm.unequal import load_pretrained
 from fedapp.pruning.importance import score
 from fedapp.pruning.structure import dense_weight
 from fedapp.pruning.surgery import (
@@ -119,24 +120,35 @@ def test_the_server_accepts_only_further_pruning():
             read_units(content, before)
 
 
+def global_adapter(full: torch.nn.Module, targets: tuple[str, ...], r: int, seed: int
+                   ) -> dict[str, torch.Tensor]:
+    """A random G of rank r on `targets` of the full model, as the server holds it."""
+    gen = torch.Generator().manual_seed(seed)
+    g = {}
+    for name, m in full.named_modules():
+        if name.endswith(targets):
+            g[PEFT_PREFIX + name + LORA_A] = 0.3 * torch.randn(r, m.in_features, generator=gen)
+            g[PEFT_PREFIX + name + LORA_B] = 0.3 * torch.randn(m.out_features, r, generator=gen)
+    return g
+
+
+def recording(targets: tuple[str, ...], seen: dict):
+    """An `evaluate` for export_device that keeps the logits of what it evaluated."""
+    def evaluate(model, cut, r, alpha):
+        with with_lora(model, r, alpha, list(targets), 0, init_state=cut) as m:
+            seen["logits"] = m(torch.tensor([[1, 5, 9, 300]])).logits.detach()
+        return {"eval-loss": 1.0}
+    return evaluate
+
+
 def test_an_exported_device_loads_in_one_call_as_what_was_evaluated(wide_dir, tmp_path,
                                                                     tiny_model_dir):
     # Prepare: a structure and a global adapter G on q / v of the full model
     base = load_base(wide_dir, "nf4", "cpu")
     units = units_of(base, prune_model(base, plan_pruning(score(base, "magnitude"), 0.5)))
-    gen = torch.Generator().manual_seed(3)
     full = load_base(wide_dir, "nf4", "cpu")
-    g = {}
-    for name, m in full.named_modules():
-        if name.endswith(("q_proj", "v_proj")):
-            g[PEFT_PREFIX + name + LORA_A] = 0.3 * torch.randn(6, m.in_features, generator=gen)
-            g[PEFT_PREFIX + name + LORA_B] = 0.3 * torch.randn(m.out_features, 6, generator=gen)
-    seen = {}
-
-    def evaluate(model, cut, r, alpha):
-        with with_lora(model, r, alpha, ["q_proj", "v_proj"], 0, init_state=cut) as m:
-            seen["logits"] = m(torch.tensor([[1, 5, 9, 300]])).logits.detach()
-        return {"eval-loss": 1.0}
+    g, seen = global_adapter(full, ("q_proj", "v_proj"), 6, seed=3), {}
+    evaluate = recording(("q_proj", "v_proj"), seen)
 
     # Execute
     figures = export_device(wide_dir, "nf4", {k: v.tolist() for k, v in units.items()},
@@ -158,3 +170,33 @@ def test_an_exported_device_loads_in_one_call_as_what_was_evaluated(wide_dir, tm
     with torch.no_grad():
         got = loaded(torch.tensor([[1, 5, 9, 300]])).logits
     torch.testing.assert_close(got, seen["logits"])
+
+
+def test_an_exported_device_with_unequal_layers_loads_with_one_call(wide_dir, tmp_path,
+                                                                    tiny_model_dir):
+    # Prepare: layer 0 pruned, layer 1 whole (what a global allocation can leave), and G
+    units = {"0.self_attn": [1], "0.mlp": list(range(64, 192))}
+    full = load_base(wide_dir, "nf4", "cpu")
+    g, seen = global_adapter(full, ("q_proj", "down_proj"), 4, seed=4), {}
+    evaluate = recording(("q_proj", "down_proj"), seen)
+
+    # Execute
+    figures = export_device(wide_dir, "nf4", units, (g, 4, 4.0), tmp_path / "phone",
+                            load_tokenizer(str(tiny_model_dir)), evaluate)
+    loaded = load_pretrained(tmp_path / "phone")
+    disable_bnb_cpu_repack(loaded)  # the kernel the server evaluated with (as above)
+
+    # Assert: each layer at its own shape, 4-bit, the adapter attached, the function the
+    # server evaluated; plain transformers refuses the folder rather than load it wrong
+    assert isinstance(loaded, PeftModel)
+    layers = loaded.get_base_model().model.layers
+    assert [layer.mlp.down_proj.in_features for layer in layers] == [128, 512]
+    assert [layer.self_attn.q_proj.out_features for layer in layers] == [32, 64]
+    assert type(layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    lora = sum(p.numel() for n, p in loaded.named_parameters() if "lora_" in n)
+    assert parameter_count(loaded) - lora == figures["params"] < parameter_count(full)
+    with torch.no_grad():
+        got = loaded(torch.tensor([[1, 5, 9, 300]])).logits
+    torch.testing.assert_close(got, seen["logits"])
+    with pytest.raises(ValueError, match="model type `fedapp-unequal-layers`"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "phone")

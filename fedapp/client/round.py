@@ -203,7 +203,8 @@ def tune_with_probes(model: torch.nn.Module, prune: PruneOrder, slices: int | No
     if slices is not None:
         done = iterative_prune(model, prune.ratio, slices, probed_tune, prune.criterion,
                                batches=calibration if prune.criterion != "magnitude"
-                               else None, full=full, end=prune.target)
+                               else None, full=full, end=prune.target,
+                               allocation=prune.allocation)
     else:
         tune(model)
     probes["loss-after"] = probe_loss(model, probe)

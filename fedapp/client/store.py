@@ -8,10 +8,11 @@ deployed SuperNode starts a process per message; a simulation actor that served 
 partitions) loads it directly: its 4-bit codes as they were (nothing is quantised again),
 so that process never holds the unpruned model. Rounds that still do: a device's first
 pruning round (it scores the unpruned model), and any round whose structure is not stored
-(the store off or full, a structure a stock config cannot hold: unequal layers, dropped
-blocks; `nf4-embeddings` on a Hub model without a local copy).
+(the store off or full, a structure with dropped blocks; `nf4-embeddings` on a Hub model
+without a local copy).
 
-A folder is a stock transformers model (`save_model`, `stock_config`) plus `pruned.json`:
+A folder is a transformers model (`save_model`, `saved_config`: a stock config, or per-layer
+shapes `load_saved` reads when a global prune left layers unequal) plus `pruned.json`:
 how it was cut from the full base (kept rows / columns per module, dropped blocks,
 parameter counts) and the full base's block costs; the round's LoRA targets are taken from
 the loaded model, not stored. With `nf4-embeddings` the held embedding is the 4-bit
@@ -49,7 +50,7 @@ from fedapp.llm.model import (
     save_model,
 )
 from fedapp.pruning.surgery import KeptIndices, PruneResult
-from fedapp.pruning.units import stock_config
+from fedapp.pruning.units import saved_config
 
 META = "pruned.json"
 COPY_CHUNK = 16 * 2**20  # bytes per read while streaming a tensor between files
@@ -152,8 +153,8 @@ def store_copy(copy: PrunedCopy, folder: Path, weights: Path | None) -> bool:
     if store_size() == 0:
         return False
     try:
-        config = stock_config(copy.base)
-    except ValueError as err:  # not a stock shape: this structure is rebuilt by slicing
+        config = saved_config(copy.base)
+    except ValueError as err:  # dropped blocks: this structure is rebuilt by slicing
         log(DEBUG, "Pruned copy not stored: %s", err)
         return False
     stored = False

@@ -23,6 +23,7 @@ from flwr.common.logger import log
 
 from fedapp.llm.embedding import quantise_embeddings
 from fedapp.llm.scratch import use_scratch
+from fedapp.llm.unequal import has_unequal_layers, load_unequal, mark_unequal, unequal_config
 from strategies.protocol import QUANTIZATIONS
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -264,11 +265,16 @@ def _use_prepared(quantization: str) -> bool:
 def load_saved(folder: Path, quantization: str, device: str | None = None) -> torch.nn.Module:
     """A base saved as it is held (`save_model`: 4-bit layers with
     their quantisation state, or plain; e.g. a pruned copy), loaded as `load_base` leaves
-    a base, without quantising anything again."""
+    a base, without quantising anything again; layers of unequal shapes too
+    (`fedapp.llm.unequal`)."""
     from transformers import AutoModelForCausalLM
 
     device = _checked(quantization, device)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map=device)
+    if (config := unequal_config(folder)) is not None:  # layers pruned to unequal shapes
+        model = load_unequal(folder, config).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                     device_map=device)
     small_embeddings = quantization == "nf4-embeddings"
     return _finish(model, "nf4" if small_embeddings else quantization, small_embeddings,
                    folder)
@@ -332,6 +338,8 @@ def save_model(model: torch.nn.Module, config: object, out_dir: Path,
               metadata={"format": "pt"})
     config.use_cache = True
     config.save_pretrained(out_dir)
+    if has_unequal_layers(config):
+        mark_unequal(out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
 

@@ -36,6 +36,7 @@ from fedapp.llm import memory
 from fedapp.llm.adapters import GLOBAL
 from fedapp.llm.model import disable_bnb_cpu_repack
 from fedapp.llm.scratch import use_scratch
+from fedapp.pruning.allocation import ALLOCATIONS, block_removals, global_removals
 from fedapp.pruning.importance import (
     GRADIENT_CRITERIA,
     Importance,
@@ -275,8 +276,8 @@ def _lowest(scores: torch.Tensor, n: int) -> list[int]:
     return sorted(torch.argsort(scores, stable=True)[:n].tolist())
 
 
-def plan_pruning(importance: Importance, ratio: float,
-                 full: Mapping[Block, int] | None = None, end: float = 0.0) -> PrunePlan:
+def plan_pruning(importance: Importance, ratio: float, full: Mapping[Block, int] | None = None,
+                 end: float = 0.0, allocation: str = "uniform") -> PrunePlan:
     """What to remove so that `ratio` of the prunable parameters of the unpruned model
     (`full`: its block costs; default: the model as scored) are gone, least important first.
 
@@ -285,14 +286,21 @@ def plan_pruning(importance: Importance, ratio: float,
     layer (magnitudes are not comparable across layers) the unpruned layer's counts for
     `ratio` (`layer_counts`), no kind past its count for `end` (the path's final ratio,
     when above `ratio`), so a later step to `end` never finds a kind pruned past its
-    one-step count; units already gone count towards them.
+    one-step count; units already gone count towards them. `allocation="global"`: units
+    ranked across layers instead (`fedapp.pruning.allocation`; `end` plays no part).
     """
     if not 0 <= ratio < 1 or not 0 <= end < 1:
         raise ValueError(f"prune ratio={ratio}, end={end}; allowed: 0 <= ratio, end < 1")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation={allocation!r}; allowed: {list(ALLOCATIONS)}")
     full = importance.block_cost if full is None else full
     if importance.blocks:
-        return PrunePlan(blocks=_plan_blocks(importance, ratio, full))
+        return PrunePlan(blocks=block_removals(importance, ratio, full))
     plan = PrunePlan()
+    if allocation == "global":
+        for (i, kind), units in global_removals(importance, ratio, full).items():
+            (plan.kv_groups if kind == "self_attn" else plan.channels)[i] = units
+        return plan
     for i in sorted({i for i, _ in importance.units}):
         layer = {kind: (full[i, kind], importance.unit_cost[i, kind]) for j, kind in full
                  if j == i and (i, kind) in importance.unit_cost}
@@ -322,20 +330,6 @@ def layer_counts(layer: Mapping[str, tuple[int, int]], ratio: float) -> dict[str
     return counts
 
 
-def _plan_blocks(importance: Importance, ratio: float, full: Mapping[Block, int]
-                 ) -> list[Block]:
-    target = ratio * sum(full.values())
-    dropped = [key for key in full if key not in importance.block_cost]
-    removed, chosen = sum(full[key] for key in dropped), []
-    for key in sorted(importance.blocks, key=importance.blocks.__getitem__):
-        cost, layer = importance.block_cost[key], key[0]
-        if all(i != layer for i, _ in chosen + dropped) and abs(
-                removed + cost - target) < abs(removed - target):
-            chosen.append(key)
-            removed += cost
-    return sorted(chosen)
-
-
 def _tune(model: nn.Module, tune_fn: Callable[[nn.Module], object], beta: float,
           track: str | None) -> Importance | None:
     """Run tune_fn; with `track` (a gradient criterion's name), return the scores its
@@ -353,7 +347,8 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
                     tune_fn: Callable[[nn.Module], object], criterion: str = "fisher",
                     batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
                     beta: float = 0.9, full: Mapping[Block, int] | None = None,
-                    end: float = 0.0, refit: bool = False) -> PruneResult:
+                    end: float = 0.0, refit: bool = False, allocation: str = "uniform"
+                    ) -> PruneResult:
     """Prune in `slices` equal steps to `target_ratio` of the prunable parameters of the
     unpruned model (`full`: its block costs, as `block_costs` gives them; default: the
     model as it is now), from the ratio the model stands at, calling `tune_fn(model)` after
@@ -369,7 +364,7 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
     `refit`: each slice's o_proj / down_proj keep least-squares refits of their kept
     columns, fitted on `batches` (`refit_plan`); the result's kept indices then no longer
     rebuild the model (`fedapp.pruning.refit`), and a plan that drops whole blocks has
-    nothing to refit.
+    nothing to refit. `allocation`: `plan_pruning`'s.
     """
     if not 0 <= target_ratio < 1 or not 0 <= end < 1 or slices < 1:
         raise ValueError(f"target_ratio={target_ratio}, end={end}, slices={slices}; allowed:"
@@ -385,7 +380,8 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
     for s in range(1, slices + 1):
         importance = tracked if tracked is not None else score(model, criterion, batches, beta)
         ratio = start + (target_ratio - start) * s / slices
-        plan = plan_pruning(importance, max(0.0, ratio), full, max(end, target_ratio))
+        plan = plan_pruning(importance, max(0.0, ratio), full, max(end, target_ratio),
+                            allocation)
         result = prune_model(model, plan, refit_plan(model, plan, batches) if refit else None)
         total = result if total is None else compose(total, result)
         tracked = _tune(model, tune_fn, beta, track=gradient if s < slices else None)

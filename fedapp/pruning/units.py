@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from fedapp.llm.unequal import LAYER_SHAPES
 from fedapp.pruning.structure import (
     DroppedBlock,
     channel_group,
@@ -82,18 +83,43 @@ def apply_units(model: nn.Module, units: Mapping[str, torch.Tensor]) -> PruneRes
     return prune_model(model, plan)
 
 
+def saved_config(model: nn.Module) -> object:
+    """The config a pruned model is saved with: `stock_config` when its layers kept one
+    shape; else the model's config with each layer's [k rows, q rows, MLP channels] under
+    `LAYER_SHAPES` (`fedapp.llm.unequal`: `load_saved` loads it). Dropped blocks:
+    stock_config's ValueError."""
+    try:
+        return stock_config(model)
+    except ValueError:
+        if _dropped(model):
+            raise
+    _, layers = decoder_layers(model)
+    config = copy.deepcopy(model.config)
+    config.head_dim = layers[0].self_attn.head_dim
+    setattr(config, LAYER_SHAPES, [list(_shape(layer)) for layer in layers])
+    return config
+
+
+def _shape(layer: nn.Module) -> tuple[int, int, int]:
+    return (layer.self_attn.k_proj.out_features, layer.self_attn.q_proj.out_features,
+            layer.mlp.up_proj.out_features)
+
+
+def _dropped(model: nn.Module) -> list[str]:
+    return [f"{i}.{kind}" for i, layer in enumerate(decoder_layers(model)[1]) for kind in
+            ("self_attn", "mlp") if isinstance(getattr(layer, kind), DroppedBlock)]
+
+
 def stock_config(model: nn.Module) -> object:
     """`model.config` changed to the pruned shapes, when every layer kept the same number of
     KV groups and MLP channels and no block was dropped (a stock architecture class then
     builds it); else ValueError saying which layers differ."""
     _, layers = decoder_layers(model)
-    if dropped := [f"{i}.{kind}" for i, layer in enumerate(layers) for kind in
-                   ("self_attn", "mlp") if isinstance(getattr(layer, kind), DroppedBlock)]:
+    if dropped := _dropped(model):
         raise ValueError(f"blocks {dropped[:4]} were dropped whole; a stock architecture "
                          "needs every layer's attention and MLP (criterion "
                          f"{' or '.join(UNIT_CRITERIA)})")
-    shapes = {(layer.self_attn.k_proj.out_features, layer.self_attn.q_proj.out_features,
-               layer.mlp.up_proj.out_features) for layer in layers}
+    shapes = {_shape(layer) for layer in layers}
     if len(shapes) != 1:
         raise ValueError(f"layers kept unequal shapes {sorted(shapes)} (k rows, q rows, MLP "
                          "channels); a stock architecture needs one shape for all layers")

@@ -7,20 +7,26 @@ their 4-bit codes) with the adapter it holds cut to its kept units: the global u
 its last round (in the wire dtype; it was sent cut to the same structure) with its own
 update of that round stacked beside it at full weight (what the device ended the round
 with; checkpoints keep it, so a resumed run too). The final G cut to it is evaluated
-beside (`global-eval-loss`, ...). Every layer keeps the same shapes, so the folder holds a
-stock config (`num_key_value_heads`, `num_attention_heads`, `head_dim`, `intermediate_size`
-changed), the 4-bit weights as bitsandbytes serialises them and the tokenizer; G is a
-standard peft LoRA in `adapter/`, whose config names the model folder (its absolute path at
-export):
+beside (`global-eval-loss`, ...). With the default allocation (`strategy.prune.allocation:
+uniform`) every layer keeps the same shapes, so the folder holds a stock config
+(`num_key_value_heads`, `num_attention_heads`, `head_dim`, `intermediate_size` changed), the
+4-bit weights as bitsandbytes serialises them and the tokenizer; G is a standard peft LoRA
+in `adapter/`, whose config names the model folder (its absolute path at export):
 
     model = AutoPeftModelForCausalLM.from_pretrained("<run>/devices/<client>/adapter")
 
 (peft; the LoRA stays fp32, exactly what the server evaluated. Moved elsewhere, the same
 takes two steps: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder),
 folder / "adapter")`. transformers' own adapter loading also works on `adapter/` but casts
-the LoRA to the 4-bit compute dtype, bf16: logits within ~1e-3.) `devices/summary.json`
-lists per device its class, target and reached sparsity, parameters (and their ratio to
-the unpruned model), bytes on disk and held-out loss / answer ranking.
+the LoRA to the 4-bit compute dtype, bf16: logits within ~1e-3.) With
+`allocation: global` layers keep different shapes, which no stock config holds: the config
+lists them (`fedapp.llm.unequal.LAYER_SHAPES`) and the model loads with
+
+    model = fedapp.llm.unequal.load_pretrained("<run>/devices/<client>")
+
+(which loads a stock folder too, adapter included). `devices/summary.json` lists per device
+its class, target and reached sparsity, parameters (and their ratio to the unpruned
+model), bytes on disk and held-out loss / answer ranking.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from flwr.common.logger import log
 from fedapp.client.pruned import slice_global
 from fedapp.llm.model import load_base, save_model
 from fedapp.pruning.surgery import parameter_count
-from fedapp.pruning.units import apply_units, stock_config
+from fedapp.pruning.units import apply_units, saved_config
 from fedapp.server.evaluate import export_adapter
 from strategies.lora_math import rank_of, split_factors
 
@@ -51,15 +57,16 @@ def export_device(model_path: str, quantization: str, units: Mapping[str, list[i
     parameters, bytes on disk and `evaluate(pruned base, adapter cut to it, r,
     lora_alpha)`'s figures, and those of `compare` cut to it, prefixed "global-"."""
     state, r, alpha = adapter
-    # the exported model keeps the stock layout (plain transformers loads it): an
-    # embedding quantised for training only (nf4-embeddings) is exported as it was loaded
+    # the exported model keeps the stock layout (plain transformers loads it; unequal
+    # layers: fedapp.llm.unequal): an embedding quantised for training only
+    # (nf4-embeddings) is exported as it was loaded
     base = load_base(model_path, "nf4" if quantization == "nf4-embeddings" else quantization,
                      "cpu")
     full = parameter_count(base)
     kept = {k: torch.tensor(v, dtype=torch.long) for k, v in units.items()}
     result = apply_units(base, kept) if kept else None
     cut = slice_global(state, result) if result is not None else dict(state)
-    save_model(base, stock_config(base), out_dir)
+    save_model(base, saved_config(base), out_dir)
     tokenizer.save_pretrained(out_dir)
     if cut:
         export_adapter(base, cut, r, alpha, out_dir / "adapter", str(out_dir.resolve()))
