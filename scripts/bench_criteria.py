@@ -72,6 +72,20 @@ def parse_criterion(criterion: str) -> tuple[str, bool, str]:
     return name.removesuffix(REFITTED), name.endswith(REFITTED), allocation
 
 
+def bad_criterion(criterion: str) -> str | None:
+    """Why `criterion` is not one this bench runs, or None."""
+    from strategies.protocol import CRITERIA, GLOBAL_CRITERIA
+
+    name, _, allocation = parse_criterion(criterion)
+    if name in CRITERIA and name != "llm-drop" and (
+            allocation == "uniform" or name in GLOBAL_CRITERIA):
+        return None
+    return (f"criterion {criterion!r}; allowed: {[c for c in CRITERIA if c != 'llm-drop']}, "
+            f"each optionally with {GLOBAL!r} (units ranked across layers: "
+            f"{list(GLOBAL_CRITERIA)} only, whose scores compare across layers) and "
+            f"{REFITTED!r} (least-squares refit of the pruned blocks' outputs)")
+
+
 def table(results: dict[tuple, dict[str, float]], ratio: float, criteria: list[str],
           partitions: list[int]) -> list[str]:
     """Markdown rows for one ratio: mean held-out loss over partitions per column, the
@@ -124,16 +138,9 @@ def main() -> None:
         parser.error(f"--ratios {bad}; allowed: 0 < ratio < 1")
     if bad := [p for p in partitions if not 0 <= p < args.num_partitions]:
         parser.error(f"--partitions {bad}; allowed: 0 .. {args.num_partitions - 1}")
-    from strategies.protocol import CRITERIA
     for criterion in criteria:
-        name, _, allocation = parse_criterion(criterion)
-        if name not in CRITERIA or name == "llm-drop" or (
-                allocation == "global" and name == "magnitude"):
-            parser.error(f"criterion {criterion!r}; allowed: "
-                         f"{[c for c in CRITERIA if c != 'llm-drop']}, each optionally with "
-                         f"{GLOBAL!r} (units ranked across layers; not magnitude, whose "
-                         f"scores do not compare across layers) and {REFITTED!r} "
-                         "(least-squares refit of the pruned blocks' outputs)")
+        if (why := bad_criterion(criterion)) is not None:
+            parser.error(why)
 
     import torch
 

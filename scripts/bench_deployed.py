@@ -47,14 +47,12 @@ def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, p
     evaluate its held-out loss; the figures as a JSON-able dict."""
     import bitsandbytes as bnb
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from fedapp.config import data_spec, load_run_config
     from fedapp.llm.data import encode_prompt, load_split
     from fedapp.llm.memory import peak_rss_mb
     from fedapp.llm.model import disable_bnb_cpu_repack, load_tokenizer
     from fedapp.llm.train import eval_loss
-    from fedapp.llm.unequal import load_unequal, unequal_config
     from fedapp.pruning.surgery import parameter_count
     from fedapp.server.evaluate import heldout_examples
     from fedapp.server.generate import heldout_prompts
@@ -67,9 +65,7 @@ def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, p
     texts, _ = heldout_prompts(test, spec, tokenizer, prompts)
     floor = max(floor, peak_rss_mb())
     start = time.perf_counter()
-    unequal = unequal_config(Path(model_dir))  # a global prune's layers: no stock config
-    model = AutoModelForCausalLM.from_pretrained(model_dir) if unequal is None else \
-        load_unequal(Path(model_dir), unequal)
+    model = load_model(model_dir)
     params = parameter_count(model)
     model = PeftModel.from_pretrained(model, adapter_dir).eval()
     load_seconds = time.perf_counter() - start
@@ -104,6 +100,18 @@ def worker(model_dir: str, adapter_dir: str, tokenizer_dir: str, run_dir: str, p
         "batch_tok_s": batched_tok_s(model, encoded, tokens, pad, batch),
         "prefill_tok_s": prefill / prefill_seconds(model, prompt),
         "loss": eval_loss(model, examples, cfg.eval.batch_size, pad)}
+
+
+def load_model(model_dir: str) -> torch.nn.Module:
+    """A model folder as a user loads it: plain transformers, or `fedapp.llm.unequal` for a
+    global prune's unequal layers (no stock config)."""
+    from transformers import AutoModelForCausalLM
+
+    from fedapp.llm.unequal import load_unequal, unequal_config
+
+    unequal = unequal_config(Path(model_dir))
+    return AutoModelForCausalLM.from_pretrained(model_dir) if unequal is None else \
+        load_unequal(Path(model_dir), unequal)
 
 
 def disk_mb(*folders: str) -> float:

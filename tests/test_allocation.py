@@ -1,6 +1,6 @@
 """A prune allocated across layers (`fedapp.pruning.allocation`): hand-computed plans, the
-floor each layer keeps, its options refused by name, and a model pruned this way that
-trains, is stored and loads with unequal layers."""
+floor each layer keeps, its options refused by name, a model pruned this way in one step
+and over rounds, and its stored copy pruned further."""
 
 from __future__ import annotations
 

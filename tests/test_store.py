@@ -24,8 +24,9 @@ from fedapp.llm.embedding import Nf4Embedding
 from fedapp.llm.model import load_base, weights_folder
 from fedapp.llm.unequal import load_pretrained
 from fedapp.pruning.importance import block_costs
-from fedapp.pruning.surgery import PrunePlan, parameter_count, prune_model
-from fedapp.pruning.units import apply_units
+from fedapp.pruning.structure import channel_group, live_blocks
+from fedapp.pruning.surgery import PrunePlan, compose, parameter_count, prune_model
+from fedapp.pruning.units import apply_units, units_of
 from strategies.protocol import PruneOrder, TrainOrder
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -208,3 +209,24 @@ def test_copy_tensors_streams_the_named_tensors_byte_for_byte(wide_dir, tmp_path
         assert sorted(out.keys()) == found
         for name in found:
             assert torch.equal(out.get_tensor(name), src.get_tensor(name))
+
+
+def test_a_reloaded_copy_keeps_whole_channel_groups_when_pruned_further(wide_dir, store):
+    # Prepare: layer 0 keeps 2 of its 8 channel groups (64 wide), fewer than the 8 a block
+    # needs for its group size to be decided on it
+    copy = pruned_copy(wide_dir, "nf4", UNEQUAL)
+    folder = store_dir(wide_dir, "nf4", "cpu", UNEQUAL)
+    assert store_copy(copy, folder, weights_folder(wide_dir, "nf4", "cpu"))
+
+    # Execute: a later round's process loads it and prunes one more unit of layer 0's MLP
+    loaded = load_copy(folder, "nf4", "cpu", ATTENTION)
+    mlp = live_blocks(loaded.base)[0, "mlp"]
+    further = prune_model(loaded.base, PrunePlan(channels={0: [0]}))
+    units = units_of(loaded.base, compose(loaded.result, further))
+
+    # Assert: the unit is still a whole 4-bit group, so the server rebuilds the structure
+    assert channel_group(mlp) == 64 and mlp.up_proj.out_features == 64
+    assert units["0.mlp"].tolist() == list(range(128, 192))
+    rebuilt = load_base(wide_dir, "nf4", "cpu")
+    apply_units(rebuilt, units)
+    torch.testing.assert_close(logits(rebuilt), logits(loaded.base), rtol=0, atol=0)

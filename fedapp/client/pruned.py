@@ -32,7 +32,8 @@ class PrunedCopy:
     """A pruned base (its LoRA removed), how it was pruned from the full base, the peft keys
     of every target module the full base has (the reply names kept indices for all of
     them) and the full base's prunable parameters per block (`block_costs`: what pruning
-    plans against, so every path to a ratio ends at the same shapes)."""
+    plans against, so every path to a ratio ends at the same shapes: with the uniform
+    allocation; a global one reaches the same ratio)."""
 
     base: torch.nn.Module
     result: PruneResult

@@ -14,7 +14,8 @@ without a local copy).
 A folder is a transformers model (`save_model`, `saved_config`: a stock config, or per-layer
 shapes `load_saved` reads when a global prune left layers unequal) plus `pruned.json`:
 how it was cut from the full base (kept rows / columns per module, dropped blocks,
-parameter counts) and the full base's block costs; the round's LoRA targets are taken from
+parameter counts, each MLP's channel group size, decided on the unpruned block) and the
+full base's block costs; the round's LoRA targets are taken from
 the loaded model, not stored. With `nf4-embeddings` the held embedding is the 4-bit
 stand-in, so the folder takes the fp32 embedding byte for byte from the files the base was
 loaded from, streamed, and the load quantises it again exactly as the first load did.
@@ -49,6 +50,7 @@ from fedapp.llm.model import (
     safetensors_header,
     save_model,
 )
+from fedapp.pruning.structure import channel_group, live_blocks
 from fedapp.pruning.surgery import KeptIndices, PruneResult
 from fedapp.pruning.units import saved_config
 
@@ -140,7 +142,10 @@ def _write(copy: PrunedCopy, config: object, folder: Path, weights: Path | None)
         "dropped": result.dropped, "params_before": result.params_before,
         "params_after": result.params_after,
         "full_costs": [[layer, kind, cost] for (layer, kind), cost in
-                       copy.full_costs.items()]}))
+                       copy.full_costs.items()],
+        # decided on the unpruned block (`channel_group`); not readable from the pruned one
+        "channel_groups": [[layer, channel_group(block)] for (layer, kind), block in
+                           live_blocks(base).items() if kind == "mlp"]}))
     return None
 
 
@@ -223,6 +228,9 @@ def load_copy(folder: Path, quantization: str, device: str,
                              meta["params_before"], meta["params_after"])
         costs = {(layer, kind): cost for layer, kind, cost in meta["full_costs"]}
         base = load_saved(folder, quantization, device)
+        blocks = live_blocks(base)
+        for layer, size in meta["channel_groups"]:
+            blocks[layer, "mlp"].fedapp_channel_group = size
     except (MemoryError, torch.OutOfMemoryError):
         raise  # the unpruned base would not fit either
     except Exception as err:  # noqa: BLE001  a cache: whatever is wrong with it (a file cut

@@ -7,11 +7,12 @@ keeps the unpruned model's config with each layer's shape under `LAYER_SHAPES`
 the weights `save_model` writes (4-bit layers with their quantisation state). Its
 `model_type` is `UNEQUAL_TYPE` (the family's own under `BASE_TYPE`), so plain
 `from_pretrained` refuses the folder instead of loading 4-bit codes into the wrong shapes
-(they are stored flat, so nothing else would stop it); `load_unequal` builds the architecture class on the meta device, puts a Linear of each
-layer's own shape in place of every projection, and assigns the saved tensors: the 4-bit
-codes as they were saved, nothing quantised again. Attention reads its head count from
-the projections' widths (`head_dim` and `num_key_value_groups` stay), so the stock forward
-runs each layer at its own shape.
+(they are stored flat, so nothing else would stop it). `load_unequal` builds the
+architecture class with its parameters on the meta device (buffers for real), puts a Linear
+of each layer's own shape in place of every projection, and assigns the saved tensors: the
+4-bit codes as they were saved, nothing quantised again. Attention reads its head count
+from the projections' widths (`head_dim` and `num_key_value_groups` stay), so the stock
+forward runs each layer at its own shape.
 """
 
 from __future__ import annotations
@@ -79,43 +80,61 @@ def _linear4bit(state: dict[str, torch.Tensor], name: str, features: tuple[int, 
     return linear
 
 
-def load_unequal(folder: Path, config: object) -> nn.Module:
-    """The model a `LAYER_SHAPES` folder holds, on the CPU, fp32 outside the 4-bit layers
-    (as `load_saved` loads a stock one); ValueError naming what does not fit."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+def _compute_dtype(config: object) -> torch.dtype:
+    quant = getattr(config, "quantization_config", None) or {}
+    value = (quant if isinstance(quant, dict) else quant.to_dict()).get(
+        "bnb_4bit_compute_dtype", "float32")
+    return value if isinstance(value, torch.dtype) else getattr(torch, str(value))
 
-    shapes = getattr(config, LAYER_SHAPES)
-    quantised = getattr(config, "quantization_config", None) is not None
-    compute = getattr(torch, dict(getattr(config, "quantization_config", None) or {}).get(
-        "bnb_4bit_compute_dtype", "float32"))
-    state = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        state |= load_file(file, device="cpu")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+def _swap_projections(model: nn.Module, shapes: list, state: dict[str, torch.Tensor],
+                      quantised: bool, compute: torch.dtype) -> None:
+    """Each layer's projections replaced by Linears of its own shape (4-bit ones holding
+    their saved codes, taken out of `state`; plain ones on meta, for load_state_dict)."""
     layers = model.get_decoder().layers
     prefix = next(n for n, m in model.named_modules() if m is layers)
     if len(shapes) != len(layers):
-        raise ValueError(f"{folder}: {LAYER_SHAPES} has {len(shapes)} layers; the config "
-                         f"{len(layers)}")
-    hidden = config.hidden_size
+        raise ValueError(f"{LAYER_SHAPES} has {len(shapes)} layers; the config {len(layers)}")
     for i, shape in enumerate(shapes):
         for kind, attrs in PROJECTIONS.items():
             parent = getattr(layers[i], kind)
             for attr in attrs:
                 name, bias = f"{prefix}.{i}.{kind}.{attr}", getattr(parent, attr).bias
-                features = _in_out(attr, shape, hidden)
+                features = _in_out(attr, shape, model.config.hidden_size)
                 setattr(parent, attr, _linear4bit(state, name, features, bias is not None,
                                                   compute) if quantised else
                         nn.Linear(*features, bias=bias is not None, device="meta"))
+
+
+def load_unequal(folder: Path, config: object) -> nn.Module:
+    """The model a `LAYER_SHAPES` folder holds, on the CPU, fp32 outside the 4-bit layers
+    (as `load_saved` loads a stock one), marked 4-bit as transformers marks its own (peft
+    then wraps its layers as it does a stock 4-bit model's); ValueError naming what does
+    not fit. Every tensor is read into memory, the fp32 embedding too, also where
+    `nf4-embeddings` then replaces it (the stock path streams it instead)."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    quantised = getattr(config, "quantization_config", None) is not None
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state |= load_file(file, device="cpu")
+    with init_empty_weights(include_buffers=False):  # buffers (RoPE, scales) built for real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        _swap_projections(model, getattr(config, LAYER_SHAPES), state, quantised,
+                          _compute_dtype(config))
+    except ValueError as err:
+        raise ValueError(f"{folder}: {err}") from None
     if unexpected := model.load_state_dict(state, strict=False, assign=True).unexpected_keys:
         raise ValueError(f"{folder}: weights the model does not have: {unexpected[:4]}")
     model.tie_weights()
-    rotary = model.get_decoder().rotary_emb
-    model.get_decoder().rotary_emb = type(rotary)(config=config)  # its buffers are not saved
     if meta := [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]:
         raise ValueError(f"{folder}: nothing in the folder for {meta[:4]}")
+    model.is_loaded_in_4bit = quantised
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval()
 
 

@@ -11,8 +11,9 @@ its MLP channels (and at least one of each). Layers then differ in shape, which 
 config describes.
 
 On SmolLM2-135M 4-bit, Fisher at 0.5, two partitions, 48 recovery steps
-(`scripts/bench_criteria.py --criteria fisher,fisher+global`): held-out loss 5.17 against the
-uniform plan's 5.77 (unpruned 3.41); the first five layers keep every unit.
+(`scripts/bench_criteria.py --criteria fisher,fisher+global`,
+`runs/bench-criteria/20261206-global.txt`): held-out loss 5.16 against the uniform plan's
+5.70 (unpruned 3.41).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ MIN_KEEP = 0.1  # share of a layer's KV groups / MLP channels a global plan alwa
 def global_removals(importance: Importance, ratio: float, full: Mapping[Block, int],
                     min_keep: float = MIN_KEEP) -> dict[Block, list[int]]:
     """Per (layer, kind), the positions (in the layer's current units) a global plan removes
-    so that `ratio` of `full`'s parameters are gone, counting those already gone: units in
-    ascending score per parameter, each taken while it brings the removed count closer to
-    the target, never below `min_keep` of the layer's unpruned units (at least one)."""
+    so that `ratio` of `full`'s parameters are gone, counting those already gone: every
+    unit in ascending score per parameter is taken if it brings the removed count closer
+    to the target (a cheaper unit may still fit after a dearer one did not), never below
+    `min_keep` of the layer's unpruned units (at least one)."""
     if importance.blocks:
         raise ValueError("a global allocation ranks units; llm-drop scores whole blocks")
     target = ratio * sum(full.values())
@@ -43,9 +45,10 @@ def global_removals(importance: Importance, ratio: float, full: Mapping[Block, i
     candidates = []
     for key, scores in importance.units.items():
         cost = importance.unit_cost[key]
-        keep = max(1, ceil(min_keep * (full[key] // cost)))
+        keep = max(1, ceil(round(min_keep * (full[key] // cost), 6)))  # 0.1·30 is not 3
         order = scores.argsort(stable=True).tolist()
-        candidates += [(float(scores[u]) / cost, key, u, cost) for u in
+        values = scores.tolist()
+        candidates += [(values[u] / cost, key, u, cost) for u in
                        order[:max(0, len(order) - keep)]]
     chosen: dict[Block, list[int]] = {}
     for _, key, unit, cost in sorted(candidates, key=lambda c: (c[0], c[1], c[2])):

@@ -12,8 +12,9 @@ Prunable parameters: weights and biases of q/k/v/o/gate/up/down in the decoder l
 (embeddings, norms, lm_head are never pruned). A plan for `ratio` leaves each layer with
 the units a plan for `ratio` on the unpruned model (its block costs, `full`) would leave
 it, whatever path the model took there (as far as units already removed allow): a device
-pruned to 0.5 in one step or in several ends with the same shapes. Without `full`, the
-model as scored counts as unpruned.
+pruned to 0.5 in one step or in several ends with the same shapes (a global allocation,
+`fedapp.pruning.allocation`, at the same ratio). Without `full`, the model as scored counts
+as unpruned.
 
 Scoring lives in `fedapp.pruning.importance`, the unit layout in `structure`, the
 least-squares refit of a pruned block's output Linear in `refit` (`refit_plan`; a bench
@@ -294,13 +295,13 @@ def plan_pruning(importance: Importance, ratio: float, full: Mapping[Block, int]
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation={allocation!r}; allowed: {list(ALLOCATIONS)}")
     full = importance.block_cost if full is None else full
-    if importance.blocks:
-        return PrunePlan(blocks=block_removals(importance, ratio, full))
     plan = PrunePlan()
-    if allocation == "global":
+    if allocation == "global":  # refuses block scores
         for (i, kind), units in global_removals(importance, ratio, full).items():
             (plan.kv_groups if kind == "self_attn" else plan.channels)[i] = units
         return plan
+    if importance.blocks:
+        return PrunePlan(blocks=block_removals(importance, ratio, full))
     for i in sorted({i for i, _ in importance.units}):
         layer = {kind: (full[i, kind], importance.unit_cost[i, kind]) for j, kind in full
                  if j == i and (i, kind) in importance.unit_cost}
@@ -354,7 +355,8 @@ def iterative_prune(model: nn.Module, target_ratio: float, slices: int,
     model as it is now), from the ratio the model stands at, calling `tune_fn(model)` after
     each. Each slice plans against `full` and towards `end`, the path's final ratio (at
     least `target_ratio`; `plan_pruning`), so the end point has the shapes a one-step prune
-    of the unpruned model to it would have, whatever steps led there. The attached LoRA
+    of the unpruned model to it would have, whatever steps led there (with `allocation`
+    "uniform"; "global" reaches the ratio at shapes that depend on the path). The attached LoRA
     is sliced with the base, so tune_fn must build its optimizer from the model's
     parameters on every call.
 

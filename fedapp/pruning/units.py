@@ -126,6 +126,8 @@ def stock_config(model: nn.Module) -> object:
     (k_rows, q_rows, channels), = shapes
     head_dim = layers[0].self_attn.head_dim
     config = copy.deepcopy(model.config)
+    if hasattr(config, LAYER_SHAPES):  # a copy loaded from unequal layers, now equal
+        delattr(config, LAYER_SHAPES)
     config.head_dim = head_dim
     config.num_key_value_heads = k_rows // head_dim
     config.num_attention_heads = q_rows // head_dim
