@@ -13,8 +13,8 @@ Prunable parameters: weights and biases of q/k/v/o/gate/up/down in the decoder l
 the units a plan for `ratio` on the unpruned model (its block costs, `full`) would leave
 it, whatever path the model took there (as far as units already removed allow): a device
 pruned to 0.5 in one step or in several ends with the same shapes (a global allocation,
-`fedapp.pruning.allocation`, at the same ratio). Without `full`, the model as scored counts
-as unpruned.
+`fedapp.pruning.allocation`, only at the same ratio). Without `full`, the model as scored
+counts as unpruned.
 
 Scoring lives in `fedapp.pruning.importance`, the unit layout in `structure`, the
 least-squares refit of a pruned block's output Linear in `refit` (`refit_plan`; a bench
